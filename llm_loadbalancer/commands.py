@@ -1,0 +1,372 @@
+"""The ``llm lb`` command group: define, inspect, edit and reset load balancers."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+
+import click
+from click_default_group import DefaultGroup
+
+from . import config, state
+from .config import Balancer, ConfigError
+from .members import Catalog, check_balancer
+
+
+def _fail(ex: Exception):
+    raise click.ClickException(str(ex))
+
+
+def _checked(balancer: Balancer, catalog: Catalog | None = None) -> Balancer:
+    "Refuse a balancer whose members are not installed, nested, mis-optioned or keyless."
+    try:
+        check_balancer(balancer, catalog or Catalog.installed())
+    except ConfigError as ex:
+        _fail(ex)
+    return balancer
+
+
+def _name(name: str) -> str:
+    if name.startswith(config.PREFIX):
+        raise click.ClickException(
+            f"invalid load balancer name {name!r}: give the name without 'lb:' "
+            f"(llm lb save {name[len(config.PREFIX):] or 'NAME'} ...)"
+        )
+    try:
+        return config.check_name(name)
+    except ConfigError as ex:
+        _fail(ex)
+
+
+def _load(name: str) -> Balancer:
+    _name(name)
+    try:
+        return config.load(name)
+    except ConfigError as ex:
+        _fail(ex)
+
+
+@click.group(cls=DefaultGroup, default="list", default_if_no_args=True)
+def lb():
+    """
+    Manage load balancers: lb:NAME models that spread prompts over several members
+
+    \b
+    Examples:
+        llm lb save fast 'gpt-4o-mini key=work' 'gpt-4o-mini key=personal' claude-3.5-haiku
+        llm -m lb:fast 'write me a haiku'
+        llm lb list
+        llm lb stats fast
+    """
+
+
+@lb.command(name="save")
+@click.argument("name")
+@click.argument("members", nargs=-1)
+@click.option("file_", "--file", metavar="PATH", help="Read the definition (YAML or JSON) from a file, - for stdin")
+@click.option("--policy", help=f"How members are chosen: {', '.join(config.POLICIES)}")
+@click.option("--sticky/--no-sticky", default=None, help="Keep each conversation on the member that answered its first turn")
+@click.option("--failover/--no-failover", default=None, help="Try the next member when one fails before answering (default: on)")
+@click.option("--cooldown", type=float, metavar="SECONDS", help="Skip a member for this long after a 429, 5xx or connection error (default: 30)")
+@click.option("--force", is_flag=True, help="Replace an existing load balancer")
+def lb_save(name, members, file_, policy, sticky, failover, cooldown, force):
+    """
+    Save a load balancer from two or more members
+
+    A MEMBER is a model id or alias, optionally followed (in the same quoted argument) by
+    name=value settings: key=NAME names a key stored with 'llm keys set NAME', any other
+    name is an option for that member's model.
+
+    \b
+    Examples:
+        llm lb save fast 'gpt-4o-mini key=work' 'gpt-4o-mini key=personal temperature=0.2' claude-3.5-haiku
+        llm lb save backup gpt-4o claude-3.5-sonnet --policy failover
+        llm lb save team --file team.yaml
+        llm lb save pick          # on a terminal: choose members from a numbered list
+    """
+    _name(name)
+    if file_ is not None and members:
+        raise click.ClickException("give members on the command line or --file, not both")
+    try:
+        if file_ is not None:
+            balancer = config.parse(name, _read_file(file_))
+        else:
+            specs = members or _ask_members()
+            parsed = [config.parse_member_spec(spec) for spec in specs]
+            if len(parsed) < 2:
+                raise ConfigError(
+                    "a load balancer needs at least 2 members: "
+                    f"llm lb save {name} MODEL MODEL [MODEL ...]"
+                )
+            balancer = config.from_dict(name, {"members": [m.to_dict() for m in parsed]})
+        balancer = _with_flags(balancer, policy, sticky, failover, cooldown)
+    except ConfigError as ex:
+        _fail(ex)
+    _checked(balancer)
+    path = config.path_for(name)
+    if path.exists() and not force:
+        raise click.ClickException(f"lb:{name} already exists: add --force to replace it")
+    config.write(balancer)
+    count = len(balancer.members)
+    click.echo(f"Saved load balancer lb:{name} with {count} member{'s' if count != 1 else ''}")
+
+
+def _read_file(file_: str) -> str:
+    if file_ == "-":
+        return sys.stdin.read()
+    try:
+        with open(file_) as handle:
+            return handle.read()
+    except OSError as ex:
+        raise ConfigError(f"cannot read {file_}: {ex.strerror or ex}")
+
+
+def _with_flags(balancer: Balancer, policy, sticky, failover, cooldown) -> Balancer:
+    data = balancer.to_dict()
+    for field, value in (
+        ("policy", policy),
+        ("sticky", sticky),
+        ("failover", failover),
+        ("cooldown", cooldown),
+    ):
+        if value is not None:
+            data[field] = value
+    return config.from_dict(balancer.name, data)
+
+
+def _ask_members() -> list[str]:
+    "On a terminal, choose members from the installed models."
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            "no members given: name at least 2 models (llm lb save NAME MODEL MODEL), "
+            "or use --file; choosing from a list needs a terminal"
+        )
+    import llm
+
+    ids = [
+        mwa.model.model_id
+        for mwa in llm.get_models_with_aliases()
+        if mwa.model and not mwa.model.model_id.startswith(config.PREFIX)
+    ]
+    for number, model_id in enumerate(ids, 1):
+        click.echo(f"{number:>3}. {model_id}", err=True)
+    answer = click.prompt(
+        "Members (numbers separated by spaces or commas; a model may be listed twice)",
+        err=True,
+    )
+    chosen = []
+    for word in answer.replace(",", " ").split():
+        if not word.isdigit() or not 1 <= int(word) <= len(ids):
+            raise ConfigError(f"{word!r} is not a number from 1 to {len(ids)}")
+        chosen.append(ids[int(word) - 1])
+    return chosen
+
+
+def _summary(balancer: Balancer) -> dict:
+    data = {"name": balancer.name, "model_id": balancer.model_id}
+    data.update(balancer.to_dict())
+    return data
+
+
+@lb.command(name="list")
+@click.option("json_", "--json", is_flag=True, help="Output as JSON")
+def lb_list(json_):
+    """
+    List saved load balancers
+
+    \b
+    Example:
+        llm lb list
+    """
+    names = config.names()
+    catalog = Catalog.installed() if names else None
+    rows = []
+    for name in names:
+        try:
+            balancer = config.load(name)
+            check_balancer(balancer, catalog)
+        except ConfigError as ex:
+            rows.append({"name": name, "model_id": f"lb:{name}", "error": str(ex)})
+        else:
+            rows.append(_summary(balancer))
+    if json_:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("No load balancers saved")
+        return
+    width = max(len(row["model_id"]) for row in rows)
+    for row in rows:
+        if "error" in row:
+            click.echo(f"{row['model_id']:<{width}}  error: {row['error']}")
+        else:
+            labels = ", ".join(
+                config.Member(m["model"], m.get("key"), m.get("options", {})).label()
+                for m in row["members"]
+            )
+            click.echo(f"{row['model_id']:<{width}}  {row['policy']}  {labels}")
+
+
+@lb.command(name="show")
+@click.argument("name")
+@click.option("json_", "--json", is_flag=True, help="Output as JSON")
+def lb_show(name, json_):
+    """
+    Show a load balancer's definition
+
+    \b
+    Example:
+        llm lb show fast
+    """
+    balancer = _load(name)
+    try:
+        check_balancer(balancer, Catalog.installed())
+    except ConfigError as ex:
+        click.echo(f"Warning: lb:{name}: {ex}", err=True)
+    if json_:
+        click.echo(json.dumps(_summary(balancer), indent=2))
+    else:
+        click.echo(config.dump(balancer), nl=False)
+
+
+@lb.command(name="remove")
+@click.argument("name")
+def lb_remove(name):
+    """
+    Remove a load balancer
+
+    \b
+    Example:
+        llm lb remove fast
+    """
+    path = config.path_for(_name(name))
+    if not path.exists():
+        raise click.ClickException(f"no load balancer named {name!r}: 'llm lb list' shows them")
+    path.unlink()
+    try:
+        state.reset(name)
+    except state.StateUnavailable:
+        pass  # a new balancer of that name starts afresh anyway: its members differ
+    click.echo(f"Removed load balancer lb:{name}", err=True)
+
+
+@lb.command(name="path")
+def lb_path():
+    """
+    Output the folder that holds the load balancer files
+
+    \b
+    Example:
+        llm lb path
+    """
+    click.echo(config.folder())
+
+
+@lb.command(name="edit")
+@click.argument("name")
+def lb_edit(name):
+    """
+    Edit a load balancer's file in your editor
+
+    The edited text is checked like 'llm lb save' does; an invalid edit is refused and the
+    old file kept.
+
+    \b
+    Example:
+        EDITOR=nano llm lb edit fast
+    """
+    _load(name)
+    path = config.path_for(name)
+    edited = click.edit(path.read_text(), extension=".yaml", require_save=True)
+    if edited is None:
+        click.echo(f"No changes to lb:{name}", err=True)
+        return
+    try:
+        balancer = config.parse(name, edited)
+        check_balancer(balancer, Catalog.installed())
+    except ConfigError as ex:
+        raise click.ClickException(f"lb:{name} was not changed: {ex}")
+    config.write_text(name, edited)
+    click.echo(f"Saved load balancer lb:{name}", err=True)
+
+
+@lb.command(name="reset")
+@click.argument("name")
+def lb_reset(name):
+    """
+    Start the rotation again at the first member; forget cooldowns and statistics
+
+    \b
+    Example:
+        llm lb reset fast
+    """
+    _load(name)
+    _reset_state(name)
+    click.echo(f"Reset lb:{name}", err=True)
+
+
+def _reset_state(name: str) -> None:
+    try:
+        state.reset(name)
+    except state.StateUnavailable as ex:
+        raise click.ClickException(f"cannot reset lb:{name}: {ex}")
+
+
+@lb.command(name="stats")
+@click.argument("name", required=False)
+@click.option("json_", "--json", is_flag=True, help="Output as JSON")
+def lb_stats(name, json_):
+    """
+    Requests, successes, failures and cooldowns per member
+
+    \b
+    Examples:
+        llm lb stats
+        llm lb stats fast --json
+    """
+    names = [name] if name else config.names()
+    result = []
+    for each in names:
+        try:
+            balancer = config.load(_name(each))
+        except ConfigError as ex:
+            if name:
+                _fail(ex)
+            continue
+        try:
+            members = state.stats(balancer)
+        except state.StateUnavailable as ex:
+            raise click.ClickException(f"cannot read statistics: {ex}")
+        result.append({"name": each, "model_id": balancer.model_id, "members": members})
+    if json_:
+        click.echo(json.dumps(result, indent=2))
+        return
+    if not result:
+        click.echo("No load balancers saved")
+        return
+    for number, entry in enumerate(result):
+        if number:
+            click.echo()
+        click.echo(entry["model_id"])
+        for member in entry["members"]:
+            click.echo(_stats_line(member))
+
+
+def _when(timestamp) -> str:
+    if not timestamp:
+        return "never"
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _stats_line(member: dict) -> str:
+    line = (
+        f"  {member['member']}. {member['label']}: {member['requests']} requests, "
+        f"{member['successes']} ok, {member['failures']} failed, "
+        f"{member['share']:.0%} of traffic, last used {_when(member['last_used'])}"
+    )
+    if member["cooling_down_until"]:
+        line += f", cooling down until {_when(member['cooling_down_until'])}"
+    if member["last_error"]:
+        line += f"\n     last error: {member['last_error']}"
+    return line

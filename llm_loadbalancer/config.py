@@ -1,0 +1,288 @@
+"""Balancer definitions: the typed form, parsing and validating it, and the files on disk.
+
+One YAML file per balancer, ``llm.user_dir()/loadbalancers/NAME.yaml``. Every command and
+model registration goes through ``parse`` / ``load``; this module checks the structure of a
+definition. Whether its members exist is ``members.py``'s concern.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llm
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+POLICIES = ("roundrobin", "failover")
+DEFAULT_POLICY = "roundrobin"
+DEFAULT_COOLDOWN = 30.0
+TOP_FIELDS = ("policy", "members", "sticky", "failover", "cooldown")
+MEMBER_FIELDS = ("model", "key", "options")
+PREFIX = "lb:"
+
+
+class ConfigError(ValueError):
+    "A balancer definition or name that cannot be used; the message is one line for the user."
+
+
+@dataclass(frozen=True)
+class Member:
+    model: str
+    key: str | None = None
+    options: dict = field(default_factory=dict, hash=False, compare=True)
+
+    def label(self) -> str:
+        "How the member is named to the user: model, key name and options, never a key value."
+        extras = []
+        if self.key:
+            extras.append(f"key: {self.key}")
+        extras.extend(f"{name}={_scalar(value)}" for name, value in self.options.items())
+        return f"{self.model} ({', '.join(extras)})" if extras else self.model
+
+    def to_dict(self) -> dict:
+        data: dict = {"model": self.model}
+        if self.key:
+            data["key"] = self.key
+        if self.options:
+            data["options"] = dict(self.options)
+        return data
+
+
+@dataclass(frozen=True)
+class Balancer:
+    name: str
+    members: tuple[Member, ...]
+    policy: str = DEFAULT_POLICY
+    sticky: bool = False
+    failover: bool = True
+    cooldown: float = DEFAULT_COOLDOWN
+
+    @property
+    def model_id(self) -> str:
+        return PREFIX + self.name
+
+    def to_dict(self) -> dict:
+        "The file form: defaults are left out so that files stay short."
+        data: dict = {"policy": self.policy}
+        if self.sticky:
+            data["sticky"] = True
+        if not self.failover:
+            data["failover"] = False
+        if self.cooldown != DEFAULT_COOLDOWN:
+            data["cooldown"] = self.cooldown
+        data["members"] = [member.to_dict() for member in self.members]
+        return data
+
+    def signature(self) -> str:
+        "Identifies the member list: the rotation starts again when it changes."
+        return repr([member.to_dict() for member in self.members])
+
+
+def _scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        shown = name if isinstance(name, str) and name else "(empty)"
+        raise ConfigError(
+            f"invalid load balancer name {shown!r}: use 1-64 letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit (for lb:fast, the name is fast)"
+        )
+    return name
+
+
+def folder() -> Path:
+    path = llm.user_dir() / "loadbalancers"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def path_for(name: str) -> Path:
+    return folder() / f"{check_name(name)}.yaml"
+
+
+def names() -> list[str]:
+    "Names of the saved balancers, from the file names (whether or not the files are valid)."
+    path = llm.user_dir() / "loadbalancers"
+    if not path.is_dir():
+        return []
+    return sorted(
+        entry.name[:-5]
+        for entry in os.scandir(path)
+        if entry.name.endswith(".yaml") and NAME_RE.fullmatch(entry.name[:-5])
+    )
+
+
+def parse_value(text: str):
+    "A setting's value, read like a YAML scalar: 0.2, true, 100, or text."
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None or isinstance(value, (dict, list)):
+        return text
+    return value
+
+
+def parse_member_spec(spec: str) -> Member:
+    """``'gpt-4o-mini key=work temperature=0.2'``: a model, then name=value settings."""
+    import shlex
+
+    try:
+        words = shlex.split(spec)
+    except ValueError as ex:
+        raise ConfigError(f"member {spec!r}: {ex}")
+    if not words:
+        raise ConfigError("empty member: give a model id or alias, e.g. 'gpt-4o-mini key=work'")
+    model, *settings = words
+    if "=" in model:
+        raise ConfigError(
+            f"member {spec!r} must start with a model id or alias, e.g. 'gpt-4o-mini {model}'"
+        )
+    key = None
+    options: dict = {}
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            raise ConfigError(
+                f"member {spec!r}: setting {setting!r} is not name=value "
+                "(e.g. key=work or temperature=0.2)"
+            )
+        if name == "key":
+            key = value
+        else:
+            options[name] = parse_value(value)
+    return Member(model=model, key=key or None, options=options)
+
+
+def from_dict(name: str, data) -> Balancer:
+    "Check the structure of a definition and build the typed form."
+    check_name(name)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            "a load balancer definition is a mapping with 'policy' and 'members', "
+            f"not {type(data).__name__}"
+        )
+    unknown = [str(key) for key in data if key not in TOP_FIELDS]
+    if unknown:
+        raise ConfigError(
+            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+            f"the fields are {', '.join(TOP_FIELDS)}"
+        )
+    policy = data.get("policy", DEFAULT_POLICY)
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
+    sticky = _flag(data, "sticky", False)
+    failover = _flag(data, "failover", True)
+    cooldown = data.get("cooldown", DEFAULT_COOLDOWN)
+    if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) or cooldown < 0:
+        raise ConfigError(f"cooldown must be a number of seconds >= 0, not {cooldown!r}")
+    raw_members = data.get("members")
+    if not isinstance(raw_members, list) or not raw_members:
+        raise ConfigError("'members' must be a list with at least one member")
+    members = tuple(_member(i, raw) for i, raw in enumerate(raw_members, 1))
+    return Balancer(
+        name=name,
+        members=members,
+        policy=policy,
+        sticky=sticky,
+        failover=failover,
+        cooldown=float(cooldown),
+    )
+
+
+def _flag(data: dict, name: str, default: bool) -> bool:
+    value = data.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, not {value!r}")
+    return value
+
+
+def _member(position: int, raw) -> Member:
+    where = f"member {position}"
+    if isinstance(raw, str):
+        raw = {"model": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping with 'model' (and optional key, options)")
+    unknown = [str(key) for key in raw if key not in MEMBER_FIELDS]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}: the fields are {', '.join(MEMBER_FIELDS)}"
+        )
+    model = raw.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError(f"{where} needs 'model': a model id or alias")
+    key = raw.get("key")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise ConfigError(f"{where} ({model}): 'key' must be the name of a stored key")
+    options = raw.get("options") or {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ConfigError(f"{where} ({model}): 'options' must be a mapping of option names to values")
+    return Member(model=model, key=key, options=dict(options))
+
+
+def parse(name: str, text: str) -> Balancer:
+    "Parse a YAML (or JSON) definition."
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as ex:
+        mark = getattr(ex, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(ex, "problem", None) or "not valid YAML"
+        raise ConfigError(f"not valid YAML{where}: {problem}")
+    return from_dict(name, data)
+
+
+def load(name: str) -> Balancer:
+    "Read a saved balancer; a problem is reported with the file's path."
+    path = path_for(name)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"no load balancer named {name!r}: 'llm lb list' shows the saved ones")
+    except (OSError, UnicodeDecodeError) as ex:
+        raise ConfigError(f"{path}: cannot be read: {ex}")
+    try:
+        return parse(name, text)
+    except ConfigError as ex:
+        raise ConfigError(f"{path}: {ex}")
+
+
+def dump(balancer: Balancer) -> str:
+    import yaml
+
+    return yaml.safe_dump(balancer.to_dict(), sort_keys=False)
+
+
+def write(balancer: Balancer) -> Path:
+    return write_text(balancer.name, dump(balancer))
+
+
+def write_text(name: str, text: str) -> Path:
+    "Write atomically: a temporary file in the same folder, then os.replace."
+    path = path_for(name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path

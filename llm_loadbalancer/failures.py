@@ -1,0 +1,142 @@
+"""Is a member's error worth failing over, and for how long is the member cooled down?
+
+Pure decisions on an exception: the HTTP status is read from the exception's attributes
+(``status_code``, ``response.status_code``, ``status``: the openai, anthropic and httpx
+shapes), never from message text; connection errors are recognised by type along the
+exception's cause chain.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+
+import llm
+
+KEY_COOLDOWN = 600.0
+CONNECTION_ERROR_NAMES = {
+    "APIConnectionError",
+    "APITimeoutError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "WriteTimeout",
+    "PoolTimeout",
+    "TimeoutException",
+    "NetworkError",
+    "ReadError",
+    "WriteError",
+    "RemoteProtocolError",
+    "ServerDisconnectedError",
+    "ClientConnectorError",
+    "ServiceUnavailable",
+}
+STATUS_WORDS = {
+    401: "unauthorized",
+    403: "forbidden",
+    408: "request timeout",
+    409: "conflict",
+    429: "rate limited",
+    500: "server error",
+    502: "bad gateway",
+    503: "service unavailable",
+    504: "gateway timeout",
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str  # one line for the user, e.g. "429 rate limited"
+    failover: bool  # another member may not have this problem
+    cooldown: float | None  # seconds to skip the member for, or None
+
+
+def _chain(ex: BaseException):
+    seen = set()
+    while ex is not None and id(ex) not in seen:
+        seen.add(id(ex))
+        yield ex
+        ex = ex.__cause__ or ex.__context__
+
+
+def status_of(ex: BaseException) -> int | None:
+    for candidate in (
+        getattr(ex, "status_code", None),
+        getattr(getattr(ex, "response", None), "status_code", None),
+        getattr(ex, "status", None),
+    ):
+        if isinstance(candidate, int) and 100 <= candidate <= 599:
+            return candidate
+    return None
+
+
+def retry_after(ex: BaseException, now: float | None = None) -> float | None:
+    "Seconds from the response's retry-after-ms or Retry-After header, when it has one."
+    headers = getattr(getattr(ex, "response", None), "headers", None)
+    if headers is None:
+        return None
+    try:
+        millis = headers.get("retry-after-ms")
+        if millis is not None:
+            return max(float(millis) / 1000, 0.0)
+        value = headers.get("retry-after")
+    except Exception:
+        return None
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    now = time.time() if now is None else now
+    return max(when.timestamp() - now, 0.0)
+
+
+def _connection_reason(ex: BaseException) -> str | None:
+    found = None
+    for item in _chain(ex):
+        if isinstance(item, ConnectionRefusedError):
+            return "connection refused"
+        names = {cls.__name__ for cls in type(item).__mro__}
+        if isinstance(item, TimeoutError) or names & {"APITimeoutError", "TimeoutException"}:
+            found = found or "timed out"
+        elif isinstance(item, ConnectionError) or names & CONNECTION_ERROR_NAMES:
+            found = found or "connection error"
+        if "Connection refused" in str(item) or getattr(item, "errno", None) == 111:
+            return "connection refused"
+    return found
+
+
+def classify(ex: BaseException, default_cooldown: float) -> Failure:
+    "What a member's exception means for the balancer."
+    if isinstance(ex, llm.NeedsKeyException):
+        return Failure("missing key", True, KEY_COOLDOWN)
+    status = status_of(ex)
+    if status is not None:
+        reason = f"{status} {STATUS_WORDS.get(status, 'error')}"
+        if status == 429 or status >= 500:
+            wait = retry_after(ex)
+            return Failure(reason, True, default_cooldown if wait is None else wait)
+        if status in (401, 403):
+            return Failure(reason, True, KEY_COOLDOWN)
+        if status in (408, 409):
+            return Failure(reason, True, None)
+        return Failure(reason, False, None)
+    connection = _connection_reason(ex)
+    if connection:
+        return Failure(connection, True, default_cooldown)
+    return Failure(one_line(ex), False, None)
+
+
+def one_line(ex: BaseException, secrets=(), limit: int = 200) -> str:
+    "The first line of an error, without any secret in it, shortened."
+    text = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

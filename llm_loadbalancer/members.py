@@ -1,0 +1,116 @@
+"""Resolving a balancer's members to installed models and checking them.
+
+The same checks run when a balancer is saved (against ``llm.get_models_with_aliases()``)
+and when it is registered or prompted (against the ``model_aliases`` that llm hands to
+``register_models``): installed, not a balancer, options the member's model accepts, a
+key name that is stored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+
+import llm
+
+from .config import PREFIX, Balancer, ConfigError, Member
+
+
+class Catalog:
+    "Installed models by id and alias, from a list of llm ``ModelWithAliases``."
+
+    def __init__(self, models_with_aliases):
+        self.by_name: dict = {}
+        for mwa in models_with_aliases:
+            model = mwa.model or mwa.async_model
+            if model is None:
+                continue
+            self.by_name.setdefault(model.model_id, mwa)
+            for alias in mwa.aliases:
+                self.by_name.setdefault(alias, mwa)
+
+    @classmethod
+    def installed(cls) -> "Catalog":
+        return cls(llm.get_models_with_aliases())
+
+    def resolve(self, name: str, where: str):
+        "The ``ModelWithAliases`` for a member's model, or a ConfigError saying why not."
+        mwa = self.by_name.get(name)
+        target = _user_alias_target(name) if mwa is None else None
+        model_id = (mwa.model or mwa.async_model).model_id if mwa else (target or name)
+        if name.startswith(PREFIX) or model_id.startswith(PREFIX):
+            raise ConfigError(
+                f"{where}: {name} is a load balancer, and load balancers cannot contain other "
+                "load balancers: list its members instead"
+            )
+        if mwa is None:
+            choices = [n for n in self.by_name if not n.startswith(PREFIX)]
+            close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "'llm models' lists them"
+            raise ConfigError(f"{where}: unknown model {name!r}: {hint}")
+        return mwa
+
+
+def _user_alias_target(name: str) -> str | None:
+    "What ``llm aliases set`` points ``name`` at (read only on the error path)."
+    path = llm.user_dir() / "aliases.json"
+    try:
+        aliases = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    target = aliases.get(name) if isinstance(aliases, dict) else None
+    return target if isinstance(target, str) else None
+
+
+def describe(position: int, member: Member) -> str:
+    return f"member {position} ({member.label()})"
+
+
+def option_errors(options_class, options: dict) -> str | None:
+    "None when the options are valid for the class, else a one-line reason naming the option."
+    import pydantic
+
+    try:
+        options_class(**options)
+    except pydantic.ValidationError as ex:
+        problems = []
+        for error in ex.errors():
+            loc = ".".join(str(part) for part in error.get("loc", ())) or "options"
+            problems.append(f"option {loc!r}: {error.get('msg')}")
+        return "; ".join(problems)
+    return None
+
+
+def check_key(where: str, member: Member, stored_keys: dict) -> None:
+    # The value is never echoed: an unknown name may be a secret pasted by mistake.
+    if member.key and member.key not in stored_keys:
+        raise ConfigError(
+            f"{where}: key is not the name of a stored key ('llm keys list' shows them). "
+            "Store the secret with 'llm keys set NAME' and use key=NAME: "
+            "a balancer never holds a key's value"
+        )
+
+
+def check_member(position: int, member: Member, catalog: Catalog, stored_keys: dict | None):
+    """Resolve and check one member; returns its ``ModelWithAliases``. The key name is
+    checked against ``stored_keys`` unless that is None (registration leaves it to prompt
+    time, so that llm does not read keys.json for every model lookup)."""
+    where = describe(position, member)
+    mwa = catalog.resolve(member.model, where)
+    model = mwa.model or mwa.async_model
+    problem = option_errors(model.Options, member.options)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    if stored_keys is not None:
+        check_key(where, member, stored_keys)
+    return mwa
+
+
+def check_balancer(balancer: Balancer, catalog: Catalog, stored_keys: dict | None = None):
+    "Check every member; returns their ``ModelWithAliases`` in order."
+    if stored_keys is None:
+        stored_keys = llm.load_keys()
+    return [
+        check_member(position, member, catalog, stored_keys)
+        for position, member in enumerate(balancer.members, 1)
+    ]

@@ -1,0 +1,85 @@
+"""Registering every saved balancer as an ``lb:NAME`` model (and its async twin).
+
+llm calls ``register_models`` on every ``get_model()``, so this stays cheap: each file is
+parsed once per process (cached by modification time and size), and the Options class of a
+set of members is built once. A broken file or a missing member never stops registration:
+the balancer is registered with its problem, which prompting it reports.
+"""
+
+from __future__ import annotations
+
+import os
+
+import llm
+
+from . import config
+from .config import ConfigError
+from .members import Catalog, check_member
+from .model import AsyncLoadBalancerModel, LoadBalancerModel
+
+_parsed: dict[str, tuple[tuple[int, int], object]] = {}
+_options_classes: dict[tuple, type] = {}
+
+
+def _load_cached(name: str):
+    "The parsed Balancer, or the ConfigError it gives; re-read only when the file changed."
+    path = config.folder() / f"{name}.yaml"
+    try:
+        info = os.stat(path)
+    except OSError as ex:
+        return ConfigError(f"{path}: cannot be read: {ex}")
+    stamp = (info.st_mtime_ns, info.st_size)
+    cached = _parsed.get(str(path))
+    if cached and cached[0] == stamp:
+        return cached[1]
+    try:
+        result = config.load(name)
+    except ConfigError as ex:
+        result = ex
+    _parsed[str(path)] = (stamp, result)
+    return result
+
+
+def shared_options(classes: tuple) -> type:
+    "An Options class with the fields that every member's Options class has."
+    cached = _options_classes.get(classes)
+    if cached is not None:
+        return cached
+    import pydantic
+
+    first = classes[0].model_fields
+    shared = [name for name in first if all(name in cls.model_fields for cls in classes[1:])]
+    fields = {name: (first[name].annotation, first[name]) for name in shared}
+    options = pydantic.create_model("LoadBalancerOptions", __base__=llm.Options, **fields)
+    _options_classes[classes] = options
+    return options
+
+
+def register_balancers(register, model_aliases) -> None:
+    names = config.names()
+    if not names:
+        return
+    catalog = Catalog(model_aliases)
+    for name in names:
+        balancer = _load_cached(name)
+        if isinstance(balancer, ConfigError):
+            _register(register, name, None, None, llm.Options, str(balancer))
+            continue
+        try:
+            found = [
+                check_member(position, member, catalog, stored_keys=None)
+                for position, member in enumerate(balancer.members, 1)
+            ]
+        except ConfigError as ex:
+            _register(register, name, balancer, None, llm.Options, str(ex))
+            continue
+        members = [(mwa.model, mwa.async_model) for mwa in found]
+        classes = tuple((model or async_model).Options for model, async_model in members)
+        _register(register, name, balancer, members, shared_options(classes), None)
+
+
+def _register(register, name, balancer, members, options, problem) -> None:
+    register(
+        LoadBalancerModel(name, balancer, members, options, problem),
+        AsyncLoadBalancerModel(name, balancer, members, options, problem),
+    )

@@ -1,0 +1,287 @@
+"""What holds across prompts and processes: rotation, cooldowns, conversation ties, statistics.
+
+One SQLite file, ``llm.user_dir()/loadbalancers.db``, in WAL mode with a busy timeout. Each
+selection is one write transaction (``BEGIN IMMEDIATE``), so concurrent ``llm`` processes
+take turns exactly. When the file cannot be used, callers get ``StateUnavailable`` and carry on
+without it (``model.py`` warns once).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import llm
+
+from .config import Balancer
+from .policy import Plan, plan
+
+FILENAME = "loadbalancers.db"
+TIMEOUT_ENV = "LLM_LOADBALANCER_STATE_TIMEOUT"
+DEFAULT_TIMEOUT = 10.0
+AFFINITY_DAYS = 30
+
+SCHEMA = """
+create table if not exists rotation (
+    balancer text primary key,
+    signature text not null,
+    position integer not null default 0
+);
+create table if not exists cooldowns (
+    balancer text not null,
+    member integer not null,
+    until real not null,
+    reason text,
+    primary key (balancer, member)
+);
+create table if not exists stats (
+    balancer text not null,
+    member integer not null,
+    requests integer not null default 0,
+    successes integer not null default 0,
+    failures integer not null default 0,
+    last_used real,
+    last_error text,
+    primary key (balancer, member)
+);
+create table if not exists affinity (
+    balancer text not null,
+    conversation text not null,
+    first_member integer not null,
+    last_member integer not null,
+    updated real not null,
+    primary key (balancer, conversation)
+);
+create index if not exists affinity_updated on affinity (updated);
+"""
+
+
+class StateUnavailable(Exception):
+    "The state file cannot be used (corrupt, read-only, locked past the timeout)."
+
+
+def path() -> Path:
+    return llm.user_dir() / FILENAME
+
+
+_lock = threading.Lock()
+_connections: dict[str, sqlite3.Connection] = {}
+
+
+def _timeout() -> float:
+    try:
+        return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+
+
+def _connect(file: Path) -> sqlite3.Connection:
+    key = str(file)
+    db = _connections.get(key)
+    if db is None:
+        db = sqlite3.connect(
+            key, timeout=_timeout(), isolation_level=None, check_same_thread=False
+        )
+        try:
+            db.execute("pragma journal_mode=wal")
+            db.execute("pragma synchronous=normal")
+            db.executescript(SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        _connections[key] = db
+    return db
+
+
+@contextmanager
+def transaction(write: bool = True):
+    "A connection inside one transaction; every failure of the file becomes StateUnavailable."
+    file = path()
+    with _lock:
+        try:
+            db = _connect(file)
+            db.execute("begin immediate" if write else "begin")
+            try:
+                yield db
+            except BaseException:
+                db.execute("rollback")
+                raise
+            else:
+                db.execute("commit")
+        except (sqlite3.Error, OSError) as ex:
+            _connections.pop(str(file), None)
+            raise StateUnavailable(f"{file}: {ex}") from ex
+
+
+def _sync_signature(db, balancer: Balancer) -> int:
+    "The stored rotation position; a changed member list starts everything again."
+    row = db.execute(
+        "select signature, position from rotation where balancer = ?", [balancer.name]
+    ).fetchone()
+    signature = balancer.signature()
+    if row is not None and row[0] == signature:
+        return row[1]
+    _clear(db, balancer.name)
+    db.execute(
+        "insert into rotation (balancer, signature, position) values (?, ?, 0)",
+        [balancer.name, signature],
+    )
+    return 0
+
+
+def _clear(db, name: str) -> None:
+    for table in ("rotation", "cooldowns", "stats", "affinity"):
+        db.execute(f"delete from {table} where balancer = ?", [name])
+
+
+def select(
+    balancer: Balancer,
+    *,
+    conversation: str | None = None,
+    tool_turn: bool = False,
+    now: float | None = None,
+) -> Plan:
+    """Choose the order of members for one prompt and move the rotation, in one transaction.
+
+    ``tool_turn``: the prompt carries tool results for the previous turn of ``conversation``,
+    which goes back to the member that made the calls. With ``sticky`` every turn of a
+    conversation starts at the member that answered its first turn.
+    """
+    now = time.time() if now is None else now
+    with transaction() as db:
+        position = _sync_signature(db, balancer)
+        cooling = dict(
+            db.execute(
+                "select member, until from cooldowns where balancer = ? and until > ?",
+                [balancer.name, now],
+            ).fetchall()
+        )
+        pinned = preferred = None
+        if conversation and (tool_turn or balancer.sticky):
+            row = db.execute(
+                "select first_member, last_member from affinity "
+                "where balancer = ? and conversation = ?",
+                [balancer.name, conversation],
+            ).fetchone()
+            if row is not None:
+                if tool_turn:
+                    pinned = row[1]
+                else:
+                    preferred = row[0]
+        result = plan(
+            balancer.policy,
+            len(balancer.members),
+            position,
+            cooling,
+            now,
+            pinned=pinned,
+            preferred=preferred,
+        )
+        if result.position != position:
+            db.execute(
+                "update rotation set position = ? where balancer = ?",
+                [result.position, balancer.name],
+            )
+        return result
+
+
+def record(
+    balancer: Balancer,
+    member: int,
+    *,
+    error: str | None = None,
+    cooldown: float | None = None,
+    conversation: str | None = None,
+    now: float | None = None,
+) -> None:
+    """Record one attempt: its outcome in the statistics, a cooldown after a failure, and
+    for a success the member now tied to the conversation."""
+    now = time.time() if now is None else now
+    name = balancer.name
+    with transaction() as db:
+        db.execute(
+            "insert into stats (balancer, member) values (?, ?) on conflict do nothing",
+            [name, member],
+        )
+        db.execute(
+            "update stats set requests = requests + 1, successes = successes + ?, "
+            "failures = failures + ?, last_used = ?, last_error = coalesce(?, last_error) "
+            "where balancer = ? and member = ?",
+            [int(error is None), int(error is not None), now, error, name, member],
+        )
+        if cooldown:
+            db.execute(
+                "insert into cooldowns (balancer, member, until, reason) values (?, ?, ?, ?) "
+                "on conflict do update set until = excluded.until, reason = excluded.reason",
+                [name, member, now + cooldown, error],
+            )
+        if error is None and conversation:
+            db.execute(
+                "insert into affinity (balancer, conversation, first_member, last_member, "
+                "updated) values (?, ?, ?, ?, ?) on conflict do update set "
+                "last_member = excluded.last_member, updated = excluded.updated",
+                [name, conversation, member, member, now],
+            )
+
+
+def reset(name: str) -> None:
+    "Start the rotation again at the first member and forget cooldowns, ties and statistics."
+    with transaction() as db:
+        _clear(db, name)
+        db.execute(
+            "delete from affinity where updated < ?", [time.time() - AFFINITY_DAYS * 86400]
+        )
+
+
+def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
+    "Per-member statistics, one dict per member in the order of the definition."
+    now = time.time() if now is None else now
+    with transaction(write=False) as db:
+        row = db.execute(
+            "select signature from rotation where balancer = ?", [balancer.name]
+        ).fetchone()
+        current = row is not None and row[0] == balancer.signature()
+        rows = {}
+        cooling = {}
+        if current:
+            rows = {
+                r[0]: r[1:]
+                for r in db.execute(
+                    "select member, requests, successes, failures, last_used, last_error "
+                    "from stats where balancer = ?",
+                    [balancer.name],
+                )
+            }
+            cooling = {
+                r[0]: r[1:]
+                for r in db.execute(
+                    "select member, until, reason from cooldowns "
+                    "where balancer = ? and until > ?",
+                    [balancer.name, now],
+                )
+            }
+    total = sum(r[0] for r in rows.values())
+    result = []
+    for index, member in enumerate(balancer.members):
+        requests, successes, failures, last_used, last_error = rows.get(
+            index, (0, 0, 0, None, None)
+        )
+        until = cooling.get(index, (None, None))[0]
+        result.append(
+            {
+                "member": index + 1,
+                "label": member.label(),
+                "requests": requests,
+                "successes": successes,
+                "failures": failures,
+                "share": (requests / total) if total else 0.0,
+                "last_used": last_used,
+                "last_error": last_error,
+                "cooling_down_until": until,
+            }
+        )
+    return result
