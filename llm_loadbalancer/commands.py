@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import sys
@@ -11,7 +12,7 @@ from click_default_group import DefaultGroup
 
 from . import config, state
 from .config import Balancer, ConfigError
-from .members import Catalog, check_balancer
+from .members import Catalog, check_balancer, load_stored_keys
 
 
 def _fail(ex: Exception):
@@ -135,9 +136,13 @@ def _with_flags(balancer: Balancer, policy, sticky, failover, cooldown) -> Balan
     return config.from_dict(balancer.name, data)
 
 
+def _stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
 def _ask_members() -> list[str]:
     "On a terminal, choose members from the installed models."
-    if not sys.stdin.isatty():
+    if not _stdin_is_terminal():
         raise ConfigError(
             "no members given: name at least 2 models (llm lb save NAME MODEL MODEL), "
             "or use --file; choosing from a list needs a terminal"
@@ -220,14 +225,27 @@ def lb_show(name, json_):
         llm lb show fast
     """
     balancer = _load(name)
+    keys = load_stored_keys()
     try:
-        check_balancer(balancer, Catalog.installed())
+        check_balancer(balancer, Catalog.installed(), keys)
     except ConfigError as ex:
         click.echo(f"Warning: lb:{name}: {ex}", err=True)
+    balancer = _without_unstored_keys(balancer, keys)
     if json_:
         click.echo(json.dumps(_summary(balancer), indent=2))
     else:
         click.echo(config.dump(balancer), nl=False)
+
+
+def _without_unstored_keys(balancer: Balancer, keys: dict) -> Balancer:
+    "A key that is not a stored key's name may be a pasted secret: it is never printed."
+    members = tuple(
+        dataclasses.replace(member, key="(not a stored key name)")
+        if member.key and member.key not in keys
+        else member
+        for member in balancer.members
+    )
+    return dataclasses.replace(balancer, members=members)
 
 
 @lb.command(name="remove")
@@ -326,6 +344,7 @@ def lb_stats(name, json_):
         llm lb stats fast --json
     """
     names = [name] if name else config.names()
+    keys = load_stored_keys()
     result = []
     for each in names:
         try:
@@ -338,6 +357,8 @@ def lb_stats(name, json_):
             members = state.stats(balancer)
         except state.StateUnavailable as ex:
             raise click.ClickException(f"cannot read statistics: {ex}")
+        for member, row in zip(balancer.members, members):
+            row["label"] = member.label(keys)
         result.append({"name": each, "model_id": balancer.model_id, "members": members})
     if json_:
         click.echo(json.dumps(result, indent=2))

@@ -34,11 +34,13 @@ class Member:
     key: str | None = None
     options: dict = field(default_factory=dict, hash=False, compare=True)
 
-    def label(self) -> str:
-        "How the member is named to the user: model, key name and options, never a key value."
+    def label(self, stored_keys=None) -> str:
+        """How the member is named to the user: model, key name and options. Given the stored
+        keys, a key that is not one of their names is not shown: it may be a pasted secret."""
         extras = []
         if self.key:
-            extras.append(f"key: {self.key}")
+            shown = self.key if stored_keys is None or self.key in stored_keys else "(not stored)"
+            extras.append(f"key: {shown}")
         extras.extend(f"{name}={_scalar(value)}" for name, value in self.options.items())
         return f"{self.model} ({', '.join(extras)})" if extras else self.model
 

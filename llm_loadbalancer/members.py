@@ -62,8 +62,17 @@ def _user_alias_target(name: str) -> str | None:
     return target if isinstance(target, str) else None
 
 
-def describe(position: int, member: Member) -> str:
-    return f"member {position} ({member.label()})"
+def describe(position: int, member: Member, stored_keys=None) -> str:
+    return f"member {position} ({member.label(stored_keys)})"
+
+
+def load_stored_keys() -> dict:
+    "The names (and values) of the keys stored with 'llm keys set'; {} when unreadable."
+    try:
+        keys = llm.load_keys()
+    except (OSError, ValueError):
+        return {}
+    return keys if isinstance(keys, dict) else {}
 
 
 def option_errors(options_class, options: dict) -> str | None:
@@ -91,25 +100,22 @@ def check_key(where: str, member: Member, stored_keys: dict) -> None:
         )
 
 
-def check_member(position: int, member: Member, catalog: Catalog, stored_keys: dict | None):
-    """Resolve and check one member; returns its ``ModelWithAliases``. The key name is
-    checked against ``stored_keys`` unless that is None (registration leaves it to prompt
-    time, so that llm does not read keys.json for every model lookup)."""
-    where = describe(position, member)
+def check_member(position: int, member: Member, catalog: Catalog, stored_keys: dict):
+    "Resolve and check one member; returns its ``ModelWithAliases``."
+    where = describe(position, member, stored_keys)
     mwa = catalog.resolve(member.model, where)
     model = mwa.model or mwa.async_model
     problem = option_errors(model.Options, member.options)
     if problem:
         raise ConfigError(f"{where}: {problem}")
-    if stored_keys is not None:
-        check_key(where, member, stored_keys)
+    check_key(where, member, stored_keys)
     return mwa
 
 
 def check_balancer(balancer: Balancer, catalog: Catalog, stored_keys: dict | None = None):
     "Check every member; returns their ``ModelWithAliases`` in order."
     if stored_keys is None:
-        stored_keys = llm.load_keys()
+        stored_keys = load_stored_keys()
     return [
         check_member(position, member, catalog, stored_keys)
         for position, member in enumerate(balancer.members, 1)

@@ -20,7 +20,7 @@ import llm
 
 from . import failures, state
 from .config import Balancer, Member
-from .members import describe, option_errors
+from .members import describe, load_stored_keys, option_errors
 
 logger = logging.getLogger("llm_loadbalancer")
 DEBUG_ENV = "LLM_LOADBALANCER_DEBUG"
@@ -103,11 +103,10 @@ class _Shared:
 
     def __str__(self) -> str:
         kind = "LoadBalancer (async)" if self.is_async else "LoadBalancer"
-        if self.balancer is None:
+        if self.problem:
             return f"{kind}: {self.model_id} (broken: {self.problem})"
         labels = ", ".join(m.label() for m in self.balancer.members)
-        text = f"{kind}: {self.model_id} ({self.balancer.policy}: {labels})"
-        return text + (f" [problem: {self.problem}]" if self.problem else "")
+        return f"{kind}: {self.model_id} ({self.balancer.policy}: {labels})"
 
     def get_key(self, explicit_key=None):
         # --key is passed through unchanged; each member resolves it (or uses its own key).
@@ -121,7 +120,7 @@ class _Attempt:
         self.run = run
         self.index = index
         self.member: Member = run.balancer.members[index]
-        self.label = describe(index + 1, self.member)
+        self.label = describe(index + 1, self.member, run.keys)
         self.model = run.member_model(index)
         self.prompt = copy.copy(run.prompt)
         self.prompt.model = self.model
@@ -159,6 +158,7 @@ class _Run:
         self.outer_key = key
         self.conversation_id = getattr(conversation, "id", None)
         self.errors: list[str] = []
+        self.keys = load_stored_keys() if any(m.key for m in self.balancer.members) else {}
         self.debug = _debug_enabled()
         self.use_state = True
         try:
@@ -226,14 +226,14 @@ class _Run:
         return model.Options(**merged)
 
     def stored_key(self, attempt: _Attempt) -> str:
-        name = attempt.member.key
-        keys = llm.load_keys()
-        if name not in keys:
+        if attempt.member.key not in self.keys:
+            # The name is not repeated: it may be a secret pasted into the file.
             raise LoadBalancerError(
-                f"{self.lb.model_id}: {attempt.label}: no key named {name!r} is stored: "
-                f"run 'llm keys set {name}' or change the member's key"
+                f"{self.lb.model_id}: {attempt.label}: its key is not the name of a stored key: "
+                "store it with 'llm keys set NAME' and put key: NAME in the balancer "
+                "('llm lb edit')"
             )
-        return keys[name]
+        return self.keys[attempt.member.key]
 
     def failed(self, attempt: _Attempt, ex: Exception, started: bool) -> None:
         "Record a failed attempt; re-raise unless another member should be tried."

@@ -14,7 +14,7 @@ import llm
 
 from . import config
 from .config import ConfigError
-from .members import Catalog, check_member
+from .members import Catalog, check_member, load_stored_keys
 from .model import AsyncLoadBalancerModel, LoadBalancerModel
 
 _parsed: dict[str, tuple[tuple[int, int], object]] = {}
@@ -60,14 +60,17 @@ def register_balancers(register, model_aliases) -> None:
     if not names:
         return
     catalog = Catalog(model_aliases)
+    keys = None
     for name in names:
         balancer = _load_cached(name)
         if isinstance(balancer, ConfigError):
             _register(register, name, None, None, llm.Options, str(balancer))
             continue
+        if keys is None and any(member.key for member in balancer.members):
+            keys = load_stored_keys()  # read only when some member names a key
         try:
             found = [
-                check_member(position, member, catalog, stored_keys=None)
+                check_member(position, member, catalog, keys or {})
                 for position, member in enumerate(balancer.members, 1)
             ]
         except ConfigError as ex:

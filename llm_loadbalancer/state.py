@@ -266,7 +266,7 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
             }
     total = sum(r[0] for r in rows.values())
     result = []
-    for index, member in enumerate(balancer.members):
+    for index in range(len(balancer.members)):
         requests, successes, failures, last_used, last_error = rows.get(
             index, (0, 0, 0, None, None)
         )
@@ -274,7 +274,6 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
         result.append(
             {
                 "member": index + 1,
-                "label": member.label(),
                 "requests": requests,
                 "successes": successes,
                 "failures": failures,
