@@ -70,3 +70,16 @@ def folder_snapshot(user_path):
     if not folder.exists():
         return {}
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def fake_models():
+    "Registers plain-sync (sync only, no streaming) and strict (validated options) models."
+    from llm.plugins import load_plugins, pm
+
+    from fake_models import FakeModelsPlugin
+
+    load_plugins()
+    pm.register(FakeModelsPlugin(), name="lb-test-models")
+    yield
+    pm.unregister(name="lb-test-models")

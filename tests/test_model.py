@@ -1,0 +1,370 @@
+"""`lb:NAME` models with echo and test models: rotation, delegation, errors (issue 3)."""
+
+import asyncio
+import importlib.metadata
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import llm
+import pytest
+
+from conftest import last_logged, llm_process, set_keys
+
+KEYS = {"k1": "value-1", "k2": "value-2", "k3": "value-3", "k4": "value-4"}
+
+
+@pytest.fixture
+def keyed(run_llm, user_path):
+    "Saves lb:NAME with members echo-needs-key key=k1 .. kN: the answer shows which one ran."
+
+    def save(name, count=3, *flags):
+        set_keys(user_path, **KEYS)
+        members = [f"echo-needs-key key=k{i}" for i in range(1, count + 1)]
+        result = run_llm("lb", "save", name, *members, *flags)
+        assert result.exit_code == 0, result.output
+
+    return save
+
+
+def member_of(text):
+    "Which keyed member answered: 1 for value-1, ..."
+    return int(json.loads(text)["key"].split("-")[1])
+
+
+def test_consecutive_processes_take_turns(keyed):
+    keyed("fast", 3)
+    answered = []
+    for _ in range(7):
+        result = llm_process("-m", "lb:fast", "hi")
+        assert result.returncode == 0, result.stderr
+        answered.append(member_of(result.stdout))
+    assert answered == [1, 2, 3, 1, 2, 3, 1]
+
+
+def test_eight_processes_share_the_rotation_exactly(keyed, tmp_path):
+    keyed("par", 4)
+    script = textwrap.dedent(
+        """
+        import collections, json, llm
+        model = llm.get_model("lb:par")
+        counts = collections.Counter(
+            json.loads(model.prompt("hi").text())["key"] for _ in range(50)
+        )
+        print(json.dumps(counts))
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]
+    total = {}
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0
+        for key, count in json.loads(out).items():
+            total[key] = total.get(key, 0) + count
+    assert total == {"value-1": 100, "value-2": 100, "value-3": 100, "value-4": 100}
+
+
+def test_reset_and_changed_members_start_again(run_llm, keyed):
+    keyed("r", 3)
+    model = llm.get_model("lb:r")
+    assert [member_of(model.prompt("x").text()) for _ in range(2)] == [1, 2]
+    assert run_llm("lb", "reset", "r").exit_code == 0
+    assert member_of(llm.get_model("lb:r").prompt("x").text()) == 1
+    # Saving with different members starts the rotation again too
+    run_llm("lb", "save", "r", "echo-needs-key key=k2", "echo-needs-key key=k3", "--force")
+    assert member_of(llm.get_model("lb:r").prompt("x").text()) == 2
+
+
+def test_state_lives_in_sqlite_not_in_the_yaml(keyed, user_path):
+    keyed("s", 2)
+    before = (user_path / "loadbalancers" / "s.yaml").read_text()
+    llm.get_model("lb:s").prompt("x").text()
+    assert (user_path / "loadbalancers" / "s.yaml").read_text() == before
+    db = sqlite3.connect(user_path / "loadbalancers.db")
+    assert db.execute("select position from rotation where balancer = 's'").fetchone() == (1,)
+
+
+def test_corrupt_state_file_warns_once_and_still_answers(keyed, user_path, capsys, monkeypatch):
+    import llm_loadbalancer.model as lb_model
+
+    monkeypatch.setattr(lb_model, "_warned", False)
+    keyed("c", 2)
+    (user_path / "loadbalancers.db").write_bytes(b"this is not a database" * 100)
+    model = llm.get_model("lb:c")
+    answers = [member_of(model.prompt("x").text()) for _ in range(3)]
+    assert set(answers) <= {1, 2}
+    err = capsys.readouterr().err
+    assert err.count("Warning: llm-loadbalancer cannot use its state file") == 1
+
+
+def test_locked_state_file_does_not_block_the_prompt(keyed, user_path, monkeypatch):
+    keyed("l", 2)
+    llm.get_model("lb:l").prompt("x").text()  # creates the state file
+    holder = sqlite3.connect(user_path / "loadbalancers.db", isolation_level=None)
+    holder.execute("begin exclusive")
+    try:
+        result = llm_process(
+            "-m", "lb:l", "hi", env={"LLM_LOADBALANCER_STATE_TIMEOUT": "0.2"}
+        )
+    finally:
+        holder.execute("rollback")
+    assert result.returncode == 0, result.stderr
+    assert member_of(result.stdout) in (1, 2)
+    assert "cannot use its state file" in result.stderr
+    assert "database is locked" in result.stderr
+
+
+# --- delegation: options, keys ----------------------------------------------------------
+
+
+def test_member_options_defaults_and_prompt_options(run_llm, user_path):
+    run_llm("lb", "save", "o", "echo example_bool=true", "echo")
+    # A default for the member's model applies under the member's saved options
+    run_llm("models", "options", "set", "echo", "example_bool", "false")
+    first = json.loads(run_llm("-m", "lb:o", "hi").stdout)
+    second = json.loads(run_llm("-m", "lb:o", "hi").stdout)
+    assert first["options"] == {"example_bool": True}  # saved option wins over the default
+    assert second["options"] == {"example_bool": False}  # the model default applies
+    # Options given at prompt time override both
+    third = json.loads(run_llm("-m", "lb:o", "-o", "example_bool", "0", "hi").stdout)
+    assert third["options"] == {"example_bool": False}
+    fourth = json.loads(run_llm("-m", "lb:o", "-o", "example_bool", "1", "hi").stdout)
+    assert fourth["options"] == {"example_bool": True}
+    # ... and so do defaults set for lb:o itself
+    run_llm("models", "options", "set", "lb:o", "example_bool", "true")
+    fifth = json.loads(run_llm("-m", "lb:o", "hi").stdout)
+    assert fifth["options"] == {"example_bool": True}
+    # options_json in the logs is what lb:o received
+    assert last_logged()[0]["options_json"] == {"example_bool": True}
+
+
+def test_lb_options_are_those_the_members_share(run_llm, fake_models):
+    run_llm("lb", "save", "shared", "plain-sync", "strict")
+    result = run_llm("models", "--options", "-m", "lb:shared")
+    assert "temperature: float" in result.stdout
+    assert "seed" not in result.stdout
+    bad = run_llm("-m", "lb:shared", "-o", "seed", "3", "hi")
+    assert bad.exit_code == 1
+    assert "seed" in bad.stderr
+
+
+def test_member_keys_and_pass_through_key(run_llm, user_path):
+    set_keys(user_path, work="value-work")
+    run_llm("lb", "save", "k", "echo-needs-key key=work", "echo-needs-key")
+    first = json.loads(run_llm("-m", "lb:k", "--key", "given-at-prompt", "hi").stdout)
+    second = json.loads(run_llm("-m", "lb:k", "--key", "given-at-prompt", "hi").stdout)
+    # The member's own key wins; --key applies to the member without one
+    assert first["key"] == "value-work"
+    assert second["key"] == "given-at-prompt"
+    # --key may name a stored key, as with llm itself
+    run_llm("lb", "reset", "k")
+    run_llm("-m", "lb:k", "--key", "work", "hi")
+    assert json.loads(run_llm("-m", "lb:k", "--key", "work", "hi").stdout)["key"] == "value-work"
+
+
+# --- delegation: everything the member does reaches the user and the logs ---------------
+
+
+def test_logs_show_the_resolved_member(run_llm, user_path):
+    run_llm("lb", "save", "fast", "echo", "echo example_bool=true")
+    run_llm("-m", "lb:fast", "hi")
+    row = last_logged()[0]
+    assert row["model"] == "lb:fast"
+    assert row["resolved_model"] == "echo"
+    assert row["input_tokens"] == 1 and row["output_tokens"] > 0
+    text = run_llm("logs", "-n", "1").stdout
+    assert "Model: **lb:fast** (resolved: **echo**)" in text
+    found = json.loads(run_llm("logs", "--json", "-m", "echo").stdout)
+    assert [r["model"] for r in found] == ["lb:fast"]
+
+
+def test_system_fragments_and_attachments_reach_the_member(run_llm, tmp_path):
+    run_llm("lb", "save", "a", "echo", "echo")
+    fragment = tmp_path / "fragment.txt"
+    fragment.write_text("fragment text")
+    png = tmp_path / "pixel.png"
+    png.write_bytes(bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63f8cfc0f01f0005000201a3a3ac1f0000000049454e44ae426082"))
+    result = run_llm("-m", "lb:a", "-s", "be brief", "-f", str(fragment), "-a", str(png), "hi")
+    data = json.loads(result.stdout)
+    assert data["system"] == "be brief"
+    assert data["prompt"] == "fragment text\nhi"
+    assert data["attachments"][0]["type"] == "image/png"
+
+
+def test_streaming_reasoning_events_and_usage_through_the_python_api(run_llm):
+    run_llm("lb", "save", "t", "echo thinking=true", "echo thinking=true")
+    response = llm.get_model("lb:t").prompt("hi")
+    events = list(response.stream_events())
+    assert [e.type for e in events] == ["reasoning", "reasoning", "text"]
+    assert response.resolved_model == "echo"
+    assert response.usage().input == 1
+
+
+def test_async_twin(run_llm):
+    run_llm("lb", "save", "as", "echo", "echo example_bool=true")
+
+    async def go():
+        model = llm.get_async_model("lb:as")
+        texts = [await model.prompt("hi").text() for _ in range(2)]
+        return [json.loads(t).get("options") for t in texts]
+
+    assert asyncio.run(go()) == [None, {"example_bool": True}]
+    result = run_llm("-m", "lb:as", "--async", "hello")
+    assert json.loads(result.stdout)["prompt"] == "hello"
+
+
+def test_tool_result_turn_goes_to_the_member_that_called(run_llm):
+    run_llm("lb", "save", "tools", "echo", "echo example_bool=true", "echo")
+    run_llm("-m", "lb:tools", "warm up")  # the rotation is now at member 2
+    call = json.dumps({"prompt": "use it", "tool_calls": [{"name": "llm_version"}]})
+    result = run_llm("-m", "lb:tools", "-T", "llm_version", call)
+    assert result.exit_code == 0, result.output
+    rows = last_logged(2)
+    assert [r["tool_calls"] != [] for r in rows] == [True, False]
+    final = json.loads(rows[1]["response"])
+    assert final["tool_results"][0]["output"] == importlib.metadata.version("llm")
+    # Both turns were answered by member 2 (example_bool=true), though member 3 was next
+    assert [json.loads(r["response"]).get("options") for r in rows] == [
+        {"example_bool": True},
+        {"example_bool": True},
+    ]
+
+
+def test_sticky_keeps_a_conversation_on_its_first_member(keyed):
+    keyed("st", 3, "--sticky")
+    first = llm_process("-m", "lb:st", "one")
+    assert member_of(first.stdout) == 1
+    other = llm_process("-m", "lb:st", "unrelated")  # a new conversation moves on
+    assert member_of(other.stdout) == 2
+    again = llm_process("-c", "two")  # continues the newest conversation: 'unrelated'
+    assert member_of(again.stdout) == 2
+    cid = json.loads(llm_process("logs", "--json", "-n", "3").stdout)[0]["conversation_id"]
+    back = llm_process("--cid", cid, "three")
+    assert member_of(back.stdout) == 1
+
+
+def test_without_sticky_continued_conversations_rotate_and_see_history(keyed):
+    keyed("ns", 2)
+    llm_process("-m", "lb:ns", "one")
+    again = llm_process("-c", "two")
+    assert again.returncode == 0, again.stderr
+    assert member_of(again.stdout) == 2
+    rows = json.loads(llm_process("logs", "--json", "-n", "2").stdout)
+    assert rows[0]["conversation_id"] == rows[1]["conversation_id"]
+
+
+def test_chat_through_a_balancer(keyed):
+    keyed("ch", 2, "--sticky")
+    result = llm_process("chat", "-m", "lb:ch", input="hello\nsecond\nquit\n")
+    assert result.returncode == 0, result.stderr
+    keys = [line for line in result.stdout.splitlines() if '"key"' in line]
+    assert len(keys) == 2 and all("value-1" in line for line in keys)
+    assert '"prompt": "hello"' in result.stdout  # the second turn saw the first
+
+
+def test_member_that_cannot_stream_runs_without_streaming(run_llm, fake_models):
+    run_llm("lb", "save", "mix", "plain-sync", "strict")
+    model = llm.get_model("lb:mix")
+    assert model.can_stream  # strict streams
+    first = json.loads(model.prompt("hi").text())
+    assert first["model"] == "plain-sync" and first["stream"] is False
+    second = model.prompt("hi").text()
+    assert second.startswith("strict: ") and json.loads(second[8:])["stream"] is True
+
+
+def test_capabilities_are_those_of_all_members(run_llm, fake_models):
+    run_llm("lb", "save", "caps", "echo", "plain-sync")
+    model = llm.get_model("lb:caps")
+    assert model.can_stream and not model.supports_schema and not model.supports_tools
+    assert not model.attachment_types
+    refused = run_llm("-m", "lb:caps", "--schema", "name str", "hi")
+    assert refused.exit_code == 1 and "does not support schemas" in refused.stderr
+
+
+def test_schema_reaches_the_member(run_llm, fake_models):
+    run_llm("lb", "save", "sch", "plain-sync", "strict")
+    result = run_llm("-m", "lb:sch", "--schema", "name str", "hi")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["schema"]["properties"] == {"name": {"type": "string"}}
+
+
+def test_debug_line_names_member_position_and_key_name(keyed):
+    keyed("dbg", 2)
+    result = llm_process("-m", "lb:dbg", "hi", env={"LLM_LOADBALANCER_DEBUG": "1"})
+    lines = [line for line in result.stderr.splitlines() if line.startswith("llm-loadbalancer:")]
+    assert lines == ["llm-loadbalancer: lb:dbg: member 1 (echo-needs-key (key: k1)) at position 1 of 2, key: k1"]
+    assert "value-1" not in result.stderr
+
+
+def test_models_lists_balancers_with_policy_and_members(run_llm):
+    run_llm("lb", "save", "fast", "echo", "echo example_bool=true")
+    assert "LoadBalancer: lb:fast (roundrobin: echo, echo (example_bool=true))" in run_llm("models").stdout
+
+
+# --- errors at prompt time --------------------------------------------------------------
+
+
+def prompt_error(*args):
+    result = llm_process(*args)
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_member_no_longer_installed(run_llm, user_path):
+    run_llm("lb", "save", "gone", "echo", "echo")
+    path = user_path / "loadbalancers" / "gone.yaml"
+    path.write_text(path.read_text().replace("model: echo\n", "model: uninstalled-model\n", 1))
+    line = prompt_error("-m", "lb:gone", "hi")
+    assert line.startswith("Error: lb:gone: member 1 (uninstalled-model): unknown model")
+    assert "echo" in llm_process("models").stdout
+
+
+def test_hand_edited_nesting(run_llm, user_path):
+    run_llm("lb", "save", "inner", "echo", "echo")
+    (user_path / "loadbalancers" / "outer.yaml").write_text("members: [echo, 'lb:inner']\n")
+    line = prompt_error("-m", "lb:outer", "hi")
+    assert line.startswith("Error: lb:outer: member 2 (lb:inner)")
+    assert "cannot contain other load balancers" in line
+
+
+def test_broken_file_is_reported_when_prompted(user_path):
+    folder = user_path / "loadbalancers"
+    folder.mkdir()
+    (folder / "bad.yaml").write_text("members: [echo\n")
+    line = prompt_error("-m", "lb:bad", "hi")
+    assert line.startswith(f"Error: lb:bad: {folder / 'bad.yaml'}: not valid YAML")
+
+
+def test_async_with_a_member_without_async_model(run_llm, fake_models):
+    run_llm("lb", "save", "sy", "plain-sync", "strict")
+    result = run_llm("-m", "lb:sy", "--async", "hi")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "Error: lb:sy: member 1 (plain-sync) has no async model: run it without --async, "
+        "or save the balancer without that member"
+    )
+
+
+def test_option_a_member_rejects(run_llm, fake_models):
+    run_llm("lb", "save", "rej", "strict", "plain-sync")
+    result = run_llm("-m", "lb:rej", "-o", "temperature", "1.5", "hi")
+    assert result.exit_code == 1
+    assert result.stderr.strip().startswith("Error: lb:rej: member 1 (strict): option 'temperature'")
+    assert "at most 1.0" in result.stderr
+
+
+def test_key_name_that_is_not_stored(run_llm, user_path):
+    set_keys(user_path, work="value-work")
+    run_llm("lb", "save", "ks", "echo-needs-key key=work", "echo")
+    (user_path / "keys.json").write_text("{}")  # the key was removed after saving
+    line = prompt_error("-m", "lb:ks", "hi")
+    assert line.startswith("Error: lb:ks: member 1 (echo-needs-key (key: (not stored)))")
+    assert "not the name of a stored key" in line
