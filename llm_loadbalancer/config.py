@@ -111,14 +111,21 @@ def path_for(name: str) -> Path:
 
 def names() -> list[str]:
     "Names of the saved balancers, from the file names (whether or not the files are valid)."
+    return [name for name, _ in entries()]
+
+
+def entries() -> list[tuple[str, os.DirEntry]]:
+    "(name, directory entry) of each balancer file, by name, without creating the folder."
     path = llm.user_dir() / "loadbalancers"
-    if not path.is_dir():
+    try:
+        found = [
+            (entry.name[:-5], entry)
+            for entry in os.scandir(path)
+            if entry.name.endswith(".yaml") and NAME_RE.fullmatch(entry.name[:-5])
+        ]
+    except OSError:
         return []
-    return sorted(
-        entry.name[:-5]
-        for entry in os.scandir(path)
-        if entry.name.endswith(".yaml") and NAME_RE.fullmatch(entry.name[:-5])
-    )
+    return sorted(found, key=lambda pair: pair[0])
 
 
 def parse_value(text: str):
@@ -237,7 +244,9 @@ def parse(name: str, text: str) -> Balancer:
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        # libyaml's loader, where PyYAML has it, is many times faster: every balancer file
+        # is parsed by each llm process that looks up a model.
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as ex:
         mark = getattr(ex, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -246,9 +255,9 @@ def parse(name: str, text: str) -> Balancer:
     return from_dict(name, data)
 
 
-def load(name: str) -> Balancer:
+def load(name: str, path: Path | None = None) -> Balancer:
     "Read a saved balancer; a problem is reported with the file's path."
-    path = path_for(name)
+    path = path or path_for(name)
     try:
         text = path.read_text()
     except FileNotFoundError:

@@ -33,21 +33,21 @@ class Catalog:
     def installed(cls) -> "Catalog":
         return cls(llm.get_models_with_aliases())
 
-    def resolve(self, name: str, where: str):
+    def resolve(self, name: str):
         "The ``ModelWithAliases`` for a member's model, or a ConfigError saying why not."
         mwa = self.by_name.get(name)
         target = _user_alias_target(name) if mwa is None else None
         model_id = (mwa.model or mwa.async_model).model_id if mwa else (target or name)
         if name.startswith(PREFIX) or model_id.startswith(PREFIX):
             raise ConfigError(
-                f"{where}: {name} is a load balancer, and load balancers cannot contain other "
+                f"{name} is a load balancer, and load balancers cannot contain other "
                 "load balancers: list its members instead"
             )
         if mwa is None:
             choices = [n for n in self.by_name if not n.startswith(PREFIX)]
             close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}?" if close else "'llm models' lists them"
-            raise ConfigError(f"{where}: unknown model {name!r}: {hint}")
+            raise ConfigError(f"unknown model {name!r}: {hint}")
         return mwa
 
 
@@ -90,11 +90,11 @@ def option_errors(options_class, options: dict) -> str | None:
     return None
 
 
-def check_key(where: str, member: Member, stored_keys: dict) -> None:
+def check_key(member: Member, stored_keys: dict) -> None:
     # The value is never echoed: an unknown name may be a secret pasted by mistake.
     if member.key and member.key not in stored_keys:
         raise ConfigError(
-            f"{where}: key is not the name of a stored key ('llm keys list' shows them). "
+            "key is not the name of a stored key ('llm keys list' shows them). "
             "Store the secret with 'llm keys set NAME' and use key=NAME: "
             "a balancer never holds a key's value"
         )
@@ -102,13 +102,16 @@ def check_key(where: str, member: Member, stored_keys: dict) -> None:
 
 def check_member(position: int, member: Member, catalog: Catalog, stored_keys: dict):
     "Resolve and check one member; returns its ``ModelWithAliases``."
-    where = describe(position, member, stored_keys)
-    mwa = catalog.resolve(member.model, where)
-    model = mwa.model or mwa.async_model
-    problem = option_errors(model.Options, member.options)
-    if problem:
-        raise ConfigError(f"{where}: {problem}")
-    check_key(where, member, stored_keys)
+    try:
+        mwa = catalog.resolve(member.model)
+        model = mwa.model or mwa.async_model
+        problem = option_errors(model.Options, member.options)
+        if problem:
+            raise ConfigError(problem)
+        check_key(member, stored_keys)
+    except ConfigError as ex:
+        # The member is described only on this path: registration runs on every model lookup.
+        raise ConfigError(f"{describe(position, member, stored_keys)}: {ex}") from None
     return mwa
 
 

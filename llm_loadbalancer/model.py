@@ -82,7 +82,7 @@ class _Shared:
         self.balancer = balancer
         self.problem = problem  # why this balancer cannot answer, or None
         self.members = members  # one (model, async_model) per member, or None when broken
-        self.Options = options_class
+        self._options_class = options_class  # a class, or a function that builds it
         if problem or not members:
             self.can_stream = True
             self.supports_schema = self.supports_tools = self.supports_conversation = True
@@ -100,6 +100,13 @@ class _Shared:
         for m in models[1:]:
             types &= set(m.attachment_types)
         self.attachment_types = frozenset(types)
+
+    @property
+    def Options(self):
+        "The options all members share, built the first time llm asks for them."
+        if not isinstance(self._options_class, type):
+            self._options_class = self._options_class()
+        return self._options_class
 
     def __str__(self) -> str:
         kind = "LoadBalancer (async)" if self.is_async else "LoadBalancer"

@@ -9,6 +9,8 @@ the balancer is registered with its problem, which prompting it reports.
 from __future__ import annotations
 
 import os
+from functools import partial
+from pathlib import Path
 
 import llm
 
@@ -21,22 +23,22 @@ _parsed: dict[str, tuple[tuple[int, int], object]] = {}
 _options_classes: dict[tuple, type] = {}
 
 
-def _load_cached(name: str):
+def _load_cached(name: str, entry: os.DirEntry):
     "The parsed Balancer, or the ConfigError it gives; re-read only when the file changed."
-    path = config.folder() / f"{name}.yaml"
+    path = Path(entry.path)
     try:
-        info = os.stat(path)
+        info = entry.stat()
     except OSError as ex:
         return ConfigError(f"{path}: cannot be read: {ex}")
     stamp = (info.st_mtime_ns, info.st_size)
-    cached = _parsed.get(str(path))
+    cached = _parsed.get(entry.path)
     if cached and cached[0] == stamp:
         return cached[1]
     try:
-        result = config.load(name)
+        result = config.load(name, path)
     except ConfigError as ex:
         result = ex
-    _parsed[str(path)] = (stamp, result)
+    _parsed[entry.path] = (stamp, result)
     return result
 
 
@@ -56,13 +58,13 @@ def shared_options(classes: tuple) -> type:
 
 
 def register_balancers(register, model_aliases) -> None:
-    names = config.names()
-    if not names:
+    entries = config.entries()
+    if not entries:
         return
     catalog = Catalog(model_aliases)
     keys = None
-    for name in names:
-        balancer = _load_cached(name)
+    for name, entry in entries:
+        balancer = _load_cached(name, entry)
         if isinstance(balancer, ConfigError):
             _register(register, name, None, None, llm.Options, str(balancer))
             continue
@@ -78,7 +80,7 @@ def register_balancers(register, model_aliases) -> None:
             continue
         members = [(mwa.model, mwa.async_model) for mwa in found]
         classes = tuple((model or async_model).Options for model, async_model in members)
-        _register(register, name, balancer, members, shared_options(classes), None)
+        _register(register, name, balancer, members, partial(shared_options, classes), None)
 
 
 def _register(register, name, balancer, members, options, problem) -> None:
