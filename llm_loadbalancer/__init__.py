@@ -1,7 +1,12 @@
 """llm-loadbalancer: one ``lb:NAME`` model that spreads prompts over several models, keys
-and option sets. Registration and commands live in their own modules, imported only when
-llm calls these hooks."""
+and option sets.
 
+Every ``llm`` command imports this module and calls both hooks, so they stay cheap: the
+modules that do the work are imported only when there are balancers to register or when
+``llm lb`` itself runs.
+"""
+
+import click
 import llm
 
 
@@ -12,8 +17,19 @@ def register_models(register, model_aliases):
     register_balancers(register, model_aliases)
 
 
+class _LazyGroup(click.Command):
+    "``llm lb`` as ``llm --help`` lists it; the real group is built only when it runs."
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        from .commands import lb
+
+        return lb.make_context(info_name, args, parent=parent, **extra)
+
+
 @llm.hookimpl
 def register_commands(cli):
-    from .commands import lb
-
-    cli.add_command(lb)
+    cli.add_command(
+        _LazyGroup(
+            "lb", help="Manage load balancers: lb:NAME models that spread prompts over several members"
+        )
+    )

@@ -1,0 +1,263 @@
+"""Benchmarks: what lb:NAME costs next to calling the member directly, and fairness under load.
+
+    python bench/run.py            # the full run (a few minutes on 2 cores)
+    python bench/run.py --quick    # a few iterations, to check that it works (CI)
+
+Each comparison runs both sides in the same run, alternating them, and reports medians and
+their ratio. It prints a table and writes the same as JSON (--json PATH, default
+bench/results.json). It works in a temporary LLM_USER_PATH: your own llm directory is never
+touched. It reports what it measured; the targets are printed beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+def llm_command(*args) -> list[str]:
+    return [sys.executable, "-m", "llm", *args]
+
+
+def run_timed(command, env) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def alternate(pairs: int, a, b) -> tuple[list[float], list[float]]:
+    "Run a and b alternately (a first in even rounds, b first in odd ones)."
+    times_a, times_b = [], []
+    for round_ in range(pairs):
+        if round_ % 2:
+            times_b.append(b())
+            times_a.append(a())
+        else:
+            times_a.append(a())
+            times_b.append(b())
+    return times_a, times_b
+
+
+def comparison(name, unit, lb_times, base_times, target, scale=1.0) -> dict:
+    lb_median = statistics.median(lb_times) * scale
+    base_median = statistics.median(base_times) * scale
+    return {
+        "name": name,
+        "unit": unit,
+        "runs": len(lb_times),
+        "lb": round(lb_median, 4),
+        "baseline": round(base_median, 4),
+        "ratio": round(lb_median / base_median, 4) if base_median else None,
+        "added": round(lb_median - base_median, 4),
+        "target": target,
+    }
+
+
+class Bench:
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.dir = Path(tempfile.mkdtemp(prefix="llm-lb-bench-"))
+        self.env = dict(os.environ, LLM_USER_PATH=str(self.dir / "user"))
+        self.env.pop("LLM_LOADBALANCER_DEBUG", None)
+        self.no_plugin_env = dict(self.env, LLM_LOAD_PLUGINS="llm-echo")
+        self.results: list[dict] = []
+        self.notes: dict = {}
+
+    def llm(self, *args, env=None):
+        subprocess.run(
+            llm_command(*args), env=env or self.env, check=True, capture_output=True, text=True
+        )
+
+    def setup(self):
+        (self.dir / "user").mkdir()
+        keys = {f"k{i}": f"value-{i}" for i in range(1, 5)}
+        (self.dir / "user" / "keys.json").write_text(json.dumps(keys))
+        self.llm("lb", "save", "bench", "echo", "echo")
+        self.llm("lb", "save", "four", *[f"echo-needs-key key=k{i}" for i in range(1, 5)])
+        # 48 more, so that 50 balancers are saved for the start-up measurements
+        folder = self.dir / "user" / "loadbalancers"
+        template = (folder / "bench.yaml").read_text()
+        for i in range(48):
+            (folder / f"extra{i:02d}.yaml").write_text(template)
+
+    # 1 ---------------------------------------------------------------------------------
+    def one_shot_cli(self):
+        pairs = 3 if self.quick else 21
+        lb, base = alternate(
+            pairs,
+            lambda: run_timed(llm_command("-m", "lb:bench", "hi"), self.env),
+            lambda: run_timed(llm_command("-m", "echo", "hi"), self.env),
+        )
+        self.results.append(
+            comparison("1. one-shot CLI: llm -m lb:bench hi vs llm -m echo hi", "s", lb, base, "ratio <= 1.02")
+        )
+
+    # 2 ---------------------------------------------------------------------------------
+    def startup(self):
+        pairs = 3 if self.quick else 21
+        for args, target in ((("--version",), "ratio <= 1.02"), (("models",), "ratio <= 1.05")):
+            lb, base = alternate(
+                pairs,
+                lambda: run_timed(llm_command(*args), self.env),
+                lambda: run_timed(llm_command(*args), self.no_plugin_env),
+            )
+            self.results.append(
+                comparison(
+                    f"2. start-up: llm {' '.join(args)}, plugin + 50 balancers vs no plugin",
+                    "s",
+                    lb,
+                    base,
+                    target,
+                )
+            )
+
+    # 3 ---------------------------------------------------------------------------------
+    def in_process(self):
+        prompts = 200 if self.quick else 5000
+        script = textwrap.dedent(
+            f"""
+            import json, time, llm
+            lb = llm.get_model("lb:bench")
+            echo = llm.get_model("echo")
+            for model in (lb, echo):  # warm up: imports, state file, caches
+                for _ in range(20):
+                    model.prompt("hi").text()
+            blocks = 10
+            per_block = {prompts} // blocks
+            times = {{"lb": [], "echo": []}}
+            for block in range(blocks):
+                order = (("lb", lb), ("echo", echo)) if block % 2 == 0 else (("echo", echo), ("lb", lb))
+                for name, model in order:
+                    start = time.perf_counter()
+                    for _ in range(per_block):
+                        model.prompt("hi").text()
+                    times[name].append((time.perf_counter() - start) / per_block)
+            print(json.dumps(times))
+            """
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=self.env, check=True, capture_output=True, text=True
+        ).stdout
+        times = json.loads(out)
+        result = comparison(
+            f"3. in-process, {prompts} prompts: lb:bench vs echo, per prompt",
+            "us",
+            times["lb"],
+            times["echo"],
+            "added <= 150 us",
+            scale=1e6,
+        )
+        self.results.append(result)
+
+    # 4 ---------------------------------------------------------------------------------
+    def concurrency(self):
+        processes, prompts = (8, 20) if self.quick else (8, 200)
+        self.llm("lb", "reset", "four")
+        script = textwrap.dedent(
+            f"""
+            import collections, json, llm
+            model = llm.get_model("lb:four")
+            counts = collections.Counter(
+                json.loads(model.prompt("hi").text())["key"] for _ in range({prompts})
+            )
+            print(json.dumps(counts))
+            """
+        )
+        start = time.perf_counter()
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script], env=self.env, stdout=subprocess.PIPE, text=True)
+            for _ in range(processes)
+        ]
+        totals: dict = {}
+        for proc in procs:
+            out, _ = proc.communicate()
+            if proc.returncode:
+                raise SystemExit("a concurrency worker failed")
+            for key, count in json.loads(out).items():
+                totals[key] = totals.get(key, 0) + count
+        elapsed = time.perf_counter() - start
+        expected = processes * prompts // 4
+        per_member = {key.replace("value-", "member "): totals[key] for key in sorted(totals)}
+        self.results.append(
+            {
+                "name": f"4. concurrency: {processes} processes x {prompts} prompts, 4 members",
+                "unit": "prompts/s",
+                "runs": processes * prompts,
+                "lb": round(processes * prompts / elapsed, 1),
+                "baseline": None,
+                "ratio": None,
+                "added": None,
+                "target": f"exactly {expected} per member",
+                "per_member": per_member,
+                "exact": all(count == expected for count in totals.values()) and len(totals) == 4,
+            }
+        )
+
+    def run(self, only=None):
+        self.setup()
+        steps = [self.one_shot_cli, self.startup, self.in_process, self.concurrency]
+        steps += self.http_steps()
+        for step in steps:
+            if only and step.__name__ not in only:
+                continue
+            print(f"... {step.__name__}", file=sys.stderr, flush=True)
+            step()
+
+    def http_steps(self):
+        return []
+
+
+def render(results: list[dict]) -> str:
+    lines = [
+        f"{'measurement':<72} {'unit':>9} {'lb:':>10} {'direct':>10} {'ratio':>7} {'added':>9}  target",
+    ]
+    for r in results:
+        def fmt(value, spec="{:.4g}"):
+            return "-" if value is None else spec.format(value)
+
+        lines.append(
+            f"{r['name']:<72} {r['unit']:>9} {fmt(r['lb']):>10} {fmt(r['baseline']):>10} "
+            f"{fmt(r['ratio'], '{:.3f}'):>7} {fmt(r['added']):>9}  {r['target']}"
+        )
+        if "per_member" in r:
+            counts = ", ".join(f"{k}: {v}" for k, v in r["per_member"].items())
+            lines.append(f"{'':<6}per member: {counts} ({'exact' if r['exact'] else 'NOT EXACT'})")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few iterations only")
+    parser.add_argument("--json", default=str(HERE / "results.json"), help="where to write the JSON")
+    parser.add_argument("--only", nargs="*", help="run only these steps (method names)")
+    args = parser.parse_args(argv)
+    bench = Bench(args.quick)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    bench.run(args.only)
+    report = {
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "quick": args.quick,
+        "results": bench.results,
+        **bench.notes,
+    }
+    print(render(bench.results))
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{report['date']}, {report['machine']}; JSON written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
