@@ -7,6 +7,7 @@ definition. Whether its members exist is ``members.py``'s concern.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -78,6 +79,7 @@ class Balancer:
         data["members"] = [member.to_dict() for member in self.members]
         return data
 
+    @functools.cached_property
     def signature(self) -> str:
         "Identifies the member list: the rotation starts again when it changes."
         return repr([member.to_dict() for member in self.members])

@@ -75,19 +75,18 @@ def load_stored_keys() -> dict:
     return keys if isinstance(keys, dict) else {}
 
 
-def option_errors(options_class, options: dict) -> str | None:
-    "None when the options are valid for the class, else a one-line reason naming the option."
+def build_options(options_class, options: dict):
+    "An instance of the model's Options class, or a ConfigError naming each bad option."
     import pydantic
 
     try:
-        options_class(**options)
+        return options_class(**options)
     except pydantic.ValidationError as ex:
         problems = []
         for error in ex.errors():
             loc = ".".join(str(part) for part in error.get("loc", ())) or "options"
             problems.append(f"option {loc!r}: {error.get('msg')}")
-        return "; ".join(problems)
-    return None
+        raise ConfigError("; ".join(problems)) from None
 
 
 def check_key(member: Member, stored_keys: dict) -> None:
@@ -104,10 +103,7 @@ def check_member(position: int, member: Member, catalog: Catalog, stored_keys: d
     "Resolve and check one member; returns its ``ModelWithAliases``."
     try:
         mwa = catalog.resolve(member.model)
-        model = mwa.model or mwa.async_model
-        problem = option_errors(model.Options, member.options)
-        if problem:
-            raise ConfigError(problem)
+        build_options((mwa.model or mwa.async_model).Options, member.options)
         check_key(member, stored_keys)
     except ConfigError as ex:
         # The member is described only on this path: registration runs on every model lookup.

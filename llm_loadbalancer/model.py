@@ -19,8 +19,8 @@ import sys
 import llm
 
 from . import failures, state
-from .config import Balancer, Member
-from .members import describe, load_stored_keys, option_errors
+from .config import Balancer, ConfigError, Member
+from .members import build_options, describe, load_stored_keys
 
 logger = logging.getLogger("llm_loadbalancer")
 DEBUG_ENV = "LLM_LOADBALANCER_DEBUG"
@@ -64,7 +64,7 @@ def _warn_state(problem: Exception) -> None:
 def _model_defaults(model_id: str) -> dict:
     "Options set with 'llm models options set MODEL ...'."
     try:
-        data = json.loads((llm.user_dir() / "model_options.json").read_text())
+        data = json.loads((state.path().parent / "model_options.json").read_text())
     except (OSError, ValueError):
         return {}
     options = data.get(model_id) if isinstance(data, dict) else None
@@ -227,10 +227,10 @@ class _Run:
         merged.update(attempt.member.options)
         given = self.prompt.options.model_dump(exclude_unset=True)
         merged.update({name: value for name, value in given.items() if value is not None})
-        problem = option_errors(model.Options, merged)
-        if problem:
-            raise LoadBalancerError(f"{self.lb.model_id}: {attempt.label}: {problem}")
-        return model.Options(**merged)
+        try:
+            return build_options(model.Options, merged)
+        except ConfigError as ex:
+            raise LoadBalancerError(f"{self.lb.model_id}: {attempt.label}: {ex}") from None
 
     def stored_key(self, attempt: _Attempt) -> str:
         if attempt.member.key not in self.keys:

@@ -64,8 +64,16 @@ class StateUnavailable(Exception):
     "The state file cannot be used (corrupt, read-only, locked past the timeout)."
 
 
+_paths: dict = {}
+
+
 def path() -> Path:
-    return llm.user_dir() / FILENAME
+    "The state file in llm.user_dir(), found once per LLM_USER_PATH value."
+    user_path = os.environ.get("LLM_USER_PATH")
+    found = _paths.get(user_path)
+    if found is None:
+        found = _paths[user_path] = llm.user_dir() / FILENAME
+    return found
 
 
 _lock = threading.Lock()
@@ -122,7 +130,7 @@ def _sync_signature(db, balancer: Balancer) -> int:
     row = db.execute(
         "select signature, position from rotation where balancer = ?", [balancer.name]
     ).fetchone()
-    signature = balancer.signature()
+    signature = balancer.signature
     if row is not None and row[0] == signature:
         return row[1]
     _clear(db, balancer.name)
@@ -204,14 +212,12 @@ def record(
     name = balancer.name
     with transaction() as db:
         db.execute(
-            "insert into stats (balancer, member) values (?, ?) on conflict do nothing",
-            [name, member],
-        )
-        db.execute(
-            "update stats set requests = requests + 1, successes = successes + ?, "
-            "failures = failures + ?, last_used = ?, last_error = coalesce(?, last_error) "
-            "where balancer = ? and member = ?",
-            [int(error is None), int(error is not None), now, error, name, member],
+            "insert into stats (balancer, member, requests, successes, failures, last_used, "
+            "last_error) values (?, ?, 1, ?, ?, ?, ?) on conflict do update set "
+            "requests = requests + 1, successes = successes + excluded.successes, "
+            "failures = failures + excluded.failures, last_used = excluded.last_used, "
+            "last_error = coalesce(excluded.last_error, last_error)",
+            [name, member, int(error is None), int(error is not None), now, error],
         )
         if cooldown:
             db.execute(
@@ -244,7 +250,7 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
         row = db.execute(
             "select signature from rotation where balancer = ?", [balancer.name]
         ).fetchone()
-        current = row is not None and row[0] == balancer.signature()
+        current = row is not None and row[0] == balancer.signature
         rows = {}
         cooling = {}
         if current:
