@@ -12,7 +12,7 @@ from click_default_group import DefaultGroup
 
 from . import config, state
 from .config import Balancer, ConfigError
-from .members import Catalog, check_balancer, load_stored_keys
+from .members import Catalog, check_balancer, load_stored_keys, typed_options
 
 
 def _fail(ex: Exception):
@@ -89,12 +89,15 @@ def lb_save(name, members, file_, policy, sticky, failover, cooldown, force):
     _name(name)
     if file_ is not None and members:
         raise click.ClickException("give members on the command line or --file, not both")
+    catalog = Catalog.installed()
     try:
         if file_ is not None:
             balancer = config.parse(name, _read_file(file_))
         else:
             specs = members or _ask_members()
-            parsed = [config.parse_member_spec(spec) for spec in specs]
+            parsed = [
+                typed_options(config.parse_member_spec(spec), catalog) for spec in specs
+            ]
             if len(parsed) < 2:
                 raise ConfigError(
                     "a load balancer needs at least 2 members: "
@@ -104,7 +107,7 @@ def lb_save(name, members, file_, policy, sticky, failover, cooldown, force):
         balancer = _with_flags(balancer, policy, sticky, failover, cooldown)
     except ConfigError as ex:
         _fail(ex)
-    _checked(balancer)
+    _checked(balancer, catalog)
     path = config.path_for(name)
     if path.exists() and not force:
         raise click.ClickException(f"lb:{name} already exists: add --force to replace it")

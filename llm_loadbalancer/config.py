@@ -144,7 +144,8 @@ def parse_value(text: str):
 
 
 def parse_member_spec(spec: str) -> Member:
-    """``'gpt-4o-mini key=work temperature=0.2'``: a model, then name=value settings."""
+    """``'gpt-4o-mini key=work temperature=0.2'``: a model, then name=value settings.
+    Option values stay text here: ``members.typed_options`` gives them the member model's types."""
     import shlex
 
     try:
@@ -170,7 +171,7 @@ def parse_member_spec(spec: str) -> Member:
         if name == "key":
             key = value
         else:
-            options[name] = parse_value(value)
+            options[name] = value  # text: members.typed_options reads it for the model
     return Member(model=model, key=key or None, options=options)
 
 

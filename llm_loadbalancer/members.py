@@ -8,12 +8,13 @@ key name that is stored.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 
 import llm
 
-from .config import PREFIX, Balancer, ConfigError, Member
+from .config import PREFIX, Balancer, ConfigError, Member, parse_value
 
 
 class Catalog:
@@ -87,6 +88,32 @@ def build_options(options_class, options: dict):
             loc = ".".join(str(part) for part in error.get("loc", ())) or "options"
             problems.append(f"option {loc!r}: {error.get('msg')}")
         raise ConfigError("; ".join(problems)) from None
+
+
+def typed_options(member: Member, catalog: Catalog) -> Member:
+    """A member from the command line with its option values read for its model: each value
+    as a YAML scalar (0.2, true, 100) where the model's option takes that, else as text
+    (so fail=429 stays '429' for a text option)."""
+    try:
+        mwa = catalog.resolve(member.model)
+    except ConfigError:
+        return dataclasses.replace(member, options={k: parse_value(v) for k, v in member.options.items()})
+    options_class = (mwa.model or mwa.async_model).Options
+    return dataclasses.replace(
+        member,
+        options={name: _typed(options_class, name, text) for name, text in member.options.items()},
+    )
+
+
+def _typed(options_class, name: str, text: str):
+    import pydantic
+
+    for candidate in (parse_value(text), text):
+        try:
+            return options_class(**{name: candidate}).model_dump(mode="json")[name]
+        except (pydantic.ValidationError, KeyError):
+            continue
+    return parse_value(text)  # invalid either way: check_member names the problem
 
 
 def check_key(member: Member, stored_keys: dict) -> None:

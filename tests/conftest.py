@@ -74,11 +74,13 @@ def folder_snapshot(user_path):
 
 @pytest.fixture
 def fake_models():
-    "Registers plain-sync (sync only, no streaming) and strict (validated options) models."
+    """Registers plain-sync (sync only, no streaming), strict (validated options) and flaky
+    (fails as its options say) models."""
     from llm.plugins import load_plugins, pm
 
-    from fake_models import FakeModelsPlugin
+    from fake_models import CALLS, FakeModelsPlugin
 
+    CALLS.clear()
     load_plugins()
     pm.register(FakeModelsPlugin(), name="lb-test-models")
     yield

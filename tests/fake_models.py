@@ -1,6 +1,7 @@
 """Test-only models, registered in-process through llm's plugin manager."""
 
 import json
+from types import SimpleNamespace
 from typing import Optional
 
 import llm
@@ -64,6 +65,57 @@ class StrictAsync(_StrictShared, llm.AsyncModel):
         yield _report(self, prompt, stream)
 
 
+CALLS: list = []  # the name of each flaky member called, in order
+
+
+class FlakyError(Exception):
+    "Shaped like an HTTP client's error: status_code, and a response with headers."
+
+    def __init__(self, status, retry_after=None):
+        super().__init__(f"Error code: {status} - simulated failure")
+        self.status_code = status
+        headers = {"retry-after": retry_after} if retry_after else {}
+        self.response = SimpleNamespace(status_code=status, headers=headers)
+
+
+class _FlakyShared:
+    """Fails as its options say: fail=429, 429:RETRY_AFTER, 500, 401, 400, refused,
+    missing-key, or cut (an error after the first chunk); name= identifies the member."""
+
+    model_id = "flaky"
+    can_stream = True
+
+    class Options(llm.Options):
+        name: Optional[str] = Field(default=None, description="Name in the answer")
+        fail: Optional[str] = Field(default=None, description="How to fail")
+
+    def chunks(self, prompt):
+        name, fail = prompt.options.name, prompt.options.fail
+        CALLS.append(name)
+        if fail == "refused":
+            raise ConnectionRefusedError(111, "Connection refused")
+        if fail == "missing-key":
+            raise llm.NeedsKeyException("No key found")
+        if fail == "cut":
+            yield f"first chunk from {name} "
+            raise FlakyError(500)
+        if fail:
+            status, _, retry_after = fail.partition(":")
+            raise FlakyError(int(status), retry_after or None)
+        yield f"answer from {name}"
+
+
+class Flaky(_FlakyShared, llm.Model):
+    def execute(self, prompt, stream, response, conversation=None):
+        yield from self.chunks(prompt)
+
+
+class FlakyAsync(_FlakyShared, llm.AsyncModel):
+    async def execute(self, prompt, stream, response, conversation=None):
+        for chunk in self.chunks(prompt):
+            yield chunk
+
+
 class FakeModelsPlugin:
     __name__ = "lb-test-models"
 
@@ -71,3 +123,4 @@ class FakeModelsPlugin:
     def register_models(self, register):
         register(PlainSync())
         register(Strict(), StrictAsync())
+        register(Flaky(), FlakyAsync())
