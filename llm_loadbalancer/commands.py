@@ -171,6 +171,17 @@ def _ask_members() -> list[str]:
     return chosen
 
 
+def _printed_json_or_nothing(rows: list, json_: bool) -> bool:
+    "Print the rows as JSON, or that none are saved: True when that is all there is to print."
+    if json_:
+        click.echo(json.dumps(rows, indent=2))
+        return True
+    if not rows:
+        click.echo("No load balancers saved")
+        return True
+    return False
+
+
 def _summary(balancer: Balancer) -> dict:
     data = {"name": balancer.name, "model_id": balancer.model_id}
     data.update(balancer.to_dict())
@@ -198,11 +209,7 @@ def lb_list(json_):
             rows.append({"name": name, "model_id": f"lb:{name}", "error": str(ex)})
         else:
             rows.append(_summary(balancer))
-    if json_:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        click.echo("No load balancers saved")
+    if _printed_json_or_nothing(rows, json_):
         return
     width = max(len(row["model_id"]) for row in rows)
     for row in rows:
@@ -363,11 +370,7 @@ def lb_stats(name, json_):
         for member, row in zip(balancer.members, members):
             row["label"] = member.label(keys)
         result.append({"name": each, "model_id": balancer.model_id, "members": members})
-    if json_:
-        click.echo(json.dumps(result, indent=2))
-        return
-    if not result:
-        click.echo("No load balancers saved")
+    if _printed_json_or_nothing(result, json_):
         return
     for number, entry in enumerate(result):
         if number:
