@@ -72,6 +72,11 @@ class Bench:
         self.dir = Path(tempfile.mkdtemp(prefix="llm-lb-bench-"))
         self.env = dict(os.environ, LLM_USER_PATH=str(self.dir / "user"))
         self.env.pop("LLM_LOADBALANCER_DEBUG", None)
+        # Start-up is compared with the same plugin loading on both sides: llm loads exactly
+        # the plugins LLM_LOAD_PLUGINS names, so the difference is this plugin alone (without
+        # it, llm scans every installed package's entry points, which costs the same with or
+        # without this plugin).
+        self.plugin_env = dict(self.env, LLM_LOAD_PLUGINS="llm-echo,llm-loadbalancer")
         self.no_plugin_env = dict(self.env, LLM_LOAD_PLUGINS="llm-echo")
         self.results: list[dict] = []
         self.notes: dict = {}
@@ -82,6 +87,12 @@ class Bench:
         )
 
     def setup(self):
+        # Measure the plugin as an installed package runs: with its modules compiled (pip
+        # compiles them on install; an editable install under PYTHONDONTWRITEBYTECODE=1
+        # would compile them again in every process).
+        import compileall
+
+        compileall.compile_dir(str(HERE.parent / "llm_loadbalancer"), quiet=1)
         (self.dir / "user").mkdir()
         keys = {f"k{i}": f"value-{i}" for i in range(1, 5)}
         (self.dir / "user" / "keys.json").write_text(json.dumps(keys))
@@ -111,7 +122,7 @@ class Bench:
         for args, target in ((("--version",), "ratio <= 1.02"), (("models",), "ratio <= 1.05")):
             lb, base = alternate(
                 pairs,
-                lambda: run_timed(llm_command(*args), self.env),
+                lambda: run_timed(llm_command(*args), self.plugin_env),
                 lambda: run_timed(llm_command(*args), self.no_plugin_env),
             )
             self.results.append(

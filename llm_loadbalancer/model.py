@@ -1,34 +1,13 @@
-"""The ``lb:NAME`` models: pick a member, run the member's own ``execute`` on the outer response.
+"""The ``lb:NAME`` models that llm registers: capabilities, listing, and ``execute``.
 
-The member writes its chunks, stream events, usage, tool calls and ``response_json`` straight
-onto the response llm created for ``lb:NAME``, so streaming, logging, ``llm -c``, tools and
-schemas behave as they do with the member itself. ``_Run`` holds every decision for one
-prompt (which member, its options and key, what a failure means); the sync and async twins
-only drive the member's generator.
+Registration builds these for every model lookup, so this module imports nothing but llm:
+what happens when a prompt runs is ``delegate.py``'s, imported on the first prompt. The sync
+and async twins only drive the member's generator.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import logging
-import os
-import random
-import sys
-
 import llm
-
-from . import failures, state
-from .config import Balancer, ConfigError, Member
-from .members import build_options, describe, load_stored_keys
-
-logger = logging.getLogger("llm_loadbalancer")
-DEBUG_ENV = "LLM_LOADBALANCER_DEBUG"
-_warned = False
-
-
-class LoadBalancerError(ValueError):
-    "A prompt-time problem with a balancer; llm shows it as one line, 'Error: lb:NAME: ...'."
 
 
 class _Everything(frozenset):
@@ -38,46 +17,13 @@ class _Everything(frozenset):
         return True
 
 
-def _debug_enabled() -> bool:
-    if os.environ.get(DEBUG_ENV, "") in ("", "0"):
-        return False
-    if not getattr(logger, "_lb_handler", None):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("llm-loadbalancer: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-        logger._lb_handler = handler
-    return True
-
-
-def _warn_state(problem: Exception) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        print(
-            f"Warning: llm-loadbalancer cannot use its state file ({problem}); "
-            "choosing members without it",
-            file=sys.stderr,
-        )
-
-
-def _model_defaults(model_id: str) -> dict:
-    "Options set with 'llm models options set MODEL ...'."
-    try:
-        data = json.loads((state.path().parent / "model_options.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    options = data.get(model_id) if isinstance(data, dict) else None
-    return dict(options) if isinstance(options, dict) else {}
-
-
 class _Shared:
     "Everything the sync and async lb models have in common; the twins add ``execute``."
 
     needs_key = None
     is_async = False
 
-    def __init__(self, name: str, balancer: Balancer | None, members, options_class, problem):
+    def __init__(self, name: str, balancer, members, options_class, problem):
         self.model_id = f"lb:{name}"
         self.balancer = balancer
         self.problem = problem  # why this balancer cannot answer, or None
@@ -120,162 +66,11 @@ class _Shared:
         return explicit_key
 
 
-class _Attempt:
-    "One member asked to answer one prompt."
-
-    def __init__(self, run: "_Run", index: int):
-        self.run = run
-        self.index = index
-        self.member: Member = run.balancer.members[index]
-        self.label = describe(index + 1, self.member, run.keys)
-        self.model = run.member_model(index)
-        self.prompt = copy.copy(run.prompt)
-        self.prompt.model = self.model
-        self.prompt.options = run.member_options(self, self.model)
-        self.secret = None
-
-    def start(self, stream, response, conversation):
-        "The member's execute generator (sync or async); raises NeedsKeyException early."
-        model = self.model
-        stream = stream and model.can_stream
-        response.set_resolved_model(model.model_id)
-        if isinstance(model, (llm.KeyModel, llm.AsyncKeyModel)):
-            if self.member.key:
-                key = model.get_key(self.run.stored_key(self))
-            else:
-                key = model.get_key(self.run.outer_key)
-            self.secret = key
-            return model.execute(self.prompt, stream, response, conversation, key=key)
-        if self.member.key and model.needs_key:
-            model = copy.copy(model)
-            model.key = self.run.stored_key(self)
-            self.secret = model.key
-        return model.execute(self.prompt, stream, response, conversation)
-
-
-class _Run:
-    "The decisions for one prompt to a balancer, shared by the sync and async models."
-
-    def __init__(self, lb: _Shared, prompt, conversation, key):
-        if lb.problem:
-            raise LoadBalancerError(f"{lb.model_id}: {lb.problem}")
-        self.lb = lb
-        self.balancer: Balancer = lb.balancer
-        self.prompt = prompt
-        self.outer_key = key
-        self.conversation_id = getattr(conversation, "id", None)
-        self.errors: list[str] = []
-        self.keys = load_stored_keys() if any(m.key for m in self.balancer.members) else {}
-        self.debug = _debug_enabled()
-        self.use_state = True
-        try:
-            self.plan = state.select(
-                self.balancer,
-                conversation=self.conversation_id,
-                tool_turn=bool(prompt.tool_results),
-            )
-        except state.StateUnavailable as ex:
-            _warn_state(ex)
-            self.use_state = False
-            count = len(self.balancer.members)
-            first = 0 if self.balancer.policy == "failover" else random.randrange(count)
-            order = tuple((first + step) % count for step in range(count))
-            self.plan = state.Plan(order, (), 0)
-        order = self.plan.order
-        if not self.balancer.failover:
-            order = order[:1]
-        self.order = order
-
-    def attempts(self):
-        "Each member to try in turn; after the last failure, the error that lists them all."
-        for index in self.order:
-            attempt = _Attempt(self, index)
-            if self.debug:
-                key = f"key: {attempt.member.key}" if attempt.member.key else "no key of its own"
-                logger.info(
-                    "%s: %s at position %d of %d, %s",
-                    self.lb.model_id,
-                    attempt.label,
-                    index + 1,
-                    len(self.balancer.members),
-                    key,
-                )
-            yield attempt
-        tried = len(self.errors)
-        for index in self.plan.skipped:
-            self.errors.append(
-                f"{self.balancer.members[index].label()}: skipped, cooling down after an error"
-            )
-        count = len(self.balancer.members)
-        head = f"all {count} members failed" if tried == count else f"{tried} of {count} members failed"
-        raise LoadBalancerError(f"{self.lb.model_id}: {head}: {'; '.join(self.errors)}")
-
-    def member_model(self, index: int):
-        model, async_model = self.lb.members[index]
-        chosen = async_model if self.lb.is_async else model
-        if chosen is None:
-            label = describe(index + 1, self.balancer.members[index])
-            raise LoadBalancerError(
-                f"{self.lb.model_id}: {label} has no async model: "
-                "run it without --async, or save the balancer without that member"
-            )
-        return chosen
-
-    def member_options(self, attempt: _Attempt, model):
-        "The member's model defaults, then its saved options, then those given at prompt time."
-        merged = _model_defaults(model.model_id)
-        merged.update(attempt.member.options)
-        given = self.prompt.options.model_dump(exclude_unset=True)
-        merged.update({name: value for name, value in given.items() if value is not None})
-        try:
-            return build_options(model.Options, merged)
-        except ConfigError as ex:
-            raise LoadBalancerError(f"{self.lb.model_id}: {attempt.label}: {ex}") from None
-
-    def stored_key(self, attempt: _Attempt) -> str:
-        if attempt.member.key not in self.keys:
-            # The name is not repeated: it may be a secret pasted into the file.
-            raise LoadBalancerError(
-                f"{self.lb.model_id}: {attempt.label}: its key is not the name of a stored key: "
-                "store it with 'llm keys set NAME' and put key: NAME in the balancer "
-                "('llm lb edit')"
-            )
-        return self.keys[attempt.member.key]
-
-    def failed(self, attempt: _Attempt, ex: Exception, started: bool) -> None:
-        "Record a failed attempt; re-raise unless another member should be tried."
-        if isinstance(ex, LoadBalancerError):
-            raise ex
-        failure = failures.classify(ex, self.balancer.cooldown)
-        message = failures.one_line(ex, secrets=[attempt.secret, self.outer_key])
-        cooldown = failure.cooldown if failure.failover else None
-        self._record(attempt, error=f"{failure.reason}: {message}", cooldown=cooldown)
-        if started or not failure.failover or not self.balancer.failover:
-            raise ex
-        self.errors.append(f"{attempt.member.label()}: {failure.reason}")
-        if self.debug:
-            logger.info(
-                "%s: %s failed (%s), trying the next member",
-                self.lb.model_id,
-                attempt.label,
-                failure.reason,
-            )
-
-    def succeeded(self, attempt: _Attempt) -> None:
-        self._record(attempt, conversation=self.conversation_id)
-
-    def _record(self, attempt: _Attempt, **kwargs) -> None:
-        if not self.use_state:
-            return
-        try:
-            state.record(self.balancer, attempt.index, **kwargs)
-        except state.StateUnavailable as ex:
-            _warn_state(ex)
-
-
 class LoadBalancerModel(_Shared, llm.KeyModel):
     def execute(self, prompt, stream, response, conversation=None, key=None):
-        run = _Run(self, prompt, conversation, key)
+        from .delegate import Run
+
+        run = Run(self, prompt, conversation, key)
         for attempt in run.attempts():
             started = False
             try:
@@ -293,7 +88,9 @@ class AsyncLoadBalancerModel(_Shared, llm.AsyncKeyModel):
     is_async = True
 
     async def execute(self, prompt, stream, response, conversation=None, key=None):
-        run = _Run(self, prompt, conversation, key)
+        from .delegate import Run
+
+        run = Run(self, prompt, conversation, key)
         for attempt in run.attempts():
             started = False
             try:

@@ -6,7 +6,6 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-import llm
 from llm.cli import cli
 
 

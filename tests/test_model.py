@@ -90,7 +90,7 @@ def test_state_lives_in_sqlite_not_in_the_yaml(keyed, user_path):
 
 
 def test_corrupt_state_file_warns_once_and_still_answers(keyed, user_path, capsys, monkeypatch):
-    import llm_loadbalancer.model as lb_model
+    import llm_loadbalancer.delegate as lb_model
 
     monkeypatch.setattr(lb_model, "_warned", False)
     keyed("c", 2)
