@@ -34,7 +34,9 @@ def llm_command(*args) -> list[str]:
 
 def run_timed(command, env) -> float:
     start = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return time.perf_counter() - start
 
 
@@ -113,7 +115,13 @@ class Bench:
             lambda: run_timed(llm_command("-m", "echo", "hi"), self.env),
         )
         self.results.append(
-            comparison("1. one-shot CLI: llm -m lb:bench hi vs llm -m echo hi", "s", lb, base, "ratio <= 1.02")
+            comparison(
+                "1. one-shot CLI: llm -m lb:bench hi vs llm -m echo hi",
+                "s",
+                lb,
+                base,
+                "ratio <= 1.02",
+            )
         )
 
     # 2 ---------------------------------------------------------------------------------
@@ -192,7 +200,9 @@ class Bench:
             """
         )
         procs = [
-            subprocess.Popen([sys.executable, "-c", script], env=self.env, stdout=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", script], env=self.env, stdout=subprocess.PIPE, text=True
+            )
             for _ in range(processes)
         ]
         totals: dict = {}
@@ -242,6 +252,7 @@ def render(results: list[dict]) -> str:
         f"{'measurement':<72} {'unit':>9} {'lb:':>10} {'direct':>10} {'ratio':>7} {'added':>9}  target",
     ]
     for r in results:
+
         def fmt(value, spec="{:.4g}"):
             return "-" if value is None else spec.format(value)
 
@@ -256,9 +267,13 @@ def render(results: list[dict]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a few iterations only")
-    parser.add_argument("--json", default=str(HERE / "results.json"), help="where to write the JSON")
+    parser.add_argument(
+        "--json", default=str(HERE / "results.json"), help="where to write the JSON"
+    )
     parser.add_argument("--only", nargs="*", help="run only these steps (method names)")
     args = parser.parse_args(argv)
     bench = Bench(args.quick)

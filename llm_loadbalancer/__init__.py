@@ -30,6 +30,7 @@ class _LazyGroup(click.Command):
 def register_commands(cli):
     cli.add_command(
         _LazyGroup(
-            "lb", help="Manage load balancers: lb:NAME models that spread prompts over several members"
+            "lb",
+            help="Manage load balancers: lb:NAME models that spread prompts over several members",
         )
     )

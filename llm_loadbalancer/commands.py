@@ -32,7 +32,7 @@ def _name(name: str) -> str:
     if name.startswith(config.PREFIX):
         raise click.ClickException(
             f"invalid load balancer name {name!r}: give the name without 'lb:' "
-            f"(llm lb save {name[len(config.PREFIX):] or 'NAME'} ...)"
+            f"(llm lb save {name[len(config.PREFIX) :] or 'NAME'} ...)"
         )
     try:
         return config.check_name(name)
@@ -65,11 +65,29 @@ def lb():
 @lb.command(name="save")
 @click.argument("name")
 @click.argument("members", nargs=-1)
-@click.option("file_", "--file", metavar="PATH", help="Read the definition (YAML or JSON) from a file, - for stdin")
+@click.option(
+    "file_",
+    "--file",
+    metavar="PATH",
+    help="Read the definition (YAML or JSON) from a file, - for stdin",
+)
 @click.option("--policy", help=f"How members are chosen: {', '.join(config.POLICIES)}")
-@click.option("--sticky/--no-sticky", default=None, help="Keep each conversation on the member that answered its first turn")
-@click.option("--failover/--no-failover", default=None, help="Try the next member when one fails before answering (default: on)")
-@click.option("--cooldown", type=float, metavar="SECONDS", help="Skip a member for this long after a 429, 5xx or connection error (default: 30)")
+@click.option(
+    "--sticky/--no-sticky",
+    default=None,
+    help="Keep each conversation on the member that answered its first turn",
+)
+@click.option(
+    "--failover/--no-failover",
+    default=None,
+    help="Try the next member when one fails before answering (default: on)",
+)
+@click.option(
+    "--cooldown",
+    type=float,
+    metavar="SECONDS",
+    help="Skip a member for this long after a 429, 5xx or connection error (default: 30)",
+)
 @click.option("--force", is_flag=True, help="Replace an existing load balancer")
 def lb_save(name, members, file_, policy, sticky, failover, cooldown, force):
     """
@@ -95,9 +113,7 @@ def lb_save(name, members, file_, policy, sticky, failover, cooldown, force):
             balancer = config.parse(name, _read_file(file_))
         else:
             specs = members or _ask_members()
-            parsed = [
-                typed_options(config.parse_member_spec(spec), catalog) for spec in specs
-            ]
+            parsed = [typed_options(config.parse_member_spec(spec), catalog) for spec in specs]
             if len(parsed) < 2:
                 raise ConfigError(
                     "a load balancer needs at least 2 members: "

@@ -238,7 +238,9 @@ def _member(position: int, raw) -> Member:
         raise ConfigError(f"{where} ({model}): 'key' must be the name of a stored key")
     options = raw.get("options") or {}
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
-        raise ConfigError(f"{where} ({model}): 'options' must be a mapping of option names to values")
+        raise ConfigError(
+            f"{where} ({model}): 'options' must be a mapping of option names to values"
+        )
     return Member(model=model, key=key, options=dict(options))
 
 

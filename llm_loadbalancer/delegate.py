@@ -148,7 +148,11 @@ class Run:
                 f"{self.balancer.members[index].label()}: skipped, cooling down after an error"
             )
         count = len(self.balancer.members)
-        head = f"all {count} members failed" if tried == count else f"{tried} of {count} members failed"
+        head = (
+            f"all {count} members failed"
+            if tried == count
+            else f"{tried} of {count} members failed"
+        )
         raise LoadBalancerError(f"{self.lb.model_id}: {head}: {'; '.join(self.errors)}")
 
     def member_model(self, index: int):

@@ -97,7 +97,9 @@ def typed_options(member: Member, catalog: Catalog) -> Member:
     try:
         mwa = catalog.resolve(member.model)
     except ConfigError:
-        return dataclasses.replace(member, options={k: parse_value(v) for k, v in member.options.items()})
+        return dataclasses.replace(
+            member, options={k: parse_value(v) for k, v in member.options.items()}
+        )
     options_class = (mwa.model or mwa.async_model).Options
     return dataclasses.replace(
         member,

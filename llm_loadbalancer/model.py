@@ -35,9 +35,7 @@ class _Shared:
             self.attachment_types = _Everything()
             return
         models = [pair[1] if self.is_async else pair[0] for pair in members]
-        models = [m for m in models if m is not None] or [
-            pair[0] or pair[1] for pair in members
-        ]
+        models = [m for m in models if m is not None] or [pair[0] or pair[1] for pair in members]
         self.can_stream = any(m.can_stream for m in models)
         self.supports_schema = all(m.supports_schema for m in models)
         self.supports_tools = all(m.supports_tools for m in models)

@@ -91,9 +91,7 @@ def _connect(file: Path) -> sqlite3.Connection:
     key = str(file)
     db = _connections.get(key)
     if db is None:
-        db = sqlite3.connect(
-            key, timeout=_timeout(), isolation_level=None, check_same_thread=False
-        )
+        db = sqlite3.connect(key, timeout=_timeout(), isolation_level=None, check_same_thread=False)
         try:
             db.execute("pragma journal_mode=wal")
             db.execute("pragma synchronous=normal")
@@ -238,9 +236,7 @@ def reset(name: str) -> None:
     "Start the rotation again at the first member and forget cooldowns, ties and statistics."
     with transaction() as db:
         _clear(db, name)
-        db.execute(
-            "delete from affinity where updated < ?", [time.time() - AFFINITY_DAYS * 86400]
-        )
+        db.execute("delete from affinity where updated < ?", [time.time() - AFFINITY_DAYS * 86400])
 
 
 def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
@@ -265,8 +261,7 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
             cooling = {
                 r[0]: r[1:]
                 for r in db.execute(
-                    "select member, until, reason from cooldowns "
-                    "where balancer = ? and until > ?",
+                    "select member, until, reason from cooldowns where balancer = ? and until > ?",
                     [balancer.name, now],
                 )
             }

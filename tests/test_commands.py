@@ -43,7 +43,9 @@ def test_list_with_nothing_saved(run_llm):
 def test_save_list_show(run_llm, user_path):
     set_keys(user_path, work="sk-work-secret", personal="sk-personal-secret")
     result = run_llm(
-        "lb", "save", "fast",
+        "lb",
+        "save",
+        "fast",
         "echo key=work",
         "echo key=personal example_bool=true",
         "echo-needs-key",
@@ -126,8 +128,17 @@ def test_save_from_json_on_stdin(run_llm, user_path):
 
 def test_save_flags_are_stored(run_llm, user_path):
     result = run_llm(
-        "lb", "save", "flags", "echo", "echo",
-        "--policy", "failover", "--sticky", "--no-failover", "--cooldown", "5",
+        "lb",
+        "save",
+        "flags",
+        "echo",
+        "echo",
+        "--policy",
+        "failover",
+        "--sticky",
+        "--no-failover",
+        "--cooldown",
+        "5",
     )
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load(lb_file(user_path, "flags").read_text())
@@ -190,8 +201,7 @@ def editor(tmp_path, monkeypatch):
         replacement.write_text(text)
         script = tmp_path / "editor.py"
         script.write_text(
-            "import shutil, sys\n"
-            f"shutil.copyfile({str(replacement)!r}, sys.argv[-1])\n"
+            f"import shutil, sys\nshutil.copyfile({str(replacement)!r}, sys.argv[-1])\n"
         )
         monkeypatch.setenv("EDITOR", f"{sys.executable} {script}")
         monkeypatch.delenv("VISUAL", raising=False)
@@ -255,7 +265,9 @@ def test_a_file_needs_at_least_one_member(run_llm, user_path):
 
 def test_unknown_model_is_named_with_close_matches(run_llm, user_path):
     result = run_llm("lb", "save", "typo", "echo", "echo-need-key")
-    assert_clean_error(result, "member 2 (echo-need-key)", "unknown model 'echo-need-key'", "echo-needs-key")
+    assert_clean_error(
+        result, "member 2 (echo-need-key)", "unknown model 'echo-need-key'", "echo-needs-key"
+    )
     assert folder_snapshot(user_path) == {}
 
 
@@ -273,7 +285,9 @@ def test_nesting_is_refused(run_llm, user_path):
     # ... also through an alias of a balancer
     run_llm("aliases", "set", "sneaky", "lb:inner")
     result = run_llm("lb", "save", "outer", "echo", "sneaky")
-    assert_clean_error(result, "member 2 (sneaky)", "load balancers cannot contain other load balancers")
+    assert_clean_error(
+        result, "member 2 (sneaky)", "load balancers cannot contain other load balancers"
+    )
     assert folder_snapshot(user_path) == before
 
 
@@ -306,7 +320,10 @@ def test_unknown_policy_lists_the_known_ones(run_llm, user_path):
     [
         ("memebers:\n  - model: echo\n", "unknown field 'memebers'"),
         ("members:\n  - model: echo\n    modle: echo\n", "member 1: unknown field 'modle'"),
-        ("members:\n  - model: echo\n    option:\n      example_bool: true\n", "unknown field 'option'"),
+        (
+            "members:\n  - model: echo\n    option:\n      example_bool: true\n",
+            "unknown field 'option'",
+        ),
         ("members:\n  - key: work\n", "member 1 needs 'model'"),
         ("- echo\n- echo\n", "a load balancer definition is a mapping"),
         ("members: [echo]\nsticky: maybe\n", "sticky must be true or false"),
@@ -367,9 +384,7 @@ def test_saves_from_two_processes_at_once_both_complete(user_path):
         "    r = CliRunner().invoke(cli, ['lb', 'save', name, 'echo', 'echo', 'echo-needs-key', '--force'])\n"
         "    assert r.exit_code == 0, r.output\n"
     )
-    procs = [
-        subprocess.Popen([sys.executable, "-c", script, name]) for name in ("one", "two")
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", script, name]) for name in ("one", "two")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     folder = user_path / "loadbalancers"
     assert sorted(p.name for p in folder.iterdir()) == ["one.yaml", "two.yaml"]

@@ -138,7 +138,13 @@ def test_no_failover_shows_the_members_error(save, run_llm):
 
 
 def test_failover_policy_returns_to_the_primary(save):
-    save("x", "flaky name=a fail=429:0.5", "flaky name=b", "flaky name=c", flags=("--policy", "failover"))
+    save(
+        "x",
+        "flaky name=a fail=429:0.5",
+        "flaky name=b",
+        "flaky name=c",
+        flags=("--policy", "failover"),
+    )
     assert [ask() for _ in range(3)] == ["answer from b"] * 3
     assert CALLS == ["a", "b", "b", "b"]
     # the primary is healthy again: make it answer, and wait for its cooldown to end

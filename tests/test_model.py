@@ -108,9 +108,7 @@ def test_locked_state_file_does_not_block_the_prompt(keyed, user_path, monkeypat
     holder = sqlite3.connect(user_path / "loadbalancers.db", isolation_level=None)
     holder.execute("begin exclusive")
     try:
-        result = llm_process(
-            "-m", "lb:l", "hi", env={"LLM_LOADBALANCER_STATE_TIMEOUT": "0.2"}
-        )
+        result = llm_process("-m", "lb:l", "hi", env={"LLM_LOADBALANCER_STATE_TIMEOUT": "0.2"})
     finally:
         holder.execute("rollback")
     assert result.returncode == 0, result.stderr
@@ -188,7 +186,11 @@ def test_system_fragments_and_attachments_reach_the_member(run_llm, tmp_path):
     fragment = tmp_path / "fragment.txt"
     fragment.write_text("fragment text")
     png = tmp_path / "pixel.png"
-    png.write_bytes(bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63f8cfc0f01f0005000201a3a3ac1f0000000049454e44ae426082"))
+    png.write_bytes(
+        bytes.fromhex(
+            "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63f8cfc0f01f0005000201a3a3ac1f0000000049454e44ae426082"
+        )
+    )
     result = run_llm("-m", "lb:a", "-s", "be brief", "-f", str(fragment), "-a", str(png), "hi")
     data = json.loads(result.stdout)
     assert data["system"] == "be brief"
@@ -298,13 +300,18 @@ def test_debug_line_names_member_position_and_key_name(keyed):
     keyed("dbg", 2)
     result = llm_process("-m", "lb:dbg", "hi", env={"LLM_LOADBALANCER_DEBUG": "1"})
     lines = [line for line in result.stderr.splitlines() if line.startswith("llm-loadbalancer:")]
-    assert lines == ["llm-loadbalancer: lb:dbg: member 1 (echo-needs-key (key: k1)) at position 1 of 2, key: k1"]
+    assert lines == [
+        "llm-loadbalancer: lb:dbg: member 1 (echo-needs-key (key: k1)) at position 1 of 2, key: k1"
+    ]
     assert "value-1" not in result.stderr
 
 
 def test_models_lists_balancers_with_policy_and_members(run_llm):
     run_llm("lb", "save", "fast", "echo", "echo example_bool=true")
-    assert "LoadBalancer: lb:fast (roundrobin: echo, echo (example_bool=true))" in run_llm("models").stdout
+    assert (
+        "LoadBalancer: lb:fast (roundrobin: echo, echo (example_bool=true))"
+        in run_llm("models").stdout
+    )
 
 
 # --- errors at prompt time --------------------------------------------------------------
@@ -357,7 +364,9 @@ def test_option_a_member_rejects(run_llm, fake_models):
     run_llm("lb", "save", "rej", "strict", "plain-sync")
     result = run_llm("-m", "lb:rej", "-o", "temperature", "1.5", "hi")
     assert result.exit_code == 1
-    assert result.stderr.strip().startswith("Error: lb:rej: member 1 (strict): option 'temperature'")
+    assert result.stderr.strip().startswith(
+        "Error: lb:rej: member 1 (strict): option 'temperature'"
+    )
     assert "at most 1.0" in result.stderr
 
 

@@ -93,7 +93,11 @@ def test_openai_exception_classes_are_recognised():
             raise openai.APIConnectionError(request=request) from inner
     except openai.APIConnectionError as ex:
         failure = classify(ex, 12.0)
-    assert (failure.reason, failure.failover, failure.cooldown) == ("connection refused", True, 12.0)
+    assert (failure.reason, failure.failover, failure.cooldown) == (
+        "connection refused",
+        True,
+        12.0,
+    )
     timeout = classify(openai.APITimeoutError(request=request), 12.0)
     assert (timeout.reason, timeout.failover) == ("timed out", True)
 
@@ -126,14 +130,20 @@ def test_shapes_with_status_or_response_status_code():
 
 def test_missing_key_fails_over_and_cools_down_long():
     failure = classify(llm.NeedsKeyException("No key found"), 30)
-    assert (failure.reason, failure.failover, failure.cooldown) == ("missing key", True, KEY_COOLDOWN)
+    assert (failure.reason, failure.failover, failure.cooldown) == (
+        "missing key",
+        True,
+        KEY_COOLDOWN,
+    )
 
 
 def test_retry_after_forms():
     assert retry_after(status_error(429, {"retry-after": "7"})) == 7.0
     assert retry_after(status_error(429, {"retry-after-ms": "1500"})) == 1.5
     date = email.utils.formatdate(NOW + 20, usegmt=True)
-    assert retry_after(status_error(429, {"retry-after": date}), now=NOW) == pytest.approx(20, abs=1)
+    assert retry_after(status_error(429, {"retry-after": date}), now=NOW) == pytest.approx(
+        20, abs=1
+    )
     assert retry_after(status_error(429)) is None
     assert classify(status_error(429, {"retry-after": "7"}), 30).cooldown == 7.0
 
