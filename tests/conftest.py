@@ -84,3 +84,51 @@ def fake_models():
     pm.register(FakeModelsPlugin(), name="lb-test-models")
     yield
     pm.unregister(name="lb-test-models")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def local_openai(user_path):
+    """A local OpenAI-compatible server on 127.0.0.1, and llm's OpenAI plugin configured for
+    it: local-a and local-b (same model name, endpoints a and b), local-dead (nothing listens).
+    Keys: work, personal, and each model's default key."""
+    import yaml
+
+    from local_openai import LocalOpenAI
+
+    server = LocalOpenAI().start()
+    models = [
+        {
+            "model_id": f"local-{endpoint}",
+            "model_name": "gpt-local",
+            "api_base": server.api_base(endpoint),
+            "api_key_name": f"local-{endpoint}",
+            "supports_tools": True,
+            "supports_schema": True,
+        }
+        for endpoint in ("a", "b")
+    ]
+    models.append(
+        {
+            "model_id": "local-dead",
+            "model_name": "gpt-local",
+            "api_base": f"http://127.0.0.1:{_free_port()}/v1",
+            "api_key_name": "local-dead",
+        }
+    )
+    (user_path / "extra-openai-models.yaml").write_text(yaml.safe_dump(models))
+    set_keys(
+        user_path,
+        work="sk-work",
+        personal="sk-personal",
+        **{"local-a": "sk-a", "local-b": "sk-b", "local-dead": "sk-dead"},
+    )
+    yield server
+    server.stop()

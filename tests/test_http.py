@@ -1,0 +1,212 @@
+"""Through llm's own OpenAI plugin, over HTTP, to a local OpenAI-compatible server on
+127.0.0.1 (tests/local_openai.py): the set-ups users make (issue 3) and the faults they meet
+(issue 4). Each prompt runs in a new `llm` process unless the test needs the Python API."""
+
+import json
+import subprocess
+import sys
+import time
+
+import llm
+import pytest
+
+from conftest import llm_process
+
+
+@pytest.fixture
+def save(run_llm, local_openai):
+    def save(name, *members, flags=()):
+        result = run_llm("lb", "save", name, *members, *flags)
+        assert result.exit_code == 0, result.output
+
+    return save
+
+
+def prompt(*args, env=None):
+    result = llm_process(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+# --- the set-ups users make --------------------------------------------------------------
+
+
+def test_same_model_different_keys_alternate(save, local_openai):
+    save("keys", "local-a key=work", "local-a key=personal")
+    answers = [prompt("-m", "lb:keys", "hi") for _ in range(4)]
+    assert local_openai.seen("key") == ["sk-work", "sk-personal", "sk-work", "sk-personal"]
+    assert answers == [
+        "answer from a with sk-work",
+        "answer from a with sk-personal",
+        "answer from a with sk-work",
+        "answer from a with sk-personal",
+    ]
+
+
+def test_same_model_on_two_endpoints_take_turns(save, local_openai):
+    save("ep", "local-a", "local-b")
+    for _ in range(4):
+        prompt("-m", "lb:ep", "hi")
+    assert local_openai.seen("endpoint") == ["a", "b", "a", "b"]
+    assert {body["model"] for body in local_openai.seen("body")} == {"gpt-local"}
+
+
+def test_each_request_carries_its_members_options(save, local_openai):
+    save("opts", "local-a temperature=0.2", "local-a temperature=0.9 max_tokens=50")
+    prompt("-m", "lb:opts", "hi")
+    prompt("-m", "lb:opts", "hi")
+    prompt("-m", "lb:opts", "-o", "temperature", "0.5", "hi")  # prompt time wins
+    bodies = local_openai.seen("body")
+    assert [b.get("temperature") for b in bodies] == [0.2, 0.9, 0.5]
+    assert [b.get("max_tokens") for b in bodies] == [None, 50, None]
+
+
+def test_first_chunk_arrives_before_the_server_sends_the_last(save, local_openai):
+    save("stream", "local-a", "local-b")
+    local_openai.chunk_delay = 0.2  # five words: 0.8 s from first chunk to last
+    response = llm.get_model("lb:stream").prompt("hi")
+    arrivals = []
+    for chunk in response:
+        arrivals.append((time.monotonic(), chunk))
+    assert "".join(c for _, c in arrivals) == "answer from a with sk-a"
+    assert len(arrivals) == 5
+    assert arrivals[0][0] < local_openai.last_chunk_sent - 0.5
+    assert local_openai.seen("body")[0]["stream"] is True
+
+
+def test_logs_show_member_usage_and_response_json(save, local_openai, run_llm):
+    save("log", "local-a", "local-b")
+    prompt("-m", "lb:log", "hello world")
+    row = json.loads(run_llm("logs", "--json", "-n", "1").stdout)[0]
+    assert row["model"] == "lb:log"
+    assert row["resolved_model"] == "local-a"
+    assert row["response"] == "answer from a with sk-a"
+    assert (row["input_tokens"], row["output_tokens"]) == (2, 5)
+    assert row["response_json"]["model"] == "gpt-local"
+
+
+def test_continued_conversation_reaches_the_member_with_its_history(save, local_openai):
+    save("conv", "local-a", "local-b")
+    prompt("-m", "lb:conv", "first question")
+    prompt("-c", "second question")
+    second = local_openai.seen("body")[1]["messages"]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert second[0]["content"] == "first question"
+    assert second[1]["content"] == "answer from a with sk-a"
+    assert local_openai.seen("endpoint") == ["a", "b"]  # not sticky: the next member
+
+
+def test_sticky_conversation_stays_on_its_member(save, local_openai):
+    save("sticky", "local-a", "local-b", flags=("--sticky",))
+    prompt("-m", "lb:sticky", "first")
+    prompt("-c", "second")
+    prompt("-c", "third")
+    assert local_openai.seen("endpoint") == ["a", "a", "a"]
+
+
+def test_a_tool_chain_stays_on_one_member(save, local_openai):
+    save("tools", "local-a", "local-b")
+    prompt("-m", "lb:tools", "warm up")  # the rotation is now at local-b
+    answer = prompt("-m", "lb:tools", "-T", "llm_version", "please CALL_TOOL")
+    assert answer.startswith("tool said")
+    assert local_openai.seen("endpoint") == ["a", "b", "b"]
+    tool_turn = local_openai.seen("body")[2]["messages"]
+    assert tool_turn[-1]["role"] == "tool"
+    assert tool_turn[-2]["tool_calls"][0]["id"].startswith("call_b_")
+
+
+def test_parallel_processes_give_exact_counts(save, local_openai):
+    save("par", "local-a key=work", "local-a key=personal", "local-b")
+    # llm's own logs.db is not made for many first uses or writers at once, whatever the
+    # model ("table already exists" in its migrations, then "database is locked"): create it
+    # first, and let the parallel prompts not log.
+    assert llm_process("-m", "echo", "creates logs.db").returncode == 0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "llm", "--no-log", "-m", "lb:par", "hi"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(12)
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 12, outputs
+    seen = [f"{e}/{k}" for e, k in zip(local_openai.seen("endpoint"), local_openai.seen("key"))]
+    assert {s: seen.count(s) for s in set(seen)} == {
+        "a/sk-work": 4,
+        "a/sk-personal": 4,
+        "b/sk-b": 4,
+    }
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["429", "500", "401", "close"])
+def test_failover_answers_the_prompt(save, local_openai, fault):
+    save("f", "local-a", "local-b")
+    local_openai.fail(fault, endpoint="a")
+    assert prompt("-m", "lb:f", "hi") == "answer from b with sk-b"
+    endpoints = local_openai.seen("endpoint")
+    assert endpoints[-1] == "b" and set(endpoints[:-1]) == {"a"}
+
+
+def test_connection_refused_fails_over(save, local_openai):
+    save("dead", "local-dead", "local-a")
+    assert prompt("-m", "lb:dead", "hi") == "answer from a with sk-a"
+
+
+def test_failing_member_is_skipped_by_later_processes_until_its_cooldown_ends(save, local_openai):
+    save("cool", "local-a", "local-b")
+    local_openai.fail("429:2", endpoint="a", times=1)  # Retry-After: 2
+    answers = [prompt("-m", "lb:cool", "hi") for _ in range(3)]
+    assert answers == ["answer from b with sk-b"] * 3
+    assert local_openai.seen("endpoint") == ["a", "b", "b", "b"]  # a was not asked again
+    time.sleep(2.1)
+    prompt("-m", "lb:cool", "hi")
+    prompt("-m", "lb:cool", "hi")
+    assert local_openai.seen("endpoint")[4:] == ["a", "b"]
+
+
+def test_every_member_failing_lists_each_one(save, local_openai):
+    save("all", "local-a key=work", "local-b", "local-dead")
+    local_openai.fail("429", endpoint="a")
+    local_openai.fail("500", endpoint="b")
+    result = llm_process("-m", "lb:all", "hi")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "Error: lb:all: all 3 members failed: local-a (key: work): 429 rate limited; "
+        "local-b: 500 server error; local-dead: connection refused"
+    )
+    assert "sk-" not in result.stderr
+
+
+def test_a_cut_stream_is_not_retried_or_shown_twice(save, local_openai):
+    save("cut", "local-a", "local-b")
+    local_openai.fail("cut", endpoint="a")
+    result = llm_process("-m", "lb:cut", "hi")
+    assert result.stdout.count("answer") == 1
+    assert "from" not in result.stdout  # the stream ended after its first chunk
+    assert local_openai.seen("endpoint") == ["a"]
+
+
+def test_failover_policy_returns_to_the_primary(save, local_openai):
+    save("prim", "local-a", "local-b", "local-dead", flags=("--policy", "failover"))
+    local_openai.fail("503:1", endpoint="a", times=1)
+    assert [prompt("-m", "lb:prim", "hi") for _ in range(2)] == ["answer from b with sk-b"] * 2
+    time.sleep(1.1)
+    assert prompt("-m", "lb:prim", "hi") == "answer from a with sk-a"
+    assert local_openai.seen("endpoint") == ["a", "b", "b", "a"]
+
+
+def test_stats_add_up_to_the_requests_made(save, local_openai, run_llm):
+    save("st", "local-a", "local-b", "local-a key=work", flags=("--cooldown", "0"))
+    local_openai.fail("500", key="sk-work")
+    for _ in range(6):
+        prompt("-m", "lb:st", "hi")
+    members = json.loads(run_llm("lb", "stats", "st", "--json").stdout)[0]["members"]
+    keys = local_openai.seen("key")
+    assert sum(m["requests"] for m in members) == len(keys)
+    assert [m["successes"] for m in members] == [keys.count("sk-a"), keys.count("sk-b"), 0]
+    assert members[2]["failures"] == keys.count("sk-work") == 2
+    assert members[2]["last_error"].startswith("500 server error")
