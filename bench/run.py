@@ -244,7 +244,177 @@ class Bench:
             step()
 
     def http_steps(self):
-        return []
+        return [self.http]
+
+    # 5, 6 ------------------------------------------------------------------------------
+    def http(self):
+        """Through llm's OpenAI plugin to a local OpenAI-compatible server, run as its own
+        process on 127.0.0.1 with the openai SDK's retries left as llm has them."""
+        port = free_port()
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE.parent / "tests" / "local_openai.py"),
+                "--port",
+                str(port),
+                "--chunk-delay",
+                "0.02",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            server.stdout.readline()  # "serving on ..."
+            out = subprocess.run(
+                [sys.executable, __file__, "--http-worker", str(port)]
+                + (["--quick"] if self.quick else []),
+                env=self.env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        finally:
+            server.terminate()
+            server.wait()
+        data = json.loads(out)
+        self.results.append(
+            comparison(
+                "5. streaming, time to first chunk: lb:http vs local-a",
+                "ms",
+                data["ttfb_lb"],
+                data["ttfb_direct"],
+                "added <= 5 ms",
+                scale=1000,
+            )
+        )
+        self.results.append(
+            {
+                "name": "6. HTTP, sequential prompts: lb:http (two keys) vs local-a",
+                "unit": "prompts/s",
+                "runs": data["rps_prompts"],
+                "lb": round(data["rps_lb"], 1),
+                "baseline": round(data["rps_direct"], 1),
+                "ratio": round(data["rps_lb"] / data["rps_direct"], 4),
+                "added": None,
+                "target": "-",
+            }
+        )
+        for case, label in (
+            ("429", "429, no Retry-After"),
+            ("429:1", "429, Retry-After: 1"),
+            ("refused", "connection refused"),
+        ):
+            self.results.append(
+                comparison(
+                    f"6. failover when the first member fails ({label}) vs a normal prompt",
+                    "s",
+                    data["failover"][case],
+                    data["failover_base"],
+                    "measured, see README",
+                )
+            )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_worker(port: int, quick: bool) -> None:
+    "Runs in its own process with the bench's LLM_USER_PATH; prints JSON."
+    import llm
+    import yaml
+
+    from llm_loadbalancer import config, state
+
+    user = llm.user_dir()
+    base = f"http://127.0.0.1:{port}"
+    models = [
+        {
+            "model_id": "local-a",
+            "model_name": "gpt-local",
+            "api_base": f"{base}/a/v1",
+            "api_key_name": "local-a",
+        },
+        {
+            "model_id": "local-dead",
+            "model_name": "gpt-local",
+            "api_base": f"http://127.0.0.1:{free_port()}/v1",
+            "api_key_name": "local-a",
+        },
+    ]
+    (user / "extra-openai-models.yaml").write_text(yaml.safe_dump(models))
+    keys = json.loads((user / "keys.json").read_text())
+    keys.update({"local-a": "sk-a", "one": "sk-one", "two": "sk-two"})
+    keys.update({f"f{name}": f"fail-{name}" for name in ("429", "429:1")})
+    (user / "keys.json").write_text(json.dumps(keys))
+
+    def save(name, *specs):
+        members = [config.parse_member_spec(spec) for spec in specs]
+        config.write(config.Balancer(name=name, members=tuple(members)))
+
+    save("http", "local-a key=one", "local-a key=two")
+    for case, first in (
+        ("429", "local-a key=f429"),
+        ("429:1", "local-a key=f429:1"),
+        ("refused", "local-dead"),
+    ):
+        save(f"fo{case.replace(':', '-')}", first, "local-a key=one")
+    lb, direct = llm.get_model("lb:http"), llm.get_model("local-a")
+
+    def first_chunk(model):
+        start = time.perf_counter()
+        response = model.prompt("hi")
+        for _ in response:
+            first = time.perf_counter() - start
+            break
+        for _ in response:
+            pass
+        return first
+
+    def whole(model, **kwargs):
+        start = time.perf_counter()
+        model.prompt("hi", **kwargs).text()
+        return time.perf_counter() - start
+
+    first_chunk(lb), first_chunk(direct)  # warm up
+    rounds = 5 if quick else 41
+    ttfb_lb, ttfb_direct = alternate(rounds, lambda: first_chunk(lb), lambda: first_chunk(direct))
+    prompts = 10 if quick else 400
+    timings = {"lb": 0.0, "direct": 0.0}
+    for block in range(10):
+        for name, model in (
+            (("lb", lb), ("direct", direct)) if block % 2 == 0 else (("direct", direct), ("lb", lb))
+        ):
+            start = time.perf_counter()
+            for _ in range(prompts // 10):
+                model.prompt("hi", stream=False).text()
+            timings[name] += time.perf_counter() - start
+    failover, failover_base = {}, []
+    for case in ("429", "429:1", "refused"):
+        name = f"fo{case.replace(':', '-')}"
+        model = llm.get_model(f"lb:{name}")
+        failover[case] = []
+        for _ in range(2 if quick else 5):
+            state.reset(name)  # no cooldown: the first member is asked each time
+            failover[case].append(whole(model, stream=False))
+            failover_base.append(whole(direct, stream=False, key="one"))
+    print(
+        json.dumps(
+            {
+                "ttfb_lb": ttfb_lb,
+                "ttfb_direct": ttfb_direct,
+                "rps_prompts": prompts,
+                "rps_lb": prompts / timings["lb"],
+                "rps_direct": prompts / timings["direct"],
+                "failover": failover,
+                "failover_base": failover_base,
+            }
+        )
+    )
 
 
 def render(results: list[dict]) -> str:
@@ -275,7 +445,11 @@ def main(argv=None):
         "--json", default=str(HERE / "results.json"), help="where to write the JSON"
     )
     parser.add_argument("--only", nargs="*", help="run only these steps (method names)")
+    parser.add_argument("--http-worker", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.http_worker:
+        http_worker(args.http_worker, args.quick)
+        return
     bench = Bench(args.quick)
     started = datetime.datetime.now(datetime.timezone.utc)
     bench.run(args.only)

@@ -4,8 +4,9 @@ It serves ``POST /<endpoint>/v1/chat/completions`` (any endpoint name, so that t
 "different providers" are told apart), streaming or not, records every request, and can be
 told to fail: per key or endpoint, the next N requests (or all) answer 429 (optionally with
 Retry-After), 500, 401, close the connection without answering, or stream one chunk and then
-cut the connection. Its answer says which endpoint and key it saw, so a test can tell which
-member answered: ``answer from a with sk-work``.
+cut the connection; a key named ``fail-BEHAVIOUR`` (fail-429, fail-429:1) always gets that
+fault. Its answer says which endpoint and key it saw, so a test can tell which member
+answered: ``answer from a with sk-work``.
 
     python tests/local_openai.py --port 8765    # run it by hand
 """
@@ -194,6 +195,8 @@ class LocalOpenAI:
             self._rules.clear()
 
     def _behaviour(self, endpoint: str, key: str) -> str:
+        if key.startswith("fail-"):  # a key can carry its own fault: fail-429, fail-429:1 ...
+            return key[len("fail-") :]
         with self._lock:
             for rule in self._rules:
                 if rule[0] not in (None, endpoint) or rule[1] not in (None, key):
