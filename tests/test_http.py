@@ -210,3 +210,20 @@ def test_stats_add_up_to_the_requests_made(save, local_openai, run_llm):
     assert [m["successes"] for m in members] == [keys.count("sk-a"), keys.count("sk-b"), 0]
     assert members[2]["failures"] == keys.count("sk-work") == 2
     assert members[2]["last_error"].startswith("500 server error")
+
+
+def test_failover_does_not_wait_for_the_sdks_retries_but_the_last_member_keeps_them(
+    save, local_openai
+):
+    local_openai.no_sdk_retries = False  # answer as OpenAI does: the SDK retries 429s itself
+    save("fast", "local-a", "local-b")
+    local_openai.fail("429:1", endpoint="a")  # Retry-After: 1
+    start = time.monotonic()
+    assert prompt("-m", "lb:fast", "hi") == "answer from b with sk-b"
+    assert local_openai.seen("endpoint") == ["a", "b"]  # a asked once: no 2 s of SDK retries
+    assert time.monotonic() - start < 1.9
+    # Alone (a is the only member left to try), a member keeps the SDK's retries
+    save("alone", "local-a", "local-b", flags=("--no-failover",))
+    result = llm_process("-m", "lb:alone", "hi")
+    assert result.returncode == 1 and "429" in result.stderr
+    assert local_openai.seen("endpoint")[2:] == ["a", "a", "a"]
