@@ -367,12 +367,10 @@ def http_worker(port: int, quick: bool) -> None:
 
     def first_chunk(model):
         start = time.perf_counter()
-        response = model.prompt("hi")
-        for _ in response:
-            first = time.perf_counter() - start
-            break
-        for _ in response:
-            pass
+        first = None
+        for _ in model.prompt("hi"):
+            if first is None:
+                first = time.perf_counter() - start
         return first
 
     def whole(model, **kwargs):

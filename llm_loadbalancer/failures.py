@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import llm
 
@@ -45,8 +45,7 @@ STATUS_WORDS = {
 }
 
 
-@dataclass(frozen=True)
-class Failure:
+class Failure(NamedTuple):
     reason: str  # one line for the user, e.g. "429 rate limited"
     failover: bool  # another member may not have this problem
     cooldown: float | None  # seconds to skip the member for, or None

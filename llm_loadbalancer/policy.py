@@ -7,11 +7,10 @@ rotation position. ``state.py`` stores the result in the same transaction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     order: tuple[int, ...]  # member indexes to try, first choice first
     skipped: tuple[int, ...]  # members left out because they are cooling down
     position: int  # the rotation position to store for the next prompt

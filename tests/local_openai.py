@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -155,6 +156,11 @@ class LocalOpenAI:
     class _Server(ThreadingHTTPServer):
         daemon_threads = True
         owner: "LocalOpenAI"
+
+        def handle_error(self, request, client_address):
+            # A client that stops reading a stream (or a cut we made) is not an error here.
+            if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                super().handle_error(request, client_address)
 
     def __init__(self, port: int = 0, chunk_delay: float = 0.0, no_sdk_retries: bool = True):
         self.requests: list[Recorded] = []
