@@ -313,6 +313,16 @@ class Bench:
                     "measured, see README",
                 )
             )
+        for case, label in (("429", "429, no Retry-After"), ("429:1", "429, Retry-After: 1")):
+            self.results.append(
+                comparison(
+                    f"6. for reference, llm alone: the SDK's retries, then the error ({label})",
+                    "s",
+                    data["sdk_alone"][case],
+                    data["failover_base"],
+                    "measured, see README",
+                )
+            )
 
 
 def free_port() -> int:
@@ -400,6 +410,18 @@ def http_worker(port: int, quick: bool) -> None:
             state.reset(name)  # no cooldown: the first member is asked each time
             failover[case].append(whole(model, stream=False))
             failover_base.append(whole(direct, stream=False, key="one"))
+    # What llm does alone when a member fails: the openai SDK's own retries, then the error.
+    sdk_alone = {}
+    for case in ("429", "429:1"):
+        failing = llm.get_model("local-a")
+        sdk_alone[case] = []
+        for _ in range(1 if quick else 3):
+            start = time.perf_counter()
+            try:
+                failing.prompt("hi", stream=False, key=f"f{case}").text()
+            except Exception:
+                pass
+            sdk_alone[case].append(time.perf_counter() - start)
     print(
         json.dumps(
             {
@@ -410,6 +432,7 @@ def http_worker(port: int, quick: bool) -> None:
                 "rps_direct": prompts / timings["direct"],
                 "failover": failover,
                 "failover_base": failover_base,
+                "sdk_alone": sdk_alone,
             }
         )
     )
