@@ -26,6 +26,12 @@ def invoke(*args, input=None, env=None):
     return runner.invoke(cli, list(args), input=input, env=env, catch_exceptions=False)
 
 
+def save_lb(name, *members, flags=()):
+    "llm lb save NAME MEMBER ... [FLAGS], which must succeed."
+    result = invoke("lb", "save", name, *members, *flags)
+    assert result.exit_code == 0, result.output
+
+
 @pytest.fixture
 def run_llm():
     return invoke

@@ -8,16 +8,13 @@ import time
 import llm
 import pytest
 
+from conftest import save_lb
 from fake_models import CALLS
 
 
 @pytest.fixture
-def save(run_llm, fake_models):
-    def save(name, *members, flags=()):
-        result = run_llm("lb", "save", name, *members, *flags)
-        assert result.exit_code == 0, result.output
-
-    return save
+def save(fake_models):
+    return save_lb
 
 
 def ask(name="lb:x"):

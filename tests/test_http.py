@@ -10,16 +10,12 @@ import time
 import llm
 import pytest
 
-from conftest import llm_process
+from conftest import llm_process, save_lb
 
 
 @pytest.fixture
-def save(run_llm, local_openai):
-    def save(name, *members, flags=()):
-        result = run_llm("lb", "save", name, *members, *flags)
-        assert result.exit_code == 0, result.output
-
-    return save
+def save(local_openai):
+    return save_lb
 
 
 def prompt(*args, env=None):
