@@ -104,11 +104,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream(self, body, text, tool_calls, cut):
         owner = self.server.owner
+        # Chunked, as OpenAI's API streams: a connection closed before the last (empty) chunk
+        # is then a cut the client can tell from the end of the answer.
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
-        self.send_header("connection", "close")
+        self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        self.close_connection = True
+
+        def write(data: bytes):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
 
         def send(delta=None, finish=None, usage=None):
             chunk = {
@@ -122,8 +127,7 @@ class Handler(BaseHTTPRequestHandler):
             }
             if usage:
                 chunk["usage"] = usage
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.flush()
+            write(f"data: {json.dumps(chunk)}\n\n".encode())
             owner.last_chunk_sent = time.monotonic()
 
         if tool_calls:
@@ -146,8 +150,8 @@ class Handler(BaseHTTPRequestHandler):
             send(finish="stop")
         if (body.get("stream_options") or {}).get("include_usage"):
             send(usage=self._usage(body, text))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+        write(b"data: [DONE]\n\n")
+        write(b"")  # the last, empty chunk: the stream is complete
 
 
 class LocalOpenAI:

@@ -1,5 +1,5 @@
 """Failover, cooldowns, the failover policy and `llm lb stats`, with the flaky test model
-(issue 4). The same faults through llm's OpenAI plugin over HTTP are in test_http_failover.py."""
+(issue 4). The same faults through llm's OpenAI plugin over HTTP are in test_http.py."""
 
 import asyncio
 import json

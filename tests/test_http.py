@@ -2,6 +2,7 @@
 127.0.0.1 (tests/local_openai.py): the set-ups users make (issue 3) and the faults they meet
 (issue 4). Each prompt runs in a new `llm` process unless the test needs the Python API."""
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 import llm
 import pytest
 
-from conftest import llm_process, save_lb
+from conftest import last_logged, llm_process, save_lb
 
 
 @pytest.fixture
@@ -79,6 +80,38 @@ def test_logs_show_member_usage_and_response_json(save, local_openai, run_llm):
     assert row["response"] == "answer from a with sk-a"
     assert (row["input_tokens"], row["output_tokens"]) == (2, 5)
     assert row["response_json"]["model"] == "gpt-local"
+
+
+def test_without_streaming_the_member_answers_in_one_piece(save, local_openai):
+    save("whole", "local-a key=work", "local-b")
+    assert prompt("-m", "lb:whole", "--no-stream", "hello world") == "answer from a with sk-work"
+    body = local_openai.seen("body")[0]
+    assert body["stream"] is False and "stream_options" not in body
+    row = last_logged()[0]
+    assert row["resolved_model"] == "local-a"
+    assert (row["input_tokens"], row["output_tokens"]) == (2, 5)
+
+
+def test_key_given_at_prompt_time_reaches_members_without_their_own(save, local_openai, run_llm):
+    save("given", "local-a key=work", "local-b")
+    for _ in range(2):
+        result = run_llm("-m", "lb:given", "--key", "sk-given", "hi")
+        assert result.exit_code == 0, result.output
+    assert local_openai.seen("key") == ["sk-work", "sk-given"]
+
+
+def test_async_model_streams_and_fails_over_without_the_sdks_retries(save, local_openai):
+    local_openai.no_sdk_retries = False  # as OpenAI answers: the SDK would retry the 429 itself
+    save("as", "local-a key=work", "local-a key=personal")
+    local_openai.fail("429", key="sk-work", times=1)  # a retry of it would be answered
+
+    async def ask():
+        return [chunk async for chunk in llm.get_async_model("lb:as").prompt("hi")]
+
+    first, second = asyncio.run(ask()), asyncio.run(ask())
+    assert first == second == ["answer ", "from ", "a ", "with ", "sk-personal"]
+    # work was asked once and then cooled down, the SDK did not retry it
+    assert local_openai.seen("key") == ["sk-work", "sk-personal", "sk-personal"]
 
 
 def test_continued_conversation_reaches_the_member_with_its_history(save, local_openai):
@@ -177,13 +210,21 @@ def test_every_member_failing_lists_each_one(save, local_openai):
     assert "sk-" not in result.stderr
 
 
-def test_a_cut_stream_is_not_retried_or_shown_twice(save, local_openai):
+def test_a_cut_stream_is_reported_not_retried_and_its_member_cools_down(save, local_openai):
     save("cut", "local-a", "local-b")
-    local_openai.fail("cut", endpoint="a")
+    local_openai.fail("cut", endpoint="a", times=1)  # one chunk, then the connection closes
     result = llm_process("-m", "lb:cut", "hi")
-    assert result.stdout.count("answer") == 1
-    assert "from" not in result.stdout  # the stream ended after its first chunk
+    # What had arrived stays on screen, once, and the error follows: b is not asked, or the
+    # user would see the start of one answer followed by another
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "answer ",
+        "Error: Connection error.\n",
+    )
     assert local_openai.seen("endpoint") == ["a"]
+    # a is cooling down after its connection error: the next prompts both go to b
+    assert [prompt("-m", "lb:cut", "hi") for _ in range(2)] == ["answer from b with sk-b"] * 2
+    assert local_openai.seen("endpoint") == ["a", "b", "b"]
 
 
 def test_failover_policy_returns_to_the_primary(save, local_openai):
