@@ -111,6 +111,8 @@ def lb_save(name, members, file_, policy, sticky, failover, cooldown, force):
     try:
         if file_ is not None:
             balancer = config.parse(name, _read_file(file_))
+            if len(balancer.members) < 2:
+                raise ConfigError("a load balancer needs at least 2 members")
         else:
             specs = members or _ask_members()
             parsed = [typed_options(config.parse_member_spec(spec), catalog) for spec in specs]
@@ -133,13 +135,19 @@ def lb_save(name, members, file_, policy, sticky, failover, cooldown, force):
 
 
 def _read_file(file_: str) -> str:
-    if file_ == "-":
-        return sys.stdin.read()
+    source = "standard input" if file_ == "-" else file_
     try:
-        with open(file_) as handle:
-            return handle.read()
+        if file_ == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(file_, "rb") as handle:
+                data = handle.read()
     except OSError as ex:
-        raise ConfigError(f"cannot read {file_}: {ex.strerror or ex}")
+        raise ConfigError(f"cannot read {source}: {ex.strerror or ex}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source} is not UTF-8 text: give a YAML or JSON file") from None
 
 
 def _with_flags(balancer: Balancer, policy, sticky, failover, cooldown) -> Balancer:
@@ -187,6 +195,14 @@ def _ask_members() -> list[str]:
     return chosen
 
 
+def _check_saved(balancer: Balancer, catalog: Catalog, keys: dict | None = None) -> None:
+    "Check a saved balancer's members; a problem names the file, like a parse error does."
+    try:
+        check_balancer(balancer, catalog, keys)
+    except ConfigError as ex:
+        raise ConfigError(f"{config.path_for(balancer.name)}: {ex}") from None
+
+
 def _printed_json_or_nothing(rows: list, json_: bool) -> bool:
     "Print the rows as JSON, or that none are saved: True when that is all there is to print."
     if json_:
@@ -220,7 +236,7 @@ def lb_list(json_):
     for name in names:
         try:
             balancer = config.load(name)
-            check_balancer(balancer, catalog)
+            _check_saved(balancer, catalog)
         except ConfigError as ex:
             rows.append({"name": name, "model_id": f"lb:{name}", "error": str(ex)})
         else:
@@ -253,7 +269,7 @@ def lb_show(name, json_):
     balancer = _load(name)
     keys = load_stored_keys()
     try:
-        check_balancer(balancer, Catalog.installed(), keys)
+        _check_saved(balancer, Catalog.installed(), keys)
     except ConfigError as ex:
         click.echo(f"Warning: lb:{name}: {ex}", err=True)
     balancer = _without_unstored_keys(balancer, keys)
@@ -320,8 +336,10 @@ def lb_edit(name):
     Example:
         EDITOR=nano llm lb edit fast
     """
-    _load(name)
-    path = config.path_for(name)
+    path = config.path_for(_name(name))
+    if not path.exists():
+        # Only existence is checked: edit is how a broken file gets fixed.
+        raise click.ClickException(f"no load balancer named {name!r}: 'llm lb list' shows them")
     edited = click.edit(path.read_text(), extension=".yaml", require_save=True)
     if edited is None:
         click.echo(f"No changes to lb:{name}", err=True)

@@ -8,6 +8,7 @@ definition. Whether its members exist is ``members.py``'s concern.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import llm
 
+_KEY_VALUE = re.compile(r"(?<![\w-])key=\S*")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 POLICIES = ("roundrobin", "failover")
 DEFAULT_POLICY = "roundrobin"
@@ -148,16 +150,17 @@ def parse_member_spec(spec: str) -> Member:
     Option values stay text here: ``members.typed_options`` gives them the member model's types."""
     import shlex
 
+    shown = _KEY_VALUE.sub("key=...", spec)  # errors never repeat a key: it may be a secret
     try:
         words = shlex.split(spec)
     except ValueError as ex:
-        raise ConfigError(f"member {spec!r}: {ex}")
+        raise ConfigError(f"member {shown!r}: {ex}")
     if not words:
         raise ConfigError("empty member: give a model id or alias, e.g. 'gpt-4o-mini key=work'")
     model, *settings = words
     if "=" in model:
         raise ConfigError(
-            f"member {spec!r} must start with a model id or alias, e.g. 'gpt-4o-mini {model}'"
+            f"member {shown!r} must start with a model id or alias, e.g. 'gpt-4o-mini key=work'"
         )
     key = None
     options: dict = {}
@@ -165,14 +168,18 @@ def parse_member_spec(spec: str) -> Member:
         name, sep, value = setting.partition("=")
         if not sep or not name:
             raise ConfigError(
-                f"member {spec!r}: setting {setting!r} is not name=value "
-                "(e.g. key=work or temperature=0.2)"
+                f"member {shown!r}: setting {_KEY_VALUE.sub('key=...', setting)!r} is not "
+                "name=value (e.g. key=work or temperature=0.2)"
             )
         if name == "key":
+            if not value:
+                raise ConfigError(
+                    f"member {shown!r}: key= needs the name of a stored key, e.g. key=work"
+                )
             key = value
         else:
             options[name] = value  # text: members.typed_options reads it for the model
-    return Member(model=model, key=key or None, options=options)
+    return Member(model=model, key=key, options=options)
 
 
 def from_dict(name: str, data) -> Balancer:
@@ -195,7 +202,12 @@ def from_dict(name: str, data) -> Balancer:
     sticky = _flag(data, "sticky", False)
     failover = _flag(data, "failover", True)
     cooldown = data.get("cooldown", DEFAULT_COOLDOWN)
-    if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) or cooldown < 0:
+    if (
+        isinstance(cooldown, bool)
+        or not isinstance(cooldown, (int, float))
+        or not math.isfinite(cooldown)
+        or cooldown < 0
+    ):
         raise ConfigError(f"cooldown must be a number of seconds >= 0, not {cooldown!r}")
     raw_members = data.get("members")
     if not isinstance(raw_members, list) or not raw_members:

@@ -224,11 +224,14 @@ class Run:
             raise ex
         self.errors.append(f"{attempt.member.label()}: {failure.reason}")
         if self.debug:
+            later = self.order[self.order.index(attempt.index) + 1 :]
+            next_one = (
+                f"trying {describe(later[0] + 1, self.balancer.members[later[0]], self.keys)}"
+                if later
+                else "no member left to try"
+            )
             logger.info(
-                "%s: %s failed (%s), trying the next member",
-                self.lb.model_id,
-                attempt.label,
-                failure.reason,
+                "%s: %s failed (%s), %s", self.lb.model_id, attempt.label, failure.reason, next_one
             )
 
     def succeeded(self, attempt: Attempt) -> None:

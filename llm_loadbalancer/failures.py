@@ -129,7 +129,9 @@ def classify(ex: BaseException, default_cooldown: float) -> Failure:
     connection = _connection_reason(ex)
     if connection:
         return Failure(connection, True, default_cooldown)
-    return Failure(one_line(ex), False, None)
+    # The exception's own text is not the reason: it may hold a key (Illegal header value
+    # b'Bearer sk-...'); callers keep it only redacted, through one_line(ex, secrets).
+    return Failure("error", False, None)
 
 
 def one_line(ex: BaseException, secrets=(), limit: int = 200) -> str:

@@ -78,9 +78,10 @@ def folder_snapshot(user_path):
 
 
 @pytest.fixture
-def fake_models():
+def fake_models(monkeypatch):
     """Registers plain-sync (sync only, no streaming), strict (validated options) and flaky
     (fails as its options say) models."""
+    monkeypatch.setenv("LB_TEST_FLAKY_KEY", "sk-flaky-default")
     from llm.plugins import load_plugins, pm
 
     from fake_models import CALLS, FakeModelsPlugin

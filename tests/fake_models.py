@@ -80,18 +80,24 @@ class FlakyError(Exception):
 
 class _FlakyShared:
     """Fails as its options say: fail=429, 429:RETRY_AFTER, 500, 401, 400, refused,
-    missing-key, or cut (an error after the first chunk); name= identifies the member."""
+    missing-key, leak (an error whose text holds the key, as an HTTP client's can), or cut
+    (an error after the first chunk); name= identifies the member. It takes a key like an
+    API model: a stored key, or LB_TEST_FLAKY_KEY (which the fixture sets)."""
 
     model_id = "flaky"
     can_stream = True
+    needs_key = "flaky"
+    key_env_var = "LB_TEST_FLAKY_KEY"
 
     class Options(llm.Options):
         name: Optional[str] = Field(default=None, description="Name in the answer")
         fail: Optional[str] = Field(default=None, description="How to fail")
 
-    def chunks(self, prompt):
+    def chunks(self, prompt, key):
         name, fail = prompt.options.name, prompt.options.fail
         CALLS.append(name)
+        if fail == "leak":
+            raise ValueError(f"Illegal header value b'Bearer {key}'")
         if fail == "refused":
             raise ConnectionRefusedError(111, "Connection refused")
         if fail == "missing-key":
@@ -105,14 +111,14 @@ class _FlakyShared:
         yield f"answer from {name}"
 
 
-class Flaky(_FlakyShared, llm.Model):
-    def execute(self, prompt, stream, response, conversation=None):
-        yield from self.chunks(prompt)
+class Flaky(_FlakyShared, llm.KeyModel):
+    def execute(self, prompt, stream, response, conversation=None, key=None):
+        yield from self.chunks(prompt, key)
 
 
-class FlakyAsync(_FlakyShared, llm.AsyncModel):
-    async def execute(self, prompt, stream, response, conversation=None):
-        for chunk in self.chunks(prompt):
+class FlakyAsync(_FlakyShared, llm.AsyncKeyModel):
+    async def execute(self, prompt, stream, response, conversation=None, key=None):
+        for chunk in self.chunks(prompt, key):
             yield chunk
 
 

@@ -209,6 +209,17 @@ def editor(tmp_path, monkeypatch):
     return use
 
 
+def test_edit_opens_a_broken_file_so_it_can_be_fixed(run_llm, user_path, editor):
+    folder = user_path / "loadbalancers"
+    folder.mkdir()
+    (folder / "typo.yaml").write_text("memebers: [echo, echo]\n")
+    editor("members: [echo, echo]\n")
+    result = run_llm("lb", "edit", "typo")
+    assert result.exit_code == 0, result.output
+    assert run_llm("lb", "list").stdout == "lb:typo  roundrobin  echo, echo\n"
+    assert_clean_error(run_llm("lb", "edit", "nothing"), "no load balancer named 'nothing'")
+
+
 def test_edit_saves_a_valid_edit(run_llm, user_path, editor):
     run_llm("lb", "save", "ed", "echo", "echo")
     editor("# my comment\npolicy: failover\nmembers:\n  - model: echo\n  - model: echo-needs-key\n")
@@ -255,12 +266,16 @@ def test_one_member_is_not_enough_for_save(run_llm, user_path):
     assert folder_snapshot(user_path) == {}
 
 
-def test_a_file_needs_at_least_one_member(run_llm, user_path):
+def test_a_file_needs_members_and_save_needs_two(run_llm, user_path):
     result = run_llm("lb", "save", "empty", "--file", "-", input="members: []\n")
     assert_clean_error(result, "'members' must be a list with at least one member")
-    # ... and one is enough in a file
     result = run_llm("lb", "save", "one", "--file", "-", input="members: [echo]\n")
-    assert result.exit_code == 0, result.output
+    assert_clean_error(result, "a load balancer needs at least 2 members")
+    assert folder_snapshot(user_path) == {}
+    # ... but a stored file with one member (written by hand) is still a valid balancer
+    (user_path / "loadbalancers").mkdir()
+    (user_path / "loadbalancers" / "one.yaml").write_text("members: [echo]\n")
+    assert run_llm("lb", "list").stdout == "lb:one  roundrobin  echo\n"
 
 
 def test_unknown_model_is_named_with_close_matches(run_llm, user_path):
@@ -337,6 +352,41 @@ def test_bad_files_are_refused(run_llm, user_path, body, message):
     assert folder_snapshot(user_path) == {}
 
 
+def test_file_that_is_not_utf8_is_refused(run_llm, user_path, tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00members")
+    assert_clean_error(run_llm("lb", "save", "b", "--file", str(binary)), "is not UTF-8 text")
+    result = run_llm("lb", "save", "b", "--file", "-", input=b"\xff\xfe members")
+    assert_clean_error(result, "standard input is not UTF-8 text")
+    assert folder_snapshot(user_path) == {}
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        "echo-needs-key key=sk-proj-PASTED123 temperature",
+        "echo-needs-key key=sk-proj-PASTED123 'unclosed",
+        "key=sk-proj-PASTED123 echo",
+    ],
+)
+def test_member_errors_never_repeat_a_key(run_llm, user_path, member):
+    result = run_llm("lb", "save", "x", member, "echo")
+    assert_clean_error(result, "key=...")
+    assert "PASTED123" not in result.output
+    assert folder_snapshot(user_path) == {}
+
+
+def test_empty_key_is_refused(run_llm, user_path):
+    assert_clean_error(run_llm("lb", "save", "x", "echo key=", "echo"), "key= needs the name")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_cooldown_must_be_a_finite_number(run_llm, user_path, value):
+    result = run_llm("lb", "save", "c", "echo", "echo", "--cooldown", value)
+    assert_clean_error(result, "cooldown must be a number of seconds")
+    assert folder_snapshot(user_path) == {}
+
+
 def test_members_and_file_together_are_refused(run_llm, user_path):
     result = run_llm("lb", "save", "both", "echo", "--file", "-", input="members: [echo]\n")
     assert_clean_error(result, "not both")
@@ -359,6 +409,7 @@ def test_broken_files_are_reported_and_llm_keeps_working(run_llm, user_path):
     assert lines["lb:good"] == "roundrobin  echo, echo"
     assert lines["lb:garbled"].startswith(f"error: {folder / 'garbled.yaml'}: not valid YAML")
     assert "unknown field 'memebers'" in lines["lb:typo"]
+    assert lines["lb:missing"].startswith(f"error: {folder / 'missing.yaml'}: member 2")
     assert "unknown model 'not-installed-model'" in lines["lb:missing"]
     assert lines["lb:binary"].startswith(f"error: {folder / 'binary.yaml'}: cannot be read")
 

@@ -181,8 +181,19 @@ def test_debug_line_on_failover(save, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert (
         "llm-loadbalancer: lb:x: member 1 (flaky (name=a, fail=429)) failed (429 rate limited), "
-        "trying the next member" in err
+        "trying member 2 (flaky (name=b))" in err
     )
+
+
+def test_a_key_in_an_error_never_reaches_stats(run_llm, user_path, fake_models):
+    (user_path / "keys.json").write_text(json.dumps({"work": "sk-TOPSECRET-1"}))
+    save_lb("x", "flaky name=a fail=leak key=work", "flaky name=b")
+    result = run_llm("-m", "lb:x", "hi")
+    assert result.exit_code == 1  # an error every member would give: shown as it is
+    members = stats(run_llm)
+    assert members[0]["last_error"] == "error: Illegal header value b'Bearer ***'"
+    assert "TOPSECRET" not in run_llm("lb", "stats", "x").stdout
+    assert "TOPSECRET" not in (user_path / "loadbalancers.db").read_bytes().decode("latin-1")
 
 
 def test_async_failover(save):
