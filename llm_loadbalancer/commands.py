@@ -19,15 +19,6 @@ def _fail(ex: Exception):
     raise click.ClickException(str(ex))
 
 
-def _checked(balancer: Balancer, catalog: Catalog | None = None) -> Balancer:
-    "Refuse a balancer whose members are not installed, nested, mis-optioned or keyless."
-    try:
-        check_balancer(balancer, catalog or Catalog.installed())
-    except ConfigError as ex:
-        _fail(ex)
-    return balancer
-
-
 def _name(name: str) -> str:
     if name.startswith(config.PREFIX):
         raise click.ClickException(
@@ -123,9 +114,9 @@ def lb_save(name, members, file_, policy, sticky, failover, cooldown, force):
                 )
             balancer = config.from_dict(name, {"members": [m.to_dict() for m in parsed]})
         balancer = _with_flags(balancer, policy, sticky, failover, cooldown)
+        check_balancer(balancer, catalog)
     except ConfigError as ex:
         _fail(ex)
-    _checked(balancer, catalog)
     path = config.path_for(name)
     if path.exists() and not force:
         raise click.ClickException(f"lb:{name} already exists: add --force to replace it")
@@ -232,27 +223,24 @@ def lb_list(json_):
     """
     names = config.names()
     catalog = Catalog.installed() if names else None
-    rows = []
+    rows = []  # (JSON row, balancer or None)
     for name in names:
         try:
             balancer = config.load(name)
             _check_saved(balancer, catalog)
         except ConfigError as ex:
-            rows.append({"name": name, "model_id": f"lb:{name}", "error": str(ex)})
+            rows.append(({"name": name, "model_id": f"lb:{name}", "error": str(ex)}, None))
         else:
-            rows.append(_summary(balancer))
-    if _printed_json_or_nothing(rows, json_):
+            rows.append((_summary(balancer), balancer))
+    if _printed_json_or_nothing([row for row, _ in rows], json_):
         return
-    width = max(len(row["model_id"]) for row in rows)
-    for row in rows:
-        if "error" in row:
+    width = max(len(row["model_id"]) for row, _ in rows)
+    for row, balancer in rows:
+        if balancer is None:
             click.echo(f"{row['model_id']:<{width}}  error: {row['error']}")
         else:
-            labels = ", ".join(
-                config.Member(m["model"], m.get("key"), m.get("options", {})).label()
-                for m in row["members"]
-            )
-            click.echo(f"{row['model_id']:<{width}}  {row['policy']}  {labels}")
+            labels = ", ".join(member.label() for member in balancer.members)
+            click.echo(f"{row['model_id']:<{width}}  {balancer.policy}  {labels}")
 
 
 @lb.command(name="show")

@@ -224,6 +224,8 @@ def record(
                 [name, member, now + cooldown, error],
             )
         if error is None and conversation:
+            # Ties older than AFFINITY_DAYS are forgotten as new ones are made (indexed).
+            db.execute("delete from affinity where updated < ?", [now - AFFINITY_DAYS * 86400])
             db.execute(
                 "insert into affinity (balancer, conversation, first_member, last_member, "
                 "updated) values (?, ?, ?, ?, ?) on conflict do update set "
@@ -236,7 +238,6 @@ def reset(name: str) -> None:
     "Start the rotation again at the first member and forget cooldowns, ties and statistics."
     with transaction() as db:
         _clear(db, name)
-        db.execute("delete from affinity where updated < ?", [time.time() - AFFINITY_DAYS * 86400])
 
 
 def stats(balancer: Balancer, now: float | None = None) -> list[dict]:

@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import llm
 import pytest
@@ -377,3 +378,16 @@ def test_key_name_that_is_not_stored(run_llm, user_path):
     line = prompt_error("-m", "lb:ks", "hi")
     assert line.startswith("Error: lb:ks: member 1 (echo-needs-key (key: (not stored)))")
     assert "not the name of a stored key" in line
+
+
+def test_conversation_ties_older_than_30_days_are_forgotten(keyed, user_path):
+    from llm_loadbalancer import config, state
+
+    keyed("old", 2, "--sticky")
+    balancer = config.load("old")
+    long_ago = time.time() - 31 * 86400
+    state.record(balancer, 1, conversation="ancient", now=long_ago)
+    state.record(balancer, 0, conversation="recent")
+    db = sqlite3.connect(user_path / "loadbalancers.db")
+    rows = db.execute("select conversation, first_member from affinity order by conversation")
+    assert rows.fetchall() == [("recent", 0)]
