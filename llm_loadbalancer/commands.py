@@ -12,7 +12,7 @@ from click_default_group import DefaultGroup
 
 from . import config, state
 from .config import Balancer, ConfigError
-from .members import Catalog, check_balancer, load_stored_keys, typed_options
+from .members import Catalog, check_balancer, check_saved, load_stored_keys, typed_options
 
 
 def _fail(ex: Exception):
@@ -79,8 +79,14 @@ def lb():
     metavar="SECONDS",
     help="Skip a member for this long after a 429, 5xx or connection error (default: 30)",
 )
+@click.option(
+    "--timeout",
+    type=float,
+    metavar="SECONDS",
+    help="Abandon a member that gives no first chunk in this time and try the next (default: none)",
+)
 @click.option("--force", is_flag=True, help="Replace an existing load balancer")
-def lb_save(name, members, file_, policy, sticky, failover, cooldown, force):
+def lb_save(name, members, file_, policy, sticky, failover, cooldown, timeout, force):
     """
     Save a load balancer from two or more members
 
@@ -113,7 +119,7 @@ def lb_save(name, members, file_, policy, sticky, failover, cooldown, force):
                     f"llm lb save {name} MODEL MODEL [MODEL ...]"
                 )
             balancer = config.from_dict(name, {"members": [m.to_dict() for m in parsed]})
-        balancer = _with_flags(balancer, policy, sticky, failover, cooldown)
+        balancer = _with_flags(balancer, policy, sticky, failover, cooldown, timeout)
         check_balancer(balancer, catalog)
     except ConfigError as ex:
         _fail(ex)
@@ -141,13 +147,14 @@ def _read_file(file_: str) -> str:
         raise ConfigError(f"{source} is not UTF-8 text: give a YAML or JSON file") from None
 
 
-def _with_flags(balancer: Balancer, policy, sticky, failover, cooldown) -> Balancer:
+def _with_flags(balancer: Balancer, policy, sticky, failover, cooldown, timeout) -> Balancer:
     data = balancer.to_dict()
     for field, value in (
         ("policy", policy),
         ("sticky", sticky),
         ("failover", failover),
         ("cooldown", cooldown),
+        ("timeout", timeout),
     ):
         if value is not None:
             data[field] = value
@@ -186,12 +193,14 @@ def _ask_members() -> list[str]:
     return chosen
 
 
-def _check_saved(balancer: Balancer, catalog: Catalog, keys: dict | None = None) -> None:
-    "Check a saved balancer's members; a problem names the file, like a parse error does."
+def _check_saved(balancer: Balancer, catalog: Catalog, keys: dict | None = None) -> list[str]:
+    """Check a saved balancer's members as prompting it does; a problem names the file, like a
+    parse error does. Returns the members that are not installed, which prompts skip."""
     try:
-        check_balancer(balancer, catalog, keys)
+        _, missing = check_saved(balancer, catalog, load_stored_keys() if keys is None else keys)
     except ConfigError as ex:
         raise ConfigError(f"{config.path_for(balancer.name)}: {ex}") from None
+    return [f"{problem}: skipped until it is installed" for problem in missing.values()]
 
 
 def _printed_json_or_nothing(rows: list, json_: bool) -> bool:
@@ -223,24 +232,30 @@ def lb_list(json_):
     """
     names = config.names()
     catalog = Catalog.installed() if names else None
+    keys = load_stored_keys() if names else {}
     rows = []  # (JSON row, balancer or None)
     for name in names:
         try:
             balancer = config.load(name)
-            _check_saved(balancer, catalog)
+            warnings = _check_saved(balancer, catalog, keys)
         except ConfigError as ex:
             rows.append(({"name": name, "model_id": f"lb:{name}", "error": str(ex)}, None))
         else:
-            rows.append((_summary(balancer), balancer))
+            row = _summary(balancer)
+            if warnings:
+                row["warnings"] = warnings
+            rows.append((row, balancer))
     if _printed_json_or_nothing([row for row, _ in rows], json_):
         return
     width = max(len(row["model_id"]) for row, _ in rows)
     for row, balancer in rows:
         if balancer is None:
             click.echo(f"{row['model_id']:<{width}}  error: {row['error']}")
-        else:
-            labels = ", ".join(member.label() for member in balancer.members)
-            click.echo(f"{row['model_id']:<{width}}  {balancer.policy}  {labels}")
+            continue
+        labels = ", ".join(member.label() for member in balancer.members)
+        click.echo(f"{row['model_id']:<{width}}  {balancer.policy}  {labels}")
+        for warning in row.get("warnings", ()):
+            click.echo(f"{'':<{width}}  warning: {warning}")
 
 
 @lb.command(name="show")
@@ -257,9 +272,11 @@ def lb_show(name, json_):
     balancer = _load(name)
     keys = load_stored_keys()
     try:
-        _check_saved(balancer, Catalog.installed(), keys)
+        warnings = _check_saved(balancer, Catalog.installed(), keys)
     except ConfigError as ex:
-        click.echo(f"Warning: lb:{name}: {ex}", err=True)
+        warnings = [str(ex)]
+    for warning in warnings:
+        click.echo(f"Warning: lb:{name}: {warning}", err=True)
     balancer = _without_unstored_keys(balancer, keys)
     if json_:
         click.echo(json.dumps(_summary(balancer), indent=2))

@@ -22,7 +22,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 POLICIES = ("roundrobin", "failover")
 DEFAULT_POLICY = "roundrobin"
 DEFAULT_COOLDOWN = 30.0
-TOP_FIELDS = ("policy", "members", "sticky", "failover", "cooldown")
+TOP_FIELDS = ("policy", "members", "sticky", "failover", "cooldown", "timeout")
 MEMBER_FIELDS = ("model", "key", "options")
 PREFIX = "lb:"
 
@@ -37,15 +37,24 @@ class Member:
     key: str | None = None
     options: dict = field(default_factory=dict, hash=False, compare=True)
 
-    def label(self, stored_keys=None) -> str:
-        """How the member is named to the user: model, key name and options. Given the stored
-        keys, a key that is not one of their names is not shown: it may be a pasted secret."""
+    def settings(self, stored_keys=None) -> list[str]:
+        """Its key name and options as the user sees them. Given the stored keys, a key that is
+        not one of their names is not shown: it may be a pasted secret."""
         extras = []
         if self.key:
             shown = self.key if stored_keys is None or self.key in stored_keys else "(not stored)"
             extras.append(f"key: {shown}")
         extras.extend(f"{name}={_scalar(value)}" for name, value in self.options.items())
+        return extras
+
+    def label(self, stored_keys=None) -> str:
+        "How the member is named in a list: ``gpt-4o-mini (key: work, temperature=0.2)``."
+        extras = self.settings(stored_keys)
         return f"{self.model} ({', '.join(extras)})" if extras else self.model
+
+    def describe(self, position: int, stored_keys=None) -> str:
+        "How one member is named in a message: ``member 2 (gpt-4o-mini, key: work)``."
+        return f"member {position} ({', '.join([self.model, *self.settings(stored_keys)])})"
 
     def to_dict(self) -> dict:
         data: dict = {"model": self.model}
@@ -64,6 +73,7 @@ class Balancer:
     sticky: bool = False
     failover: bool = True
     cooldown: float = DEFAULT_COOLDOWN
+    timeout: float | None = None  # seconds a member has for its first chunk; None: no limit
 
     @property
     def model_id(self) -> str:
@@ -78,6 +88,8 @@ class Balancer:
             data["failover"] = False
         if self.cooldown != DEFAULT_COOLDOWN:
             data["cooldown"] = self.cooldown
+        if self.timeout is not None:
+            data["timeout"] = self.timeout
         data["members"] = [member.to_dict() for member in self.members]
         return data
 
@@ -202,13 +214,14 @@ def from_dict(name: str, data) -> Balancer:
     sticky = _flag(data, "sticky", False)
     failover = _flag(data, "failover", True)
     cooldown = data.get("cooldown", DEFAULT_COOLDOWN)
-    if (
-        isinstance(cooldown, bool)
-        or not isinstance(cooldown, (int, float))
-        or not math.isfinite(cooldown)
-        or cooldown < 0
-    ):
+    if not _is_seconds(cooldown) or cooldown < 0:
         raise ConfigError(f"cooldown must be a number of seconds >= 0, not {cooldown!r}")
+    timeout = data.get("timeout")
+    if timeout is not None and (not _is_seconds(timeout) or timeout <= 0):
+        raise ConfigError(
+            f"timeout must be a number of seconds > 0 (the time a member has for its first "
+            f"chunk), not {timeout!r}"
+        )
     raw_members = data.get("members")
     if not isinstance(raw_members, list) or not raw_members:
         raise ConfigError("'members' must be a list with at least one member")
@@ -220,6 +233,13 @@ def from_dict(name: str, data) -> Balancer:
         sticky=sticky,
         failover=failover,
         cooldown=float(cooldown),
+        timeout=None if timeout is None else float(timeout),
+    )
+
+
+def _is_seconds(value) -> bool:
+    return (
+        not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     )
 
 

@@ -15,9 +15,11 @@ import sys
 
 import llm
 
-from . import failures, state
+from . import drive, failures, state
 from .config import Balancer, ConfigError, Member
-from .members import build_options, describe, load_stored_keys
+from .members import build_options, load_stored_keys
+from .policy import plan
+from .view import MemberView
 
 logger = logging.getLogger("llm_loadbalancer")
 DEBUG_ENV = "LLM_LOADBALANCER_DEBUG"
@@ -61,25 +63,6 @@ def _model_defaults(model_id: str) -> dict:
     return dict(options) if isinstance(options, dict) else {}
 
 
-def _without_client_retries(model):
-    """A copy of a member from llm's OpenAI plugin (or any model with the same ``get_client``)
-    whose openai client does not retry by itself. While another member can answer, the
-    balancer fails over at once instead of waiting out the SDK's two retries (about 1.3 s,
-    or twice the Retry-After, up to 4 minutes); the last member tried keeps them."""
-    get_client = getattr(model, "get_client", None)
-    if get_client is None:
-        return model
-
-    def get_client_without_retries(*args, **kwargs):
-        client = get_client(*args, **kwargs)
-        with_options = getattr(client, "with_options", None)
-        return with_options(max_retries=0) if with_options else client
-
-    model = copy.copy(model)
-    model.get_client = get_client_without_retries
-    return model
-
-
 class Attempt:
     "One member asked to answer one prompt."
 
@@ -87,7 +70,7 @@ class Attempt:
         self.run = run
         self.index = index
         self.member: Member = run.balancer.members[index]
-        self.label = describe(index + 1, self.member, run.keys)
+        self.label = self.member.describe(index + 1, run.keys)
         self.model = run.member_model(index)
         self.prompt = copy.copy(run.prompt)
         self.prompt.model = self.model
@@ -95,24 +78,33 @@ class Attempt:
         self.secret = None
 
     def start(self, stream, response, conversation):
-        "The member's execute generator (sync or async); raises NeedsKeyException early."
+        """The member's chunks (a sync or async generator), driven with its SDK's retries off
+        while another member can answer, and within the balancer's timeout."""
         model = self.model
-        if self.run.more_to_try(self.index):
-            model = _without_client_retries(model)
         stream = stream and model.can_stream
         response.set_resolved_model(model.model_id)
+        view = MemberView(response, self.prompt, model)
         if isinstance(model, (llm.KeyModel, llm.AsyncKeyModel)):
             if self.member.key:
                 key = model.get_key(self.run.stored_key(self))
             else:
                 key = model.get_key(self.run.outer_key)
             self.secret = key
-            return model.execute(self.prompt, stream, response, conversation, key=key)
-        if self.member.key and model.needs_key:
-            model = copy.copy(model)
-            model.key = self.run.stored_key(self)
-            self.secret = model.key
-        return model.execute(self.prompt, stream, response, conversation)
+            generator = model.execute(self.prompt, stream, view, conversation, key=key)
+        else:
+            if self.member.key and model.needs_key:
+                model = copy.copy(model)
+                model.key = self.secret = self.run.stored_key(self)
+                view.model = self.prompt.model = model
+            generator = model.execute(self.prompt, stream, view, conversation)
+        chunks = drive.async_chunks if self.run.lb.is_async else drive.sync_chunks
+        return chunks(
+            generator,
+            once=self.run.more_to_try(self.index),
+            timeout=self.run.balancer.timeout,
+            stream=stream,
+            abandon=view.detach,
+        )
 
 
 class Run:
@@ -127,22 +119,30 @@ class Run:
         self.outer_key = key
         self.conversation_id = getattr(conversation, "id", None)
         self.errors: list[str] = []
+        self.last_error: Exception | None = None
         self.keys = load_stored_keys() if any(m.key for m in self.balancer.members) else {}
         self.debug = _debug_enabled()
         self.use_state = True
+        for index, problem in lb.missing.items():
+            print(
+                f"Warning: {lb.model_id}: {problem}: skipped; install the plugin that provides "
+                f"it, or remove the member with 'llm lb edit {self.balancer.name}'",
+                file=sys.stderr,
+            )
+        unavailable = frozenset(lb.missing)
         try:
             self.plan = state.select(
                 self.balancer,
                 conversation=self.conversation_id,
                 tool_turn=bool(prompt.tool_results),
+                unavailable=unavailable,
             )
         except state.StateUnavailable as ex:
             _warn_state(ex)
             self.use_state = False
             count = len(self.balancer.members)
-            first = 0 if self.balancer.policy == "failover" else random.randrange(count)
-            order = tuple((first + step) % count for step in range(count))
-            self.plan = state.Plan(order, (), 0)
+            position = 0 if self.balancer.policy == "failover" else random.randrange(count)
+            self.plan = plan(self.balancer.policy, count, position, {}, 0.0, unavailable=unavailable)
         order = self.plan.order
         if not self.balancer.failover:
             order = order[:1]
@@ -168,23 +168,29 @@ class Run:
             self.errors.append(
                 f"{self.balancer.members[index].label()}: skipped, cooling down after an error"
             )
+        for index in self.lb.missing:
+            self.errors.append(f"{self.balancer.members[index].label()}: not installed")
         count = len(self.balancer.members)
         head = (
             f"all {count} members failed"
             if tried == count
             else f"{tried} of {count} members failed"
         )
-        raise LoadBalancerError(f"{self.lb.model_id}: {head}: {'; '.join(self.errors)}")
+        raise LoadBalancerError(
+            f"{self.lb.model_id}: {head}: {'; '.join(self.errors)}"
+        ) from self.last_error
 
     def more_to_try(self, index: int) -> bool:
         "Whether another member would be tried if this one failed."
         return self.balancer.failover and index != self.order[-1]
 
     def member_model(self, index: int):
+        if index in self.lb.missing:
+            raise LoadBalancerError(f"{self.lb.model_id}: {self.lb.missing[index]}")
         model, async_model = self.lb.members[index]
         chosen = async_model if self.lb.is_async else model
         if chosen is None:
-            label = describe(index + 1, self.balancer.members[index])
+            label = self.balancer.members[index].describe(index + 1)
             raise LoadBalancerError(
                 f"{self.lb.model_id}: {label} has no async model: "
                 "run it without --async, or save the balancer without that member"
@@ -213,20 +219,24 @@ class Run:
         return self.keys[attempt.member.key]
 
     def failed(self, attempt: Attempt, ex: Exception, started: bool) -> None:
-        "Record a failed attempt; re-raise unless another member should be tried."
+        """Record a failed attempt. Unless another member should be tried, raise the member's
+        error as ``lb:NAME: member N (...): <its message>``, from the original."""
         if isinstance(ex, LoadBalancerError):
             raise ex
         failure = failures.classify(ex, self.balancer.cooldown)
-        message = failures.one_line(ex, secrets=[attempt.secret, self.outer_key])
+        secrets = [attempt.secret, self.outer_key]
+        message = failures.one_line(ex, secrets=secrets)
         cooldown = failure.cooldown if failure.failover else None
         self._record(attempt, error=f"{failure.reason}: {message}", cooldown=cooldown)
         if started or not failure.failover or not self.balancer.failover:
-            raise ex
+            shown = failures.one_line(ex, secrets=secrets, limit=1000)
+            raise failures.renamed(ex, f"{self.lb.model_id}: {attempt.label}: {shown}") from ex
         self.errors.append(f"{attempt.member.label()}: {failure.reason}")
+        self.last_error = ex
         if self.debug:
             later = self.order[self.order.index(attempt.index) + 1 :]
             next_one = (
-                f"trying {describe(later[0] + 1, self.balancer.members[later[0]], self.keys)}"
+                f"trying {self.balancer.members[later[0]].describe(later[0] + 1, self.keys)}"
                 if later
                 else "no member left to try"
             )

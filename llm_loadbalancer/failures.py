@@ -1,20 +1,39 @@
-"""Is a member's error worth failing over, and for how long is the member cooled down?
+"""Is a member's error worth failing over, for how long is the member cooled down, and how is
+the error shown?
 
 Pure decisions on an exception: the HTTP status is read from the exception's attributes
 (``status_code``, ``response.status_code``, ``status``: the openai, anthropic and httpx
-shapes), never from message text; connection errors are recognised by type along the
-exception's cause chain.
+shapes), never from message text; connection, timeout and protocol errors are recognised by
+type along the exception's cause chain.
+
+| failure (before the first chunk)            | fail over | cooldown                        |
+|---------------------------------------------|-----------|---------------------------------|
+| 429, 5xx                                    | yes       | Retry-After, else the balancer's|
+| connection error, SDK timeout               | yes       | the balancer's                  |
+| no first chunk within the balancer's timeout| yes       | the balancer's                  |
+| an answer that cannot be decoded (protocol) | yes       | the balancer's                  |
+| 401, 403, 404, missing key                  | yes       | KEY_COOLDOWN (10 minutes)       |
+| 408, 409                                    | yes       | none                            |
+| other 4xx (400, 422 ...), anything else     | no        | none                            |
 """
 
 from __future__ import annotations
 
 import email.utils
+import errno
 import time
 from typing import NamedTuple
 
 import llm
 
 KEY_COOLDOWN = 600.0
+PROTOCOL_ERROR_NAMES = {
+    "JSONDecodeError",
+    "UnicodeDecodeError",
+    "APIResponseValidationError",
+    "DecodingError",
+    "SSEDecodeError",
+}
 CONNECTION_ERROR_NAMES = {
     "APIConnectionError",
     "APITimeoutError",
@@ -35,6 +54,7 @@ CONNECTION_ERROR_NAMES = {
 STATUS_WORDS = {
     401: "unauthorized",
     403: "forbidden",
+    404: "not found",
     408: "request timeout",
     409: "conflict",
     429: "rate limited",
@@ -43,6 +63,19 @@ STATUS_WORDS = {
     503: "service unavailable",
     504: "gateway timeout",
 }
+
+
+class FirstChunkTimeout(TimeoutError):
+    "A member gave no first chunk (no answer, without streaming) within the balancer's timeout."
+
+    def __init__(self, seconds: float, stream: bool = True):
+        self.seconds = seconds
+        what = "first chunk" if stream else "answer"
+        super().__init__(f"no {what} within {seconds:g} s (the balancer's timeout)")
+
+
+class MemberError(RuntimeError):
+    "A member's error that could not be renamed in its own type; ``__cause__`` is the original."
 
 
 class Failure(NamedTuple):
@@ -106,22 +139,30 @@ def _connection_reason(ex: BaseException) -> str | None:
             found = found or "timed out"
         elif isinstance(item, ConnectionError) or names & CONNECTION_ERROR_NAMES:
             found = found or "connection error"
-        if "Connection refused" in str(item) or getattr(item, "errno", None) == 111:
+        if "Connection refused" in str(item) or getattr(item, "errno", None) == errno.ECONNREFUSED:
             return "connection refused"
     return found
 
 
+def _is_protocol_error(ex: BaseException) -> bool:
+    return any(
+        {cls.__name__ for cls in type(item).__mro__} & PROTOCOL_ERROR_NAMES for item in _chain(ex)
+    )
+
+
 def classify(ex: BaseException, default_cooldown: float) -> Failure:
-    "What a member's exception means for the balancer."
+    "What a member's exception means for the balancer (the table at the top of this module)."
     if isinstance(ex, llm.NeedsKeyException):
         return Failure("missing key", True, KEY_COOLDOWN)
+    if isinstance(ex, FirstChunkTimeout):
+        return Failure(str(ex).partition(" (")[0], True, default_cooldown)
     status = status_of(ex)
     if status is not None:
         reason = f"{status} {STATUS_WORDS.get(status, 'error')}"
         if status == 429 or status >= 500:
             wait = retry_after(ex)
             return Failure(reason, True, default_cooldown if wait is None else wait)
-        if status in (401, 403):
+        if status in (401, 403, 404):
             return Failure(reason, True, KEY_COOLDOWN)
         if status in (408, 409):
             return Failure(reason, True, None)
@@ -129,6 +170,8 @@ def classify(ex: BaseException, default_cooldown: float) -> Failure:
     connection = _connection_reason(ex)
     if connection:
         return Failure(connection, True, default_cooldown)
+    if _is_protocol_error(ex):
+        return Failure("protocol error: the answer could not be decoded", True, default_cooldown)
     # The exception's own text is not the reason: it may hold a key (Illegal header value
     # b'Bearer sk-...'); callers keep it only redacted, through one_line(ex, secrets).
     return Failure("error", False, None)
@@ -141,3 +184,21 @@ def one_line(ex: BaseException, secrets=(), limit: int = 200) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def renamed(ex: Exception, message: str) -> Exception:
+    """The member's exception, to raise ``from ex``, saying ``message`` instead of its own text:
+    of the same type with the same attributes (``status_code``, ``response`` ...) where that
+    type allows it, so that callers who catch it by type still do; a ``MemberError`` otherwise."""
+    cls = type(ex)
+    try:
+        new = cls.__new__(cls)
+        new.__dict__.update(getattr(ex, "__dict__", {}))
+        new.args = (message,)
+        if isinstance(getattr(ex, "message", None), str):
+            new.message = message
+        if str(new) == message:
+            return new
+    except Exception:
+        pass
+    return MemberError(message)

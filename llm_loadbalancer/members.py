@@ -17,6 +17,10 @@ import llm
 from .config import PREFIX, Balancer, ConfigError, Member, parse_value
 
 
+class NotInstalled(ConfigError):
+    "A member's model is not installed (any more): its plugin is missing, or it is misspelt."
+
+
 class Catalog:
     "Installed models by id and alias, from a list of llm ``ModelWithAliases``."
 
@@ -48,7 +52,7 @@ class Catalog:
             choices = [n for n in self.by_name if not n.startswith(PREFIX)]
             close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}?" if close else "'llm models' lists them"
-            raise ConfigError(f"unknown model {name!r}: {hint}")
+            raise NotInstalled(f"unknown model {name!r}: {hint}")
         return mwa
 
 
@@ -61,10 +65,6 @@ def _user_alias_target(name: str) -> str | None:
         return None
     target = aliases.get(name) if isinstance(aliases, dict) else None
     return target if isinstance(target, str) else None
-
-
-def describe(position: int, member: Member, stored_keys=None) -> str:
-    return f"member {position} ({member.label(stored_keys)})"
 
 
 def load_stored_keys() -> dict:
@@ -136,12 +136,29 @@ def check_member(position: int, member: Member, catalog: Catalog, stored_keys: d
         check_key(member, stored_keys)
     except ConfigError as ex:
         # The member is described only on this path: registration runs on every model lookup.
-        raise ConfigError(f"{describe(position, member, stored_keys)}: {ex}") from None
+        raise type(ex)(f"{member.describe(position, stored_keys)}: {ex}") from None
     return mwa
 
 
+def check_saved(balancer: Balancer, catalog: Catalog, stored_keys: dict):
+    """Check a saved balancer as prompting it does: a member that is not installed (any more)
+    is skipped, not fatal. Returns each member's ``ModelWithAliases`` (None where it is not
+    installed) and {member index: why it is skipped}; raises ConfigError for any other problem,
+    or when no member is installed."""
+    found, missing = [], {}
+    for index, member in enumerate(balancer.members):
+        try:
+            found.append(check_member(index + 1, member, catalog, stored_keys))
+        except NotInstalled as ex:
+            found.append(None)
+            missing[index] = str(ex)
+    if len(missing) == len(found):
+        raise ConfigError(f"no member is installed: {'; '.join(missing.values())}")
+    return found, missing
+
+
 def check_balancer(balancer: Balancer, catalog: Catalog, stored_keys: dict | None = None):
-    "Check every member; returns their ``ModelWithAliases`` in order."
+    "Check every member, as saving does; returns their ``ModelWithAliases`` in order."
     if stored_keys is None:
         stored_keys = load_stored_keys()
     return [

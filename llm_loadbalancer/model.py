@@ -23,19 +23,23 @@ class _Shared:
     needs_key = None
     is_async = False
 
-    def __init__(self, name: str, balancer, members, options_class, problem):
+    def __init__(self, name: str, balancer, members, options_class, problem, missing=None):
         self.model_id = f"lb:{name}"
         self.balancer = balancer
         self.problem = problem  # why this balancer cannot answer, or None
-        self.members = members  # one (model, async_model) per member, or None when broken
+        # one (model, async_model) per member, None for a member that is not installed; or
+        # None when the balancer is broken
+        self.members = members
+        self.missing = missing or {}  # member index: why it is skipped (not installed)
         self._options_class = options_class  # a class, or a function that builds it
         if problem or not members:
             self.can_stream = True
             self.supports_schema = self.supports_tools = self.supports_conversation = True
             self.attachment_types = _Everything()
             return
-        models = [pair[1] if self.is_async else pair[0] for pair in members]
-        models = [m for m in models if m is not None] or [pair[0] or pair[1] for pair in members]
+        present = [pair for pair in members if pair is not None]
+        models = [pair[1] if self.is_async else pair[0] for pair in present]
+        models = [m for m in models if m is not None] or [pair[0] or pair[1] for pair in present]
         self.can_stream = any(m.can_stream for m in models)
         self.supports_schema = all(m.supports_schema for m in models)
         self.supports_tools = all(m.supports_tools for m in models)
@@ -56,7 +60,10 @@ class _Shared:
         kind = "LoadBalancer (async)" if self.is_async else "LoadBalancer"
         if self.problem:
             return f"{kind}: {self.model_id} (broken: {self.problem})"
-        labels = ", ".join(m.label() for m in self.balancer.members)
+        labels = ", ".join(
+            m.label() + (" [not installed]" if i in self.missing else "")
+            for i, m in enumerate(self.balancer.members)
+        )
         return f"{kind}: {self.model_id} ({self.balancer.policy}: {labels})"
 
     def get_key(self, explicit_key=None):

@@ -25,6 +25,7 @@ def plan(
     *,
     pinned: int | None = None,
     preferred: int | None = None,
+    unavailable: frozenset[int] = frozenset(),
 ) -> Plan:
     """Decide the order of members for one prompt.
 
@@ -36,6 +37,7 @@ def plan(
     - ``failover``: always start at the first member listed.
     Members cooling down (``cooling[i] > now``) are skipped while any other is available; when
     every member is cooling down, all are tried, the one whose cooldown ends first first.
+    ``unavailable`` members (no longer installed) are never tried.
     """
     position = position % count if count else 0
     if pinned is not None and 0 <= pinned < count:
@@ -44,6 +46,9 @@ def plan(
         base = list(range(count))
     else:
         base = [(position + step) % count for step in range(count)]
+    base = [index for index in base if index not in unavailable]
+    if not base:
+        return Plan((), (), position)
     available = [index for index in base if cooling.get(index, 0.0) <= now]
     if not available:
         order = sorted(base, key=lambda index: (cooling.get(index, 0.0), base.index(index)))

@@ -16,11 +16,12 @@ import llm
 
 from . import config
 from .config import ConfigError
-from .members import Catalog, check_member, load_stored_keys
+from .members import Catalog, check_saved, load_stored_keys
 from .model import AsyncLoadBalancerModel, LoadBalancerModel
 
 _parsed: dict[str, tuple[tuple[int, int], object]] = {}
 _options_classes: dict[tuple, type] = {}
+_model_classes: dict[str, tuple[type, type]] = {}
 
 
 def _load_cached(name: str, entry: os.DirEntry):
@@ -71,20 +72,32 @@ def register_balancers(register, model_aliases) -> None:
         if keys is None and any(member.key for member in balancer.members):
             keys = load_stored_keys()  # read only when some member names a key
         try:
-            found = [
-                check_member(position, member, catalog, keys or {})
-                for position, member in enumerate(balancer.members, 1)
-            ]
+            found, missing = check_saved(balancer, catalog, keys or {})
         except ConfigError as ex:
             _register(register, name, balancer, None, llm.Options, str(ex))
             continue
-        members = [(mwa.model, mwa.async_model) for mwa in found]
-        classes = tuple((model or async_model).Options for model, async_model in members)
-        _register(register, name, balancer, members, partial(shared_options, classes), None)
+        # a member that is not installed is skipped, loudly, at each prompt
+        members = [mwa and (mwa.model, mwa.async_model) for mwa in found]
+        classes = tuple((pair[0] or pair[1]).Options for pair in members if pair is not None)
+        options = partial(shared_options, classes)
+        _register(register, name, balancer, members, options, None, missing)
 
 
-def _register(register, name, balancer, members, options, problem) -> None:
+def _classes(name: str) -> tuple[type, type]:
+    """The sync and async model classes of one balancer: a class of its own, because
+    ``llm models --options`` describes the options of each model class once."""
+    found = _model_classes.get(name)
+    if found is None:
+        found = _model_classes[name] = (
+            type(LoadBalancerModel.__name__, (LoadBalancerModel,), {}),
+            type(AsyncLoadBalancerModel.__name__, (AsyncLoadBalancerModel,), {}),
+        )
+    return found
+
+
+def _register(register, name, balancer, members, options, problem, missing=None) -> None:
+    sync_class, async_class = _classes(name)
     register(
-        LoadBalancerModel(name, balancer, members, options, problem),
-        AsyncLoadBalancerModel(name, balancer, members, options, problem),
+        sync_class(name, balancer, members, options, problem, missing),
+        async_class(name, balancer, members, options, problem, missing),
     )

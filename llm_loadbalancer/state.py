@@ -149,6 +149,7 @@ def select(
     *,
     conversation: str | None = None,
     tool_turn: bool = False,
+    unavailable: frozenset[int] = frozenset(),
     now: float | None = None,
 ) -> Plan:
     """Choose the order of members for one prompt and move the rotation, in one transaction.
@@ -186,6 +187,7 @@ def select(
             now,
             pinned=pinned,
             preferred=preferred,
+            unavailable=unavailable,
         )
         if result.position != position:
             db.execute(

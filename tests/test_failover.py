@@ -89,7 +89,9 @@ def test_errors_every_member_would_give_are_not_failed_over(save, run_llm):
     save("x", "flaky name=a fail=400", "flaky name=b")
     result = run_llm("-m", "lb:x", "hi")
     assert result.exit_code == 1
-    assert result.stderr.strip() == "Error: Error code: 400 - simulated failure"
+    assert result.stderr.strip() == (
+        "Error: lb:x: member 1 (flaky, name=a, fail=400): Error code: 400 - simulated failure"
+    )
     assert CALLS == ["a"]
     assert stats(run_llm)[0]["cooling_down_until"] is None
 
@@ -130,7 +132,9 @@ def test_no_failover_shows_the_members_error(save, run_llm):
     save("x", "flaky name=a fail=429", "flaky name=b", flags=("--no-failover",))
     result = run_llm("-m", "lb:x", "hi")
     assert result.exit_code == 1
-    assert result.stderr.strip() == "Error: Error code: 429 - simulated failure"
+    assert result.stderr.strip() == (
+        "Error: lb:x: member 1 (flaky, name=a, fail=429): Error code: 429 - simulated failure"
+    )
     assert CALLS == ["a"]
 
 
@@ -180,8 +184,8 @@ def test_debug_line_on_failover(save, monkeypatch, capsys):
     ask()
     err = capsys.readouterr().err
     assert (
-        "llm-loadbalancer: lb:x: member 1 (flaky (name=a, fail=429)) failed (429 rate limited), "
-        "trying member 2 (flaky (name=b))" in err
+        "llm-loadbalancer: lb:x: member 1 (flaky, name=a, fail=429) failed (429 rate limited), "
+        "trying member 2 (flaky, name=b)" in err
     )
 
 

@@ -302,7 +302,7 @@ def test_debug_line_names_member_position_and_key_name(keyed):
     result = llm_process("-m", "lb:dbg", "hi", env={"LLM_LOADBALANCER_DEBUG": "1"})
     lines = [line for line in result.stderr.splitlines() if line.startswith("llm-loadbalancer:")]
     assert lines == [
-        "llm-loadbalancer: lb:dbg: member 1 (echo-needs-key (key: k1)) at position 1 of 2, key: k1"
+        "llm-loadbalancer: lb:dbg: member 1 (echo-needs-key, key: k1) at position 1 of 2, key: k1"
     ]
     assert "value-1" not in result.stderr
 
@@ -326,12 +326,14 @@ def prompt_error(*args):
     return lines[0]
 
 
-def test_member_no_longer_installed(run_llm, user_path):
+def test_no_member_installed(run_llm, user_path):
     run_llm("lb", "save", "gone", "echo", "echo")
     path = user_path / "loadbalancers" / "gone.yaml"
-    path.write_text(path.read_text().replace("model: echo\n", "model: uninstalled-model\n", 1))
+    path.write_text(path.read_text().replace("model: echo\n", "model: uninstalled-model\n"))
     line = prompt_error("-m", "lb:gone", "hi")
-    assert line.startswith("Error: lb:gone: member 1 (uninstalled-model): unknown model")
+    assert line.startswith(
+        "Error: lb:gone: no member is installed: member 1 (uninstalled-model): unknown model"
+    )
     assert "echo" in llm_process("models").stdout
 
 
@@ -376,7 +378,7 @@ def test_key_name_that_is_not_stored(run_llm, user_path):
     run_llm("lb", "save", "ks", "echo-needs-key key=work", "echo")
     (user_path / "keys.json").write_text("{}")  # the key was removed after saving
     line = prompt_error("-m", "lb:ks", "hi")
-    assert line.startswith("Error: lb:ks: member 1 (echo-needs-key (key: (not stored)))")
+    assert line.startswith("Error: lb:ks: member 1 (echo-needs-key, key: (not stored))")
     assert "not the name of a stored key" in line
 
 

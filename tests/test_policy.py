@@ -72,7 +72,7 @@ def status_error(status, headers=None, cls=openai.APIStatusError):
         (408, True, None),
         (409, True, None),
         (400, False, None),
-        (404, False, None),
+        (404, True, KEY_COOLDOWN),
         (422, False, None),
     ],
 )

@@ -1,0 +1,130 @@
+"""Driving one member's ``execute`` generator: its SDK's retries off while another member can
+answer, and the balancer's first-chunk timeout.
+
+Without a timeout the member runs inline, as it would alone. With one, a sync member runs in a
+daemon thread that hands its chunks over a queue (a blocking HTTP call cannot be interrupted),
+an async one under ``asyncio.wait_for`` (which cancels it). A member that misses the deadline
+is abandoned: ``abandon()`` detaches its view of the response, and its chunks are never read.
+Without streaming the deadline is for the whole answer, which is held back until it is
+complete: nothing of an abandoned answer can have been shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+
+from . import retries
+from .failures import FirstChunkTimeout
+
+_DONE = object()
+
+
+def sync_chunks(generator, *, once, timeout, stream, abandon):
+    "The member's chunks; FirstChunkTimeout when none came (or no whole answer) in time."
+    if timeout is None:
+        while True:
+            token = retries.off() if once else None
+            try:
+                chunk = next(generator)
+            except StopIteration:
+                return
+            finally:
+                if token is not None:
+                    retries.restore(token)
+            yield chunk
+    worker = _Worker(generator, once)
+    worker.start()
+    deadline = time.monotonic() + timeout
+    held = []
+    try:
+        while True:
+            try:
+                if deadline is None:
+                    item = worker.items.get()
+                else:
+                    item = worker.items.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                abandon()
+                raise FirstChunkTimeout(timeout, stream) from None
+            if item is _DONE:
+                break
+            if isinstance(item, _Raised):
+                raise item.exception
+            if not stream:
+                held.append(item)
+                continue
+            deadline = None
+            yield item
+        yield from held
+    finally:
+        worker.stop.set()
+
+
+class _Raised:
+    __slots__ = ("exception",)
+
+    def __init__(self, exception):
+        self.exception = exception
+
+
+class _Worker(threading.Thread):
+    "Runs a sync member's generator, handing each chunk (then _DONE, or the error) over."
+
+    def __init__(self, generator, once):
+        super().__init__(name="llm-loadbalancer member", daemon=True)
+        self.generator = generator
+        self.once = once
+        self.items = queue.SimpleQueue()
+        self.stop = threading.Event()
+
+    def run(self):
+        if self.once:
+            retries.off()  # a new thread starts with a context of its own
+        try:
+            for chunk in self.generator:
+                if self.stop.is_set():
+                    self.generator.close()
+                    return
+                self.items.put(chunk)
+        except BaseException as ex:  # handed to the caller, who raises it
+            self.items.put(_Raised(ex))
+            return
+        self.items.put(_DONE)
+
+
+async def async_chunks(generator, *, once, timeout, stream, abandon):
+    "The async twin of ``sync_chunks``: the member is cancelled when it misses the deadline."
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    held = []
+    try:
+        while True:
+            token = retries.off() if once else None
+            try:
+                if deadline is None:
+                    chunk = await generator.__anext__()
+                else:
+                    remaining = max(deadline - loop.time(), 0)
+                    chunk = await asyncio.wait_for(generator.__anext__(), remaining)
+            except StopAsyncIteration:
+                break
+            except (asyncio.TimeoutError, TimeoutError):
+                if deadline is None or loop.time() < deadline:
+                    raise  # the member's own
+                abandon()
+                raise FirstChunkTimeout(timeout, stream) from None
+            finally:
+                if token is not None:
+                    retries.restore(token)
+            if deadline is not None and not stream:
+                held.append(chunk)
+                continue
+            deadline = None
+            yield chunk
+        for chunk in held:
+            yield chunk
+    finally:
+        await generator.aclose()
