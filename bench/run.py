@@ -248,34 +248,43 @@ class Bench:
 
     # 5, 6 ------------------------------------------------------------------------------
     def http(self):
-        """Through llm's OpenAI plugin to a local OpenAI-compatible server, run as its own
-        process on 127.0.0.1 with the openai SDK's retries left as llm has them."""
-        port = free_port()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE.parent / "tests" / "local_openai.py"),
-                "--port",
-                str(port),
-                "--chunk-delay",
-                "0.02",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        """Through llm's OpenAI plugin and llm-anthropic to local servers speaking their APIs,
+        each run as its own process on 127.0.0.1, with the SDKs' retries left as they are."""
+        port, anthropic_port = free_port(), free_port()
+        servers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(HERE.parent / "tests" / script),
+                    "--port",
+                    str(server_port),
+                    "--chunk-delay",
+                    "0.02",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for script, server_port in (
+                ("local_openai.py", port),
+                ("local_anthropic.py", anthropic_port),
+            )
+        ]
+        env = dict(self.env, ANTHROPIC_BASE_URL=f"http://127.0.0.1:{anthropic_port}/anthropic")
         try:
-            server.stdout.readline()  # "serving on ..."
+            for server in servers:
+                server.stdout.readline()  # "serving on ..."
             out = subprocess.run(
                 [sys.executable, __file__, "--http-worker", str(port)]
                 + (["--quick"] if self.quick else []),
-                env=self.env,
+                env=env,
                 check=True,
                 capture_output=True,
                 text=True,
             ).stdout
         finally:
-            server.terminate()
-            server.wait()
+            for server in servers:
+                server.terminate()
+                server.wait()
         data = json.loads(out)
         self.results.append(
             comparison(
@@ -323,6 +332,20 @@ class Bench:
                     "measured, see README",
                 )
             )
+        for case, label in (
+            ("429", "429, no Retry-After"),
+            ("429:20", "429, Retry-After: 20"),
+            ("refused", "connection refused"),
+        ):
+            self.results.append(
+                comparison(
+                    f"7. failover through llm-anthropic vs through llm's OpenAI plugin ({label})",
+                    "s",
+                    data["anthropic_failover"][case],
+                    data["openai_failover"][case],
+                    "added <= 0.1 s",
+                )
+            )
 
 
 def free_port() -> int:
@@ -359,7 +382,7 @@ def http_worker(port: int, quick: bool) -> None:
     (user / "extra-openai-models.yaml").write_text(yaml.safe_dump(models))
     keys = json.loads((user / "keys.json").read_text())
     keys.update({"local-a": "sk-a", "one": "sk-one", "two": "sk-two"})
-    keys.update({f"f{name}": f"fail-{name}" for name in ("429", "429:1")})
+    keys.update({f"f{name}": f"fail-{name}" for name in ("429", "429:1", "429:20")})
     (user / "keys.json").write_text(json.dumps(keys))
 
     def save(name, *specs):
@@ -373,6 +396,13 @@ def http_worker(port: int, quick: bool) -> None:
         ("refused", "local-dead"),
     ):
         save(f"fo{case.replace(':', '-')}", first, "local-a key=one")
+    # 7: the same failover with the failing member from llm-anthropic, and from llm's OpenAI
+    # plugin; "refused" is an endpoint where nothing listens
+    for case in ("429", "429:20"):
+        save(f"ant{case.replace(':', '-')}", f"claude-haiku-4.5 key=f{case}", "local-a key=one")
+        save(f"oai{case.replace(':', '-')}", f"local-a key=f{case}", "local-a key=one")
+    save("antrefused", "claude-haiku-4.5 key=one", "local-a key=one")
+    save("oairefused", "local-dead", "local-a key=one")
     lb, direct = llm.get_model("lb:http"), llm.get_model("local-a")
 
     def first_chunk(model):
@@ -410,6 +440,23 @@ def http_worker(port: int, quick: bool) -> None:
             state.reset(name)  # no cooldown: the first member is asked each time
             failover[case].append(whole(model, stream=False))
             failover_base.append(whole(direct, stream=False, key="one"))
+    plugin_failover = {"anthropic": {}, "openai": {}}
+    for case in ("429", "429:20", "refused"):
+        for plugin, prefix in (("anthropic", "ant"), ("openai", "oai")):
+            plugin_failover[plugin][case] = []
+        for _ in range(2 if quick else 7):
+            for plugin, prefix in (("anthropic", "ant"), ("openai", "oai")):
+                name = f"{prefix}{case.replace(':', '-')}"
+                state.reset(name)
+                environ = os.environ.copy()
+                if case == "refused" and plugin == "anthropic":
+                    os.environ["ANTHROPIC_BASE_URL"] = f"http://127.0.0.1:{free_port()}"
+                try:
+                    model = llm.get_model(f"lb:{name}")
+                    plugin_failover[plugin][case].append(whole(model, stream=False))
+                finally:
+                    os.environ.clear()
+                    os.environ.update(environ)
     # What llm does alone when a member fails: the openai SDK's own retries, then the error.
     sdk_alone = {}
     for case in ("429", "429:1"):
@@ -433,6 +480,8 @@ def http_worker(port: int, quick: bool) -> None:
                 "failover": failover,
                 "failover_base": failover_base,
                 "sdk_alone": sdk_alone,
+                "anthropic_failover": plugin_failover["anthropic"],
+                "openai_failover": plugin_failover["openai"],
             }
         )
     )

@@ -238,9 +238,7 @@ def from_dict(name: str, data) -> Balancer:
 
 
 def _is_seconds(value) -> bool:
-    return (
-        not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    )
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _flag(data: dict, name: str, default: bool) -> bool:

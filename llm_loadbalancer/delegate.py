@@ -142,7 +142,9 @@ class Run:
             self.use_state = False
             count = len(self.balancer.members)
             position = 0 if self.balancer.policy == "failover" else random.randrange(count)
-            self.plan = plan(self.balancer.policy, count, position, {}, 0.0, unavailable=unavailable)
+            self.plan = plan(
+                self.balancer.policy, count, position, {}, 0.0, unavailable=unavailable
+            )
         order = self.plan.order
         if not self.balancer.failover:
             order = order[:1]

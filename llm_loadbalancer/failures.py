@@ -155,7 +155,7 @@ def classify(ex: BaseException, default_cooldown: float) -> Failure:
     if isinstance(ex, llm.NeedsKeyException):
         return Failure("missing key", True, KEY_COOLDOWN)
     if isinstance(ex, FirstChunkTimeout):
-        return Failure(str(ex).partition(" (")[0], True, default_cooldown)
+        return Failure("timed out", True, default_cooldown)
     status = status_of(ex)
     if status is not None:
         reason = f"{status} {STATUS_WORDS.get(status, 'error')}"

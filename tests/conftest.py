@@ -139,3 +139,32 @@ def local_openai(user_path):
     )
     yield server
     server.stop()
+
+
+@pytest.fixture
+def local_anthropic(user_path, monkeypatch):
+    """A local Anthropic Messages API server on 127.0.0.1 (tests/local_anthropic.py), and
+    llm-anthropic pointed at it: ANTHROPIC_BASE_URL is its endpoint "anthropic" (set in the
+    environment, so `llm` processes started by the test inherit it). Keys: anthropic (the
+    plugin's default key, sk-ant-default), ant-work (sk-ant-work), ant-personal
+    (sk-ant-personal). Usable together with local_openai.
+
+    Every llm-anthropic model goes to this server; a cheap one to use is claude-haiku-4.5
+    (anthropic/claude-haiku-4-5-20251001). Its thinking option (-o thinking 1) is sent as
+    {"type": "enabled", "budget_tokens": 1024}; it has no thinking_effort, and this version of
+    llm-anthropic has no thinking_budget option at all. The thinking option exists on
+    claude-3.7-sonnet and every Claude 4 and later model; thinking_effort on claude-opus-4.5
+    and later (sent as {"type": "adaptive"} plus output_config.effort); thinking alone is
+    adaptive from the 4.6 models on; the Claude 5 models think by default, some always.
+    llm-anthropic always streams over HTTP, also for --no-stream."""
+    from local_anthropic import LocalAnthropic
+
+    server = LocalAnthropic().start()
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url("anthropic"))
+    set_keys(
+        user_path,
+        anthropic="sk-ant-default",
+        **{"ant-work": "sk-ant-work", "ant-personal": "sk-ant-personal"},
+    )
+    yield server
+    server.stop()

@@ -3,10 +3,11 @@
 It serves ``POST /<endpoint>/v1/chat/completions`` (any endpoint name, so that two models on
 "different providers" are told apart), streaming or not, records every request, and can be
 told to fail: per key or endpoint, the next N requests (or all) answer 429 (optionally with
-Retry-After), 500, 401, close the connection without answering, or stream one chunk and then
-cut the connection; a key named ``fail-BEHAVIOUR`` (fail-429, fail-429:1) always gets that
-fault. Its answer says which endpoint and key it saw, so a test can tell which member
-answered: ``answer from a with sk-work``.
+Retry-After), 500, 503, 400, 401, 403 or 404, close the connection without answering, stream one
+chunk and then cut the connection, answer 200 with something that is not JSON (malformed), or
+not answer at all until ``release()`` (hang); a key named ``fail-BEHAVIOUR`` (fail-429,
+fail-429:1) always gets that fault. Its answer says which endpoint and key it saw, so a test
+can tell which member answered: ``answer from a with sk-work``.
 
     python tests/local_openai.py --port 8765    # run it by hand
 """
@@ -43,12 +44,32 @@ class Handler(BaseHTTPRequestHandler):
             Recorded(path=self.path, endpoint=endpoint, key=key, body=body, time=time.monotonic())
         )
         behaviour = owner._behaviour(endpoint, key)
+        released = False
+        if behaviour == "hang":
+            if not owner._hold():  # the server is stopping: no answer at all
+                self.close_connection = True
+                return
+            behaviour, released = "ok", True
+        try:
+            self._respond(body, endpoint, key, behaviour)
+        except (BrokenPipeError, ConnectionResetError):
+            if released:
+                owner._released_done(answered=False)
+            raise
+        if released:
+            owner._released_done(answered=True)
+
+    def _respond(self, body, endpoint, key, behaviour):
+        owner = self.server.owner
         if behaviour == "close":
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        if behaviour.split(":")[0] in ("429", "500", "503", "401", "403", "400"):
+        if behaviour.split(":")[0] in ("429", "500", "503", "401", "403", "404", "400"):
             self._error(behaviour)
+            return
+        if behaviour == "malformed":
+            self._malformed(stream=bool(body.get("stream")))
             return
         text, tool_calls = owner._answer(endpoint, key, body)
         if body.get("stream"):
@@ -61,7 +82,11 @@ class Handler(BaseHTTPRequestHandler):
         headers = {"x-should-retry": "false"} if self.server.owner.no_sdk_retries else {}
         if retry_after:
             headers["retry-after"] = retry_after
-        message = {429: "Rate limit reached", 401: "Invalid key"}.get(int(status), "Failure")
+        message = {
+            429: "Rate limit reached",
+            401: "Invalid key",
+            404: "The model does not exist",
+        }.get(int(status), "Failure")
         self._json(int(status), {"error": {"message": message, "type": "test"}}, headers)
 
     def _json(self, status: int, data: dict, headers=None):
@@ -73,6 +98,24 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
+
+    def _malformed(self, stream: bool):
+        "HTTP 200, but what follows is not JSON: a whole body, or the first data: line."
+        if not stream:
+            payload = b'{"id": "chatcmpl-test", "choices": [ not JSON'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for data in (b'data: {"id": "chatcmpl-test", not JSON\n\n', b"data: [DONE]\n\n", b""):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
 
     @staticmethod
     def _usage(body, text):
@@ -173,11 +216,23 @@ class LocalOpenAI:
         # see each failure once; the benchmark turns this off to measure llm as it is.
         self.no_sdk_retries = no_sdk_retries
         self.last_chunk_sent = None
+        # Set (and counted) each time a request held by hang has been released and its whole
+        # answer written; released_broken counts those whose client had gone by then.
+        self.released_and_answered = threading.Event()
+        self.released_answers = 0
+        self.released_broken = 0
         self._rules: list[list] = []  # [endpoint or None, key or None, behaviour, times left]
         self._lock = threading.Lock()
+        self._hang = threading.Condition()
+        self._hung = 0
+        self._releases = 0
+        self._stopping = False
         self._server = self._Server(("127.0.0.1", port), Handler)
         self._server.owner = self
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # stop() waits for serve_forever to notice: poll often, not every half second
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -191,18 +246,71 @@ class LocalOpenAI:
         return self
 
     def stop(self) -> None:
+        with self._hang:  # requests still held by hang end without an answer
+            self._stopping = True
+            self._hang.notify_all()
         self._server.shutdown()
         self._server.server_close()
 
     def fail(self, behaviour: str, *, endpoint=None, key=None, times=None) -> None:
         """Answer matching requests with ``behaviour``: 429, 429:RETRY_AFTER, 500, 503, 401,
-        403, 400, close or cut; ``times`` requests, or all of them when None."""
+        403, 404, 400, close, cut, malformed or hang; ``times`` requests, or all of them when
+        None."""
         with self._lock:
             self._rules.append([endpoint, key, behaviour, times])
 
     def heal(self) -> None:
         with self._lock:
             self._rules.clear()
+
+    # --- hang ----------------------------------------------------------------------------
+
+    @property
+    def hung(self) -> int:
+        "How many requests hang is holding now."
+        with self._hang:
+            return self._hung
+
+    def wait_hung(self, count: int = 1, timeout: float = 10.0) -> bool:
+        "Wait until hang holds at least ``count`` requests; False if it did not in time."
+        with self._hang:
+            return self._hang.wait_for(lambda: self._hung >= count, timeout)
+
+    def release(self) -> None:
+        "Let every request hang is holding go on and answer normally."
+        with self._hang:
+            self._releases += 1
+            self._hang.notify_all()
+
+    def wait_released(self, count: int = 1, timeout: float = 10.0) -> bool:
+        """Wait until ``count`` released requests have finished writing their answers (or
+        found their client gone); False if they did not in time."""
+        with self._hang:
+            return self._hang.wait_for(
+                lambda: self.released_answers + self.released_broken >= count, timeout
+            )
+
+    def _hold(self) -> bool:
+        "Hold a request until release(); False when the server stops first."
+        with self._hang:
+            releases = self._releases
+            self._hung += 1
+            self._hang.notify_all()
+            self._hang.wait_for(lambda: self._releases != releases or self._stopping)
+            self._hung -= 1
+            return not self._stopping
+
+    def _released_done(self, answered: bool) -> None:
+        with self._hang:
+            if answered:
+                self.released_answers += 1
+            else:
+                self.released_broken += 1
+            self._hang.notify_all()
+        if answered:
+            self.released_and_answered.set()
+
+    # ---------------------------------------------------------------------------------------
 
     def _behaviour(self, endpoint: str, key: str) -> str:
         if key.startswith("fail-"):  # a key can carry its own fault: fail-429, fail-429:1 ...

@@ -326,6 +326,35 @@ def prompt_error(*args):
     return lines[0]
 
 
+def test_a_member_no_longer_installed_is_skipped_with_a_warning(run_llm, user_path):
+    run_llm("lb", "save", "mix", "echo", "echo example_bool=true", "echo")
+    path = user_path / "loadbalancers" / "mix.yaml"
+    path.write_text(path.read_text().replace("model: echo\n", "model: uninstalled-model\n", 1))
+    answered = []
+    for _ in range(3):
+        result = run_llm("-m", "lb:mix", "hi")
+        assert result.exit_code == 0, result.output
+        assert result.stderr.splitlines() == [
+            "Warning: lb:mix: member 1 (uninstalled-model): unknown model 'uninstalled-model': "
+            "'llm models' lists them: skipped; install the plugin that provides it, or remove "
+            "the member with 'llm lb edit mix'"
+        ]
+        answered.append("options" in json.loads(result.stdout))
+    assert answered == [True, False, True]  # members 2 and 3 take turns
+    listed = run_llm("lb", "list").stdout
+    assert "warning: member 1 (uninstalled-model): unknown model" in listed
+    assert "[not installed]" in run_llm("models").stdout
+
+
+def test_each_balancers_options_are_described(run_llm):
+    run_llm("lb", "save", "one", "echo", "echo")
+    run_llm("lb", "save", "two", "echo", "echo")
+    listed = run_llm("models", "--options").stdout
+    for name in ("one", "two"):
+        block = listed.split(f"lb:{name} ")[1].split("\nLoadBalancer")[0]
+        assert "example_bool: boolean\n      " in block  # the description follows the option
+
+
 def test_no_member_installed(run_llm, user_path):
     run_llm("lb", "save", "gone", "echo", "echo")
     path = user_path / "loadbalancers" / "gone.yaml"
