@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import difflib
 import json
+import math
+import os
 import sys
+import tempfile
 
 import click
+import llm
 from click_default_group import DefaultGroup
 
 from . import config, state
@@ -39,7 +44,37 @@ def _load(name: str) -> Balancer:
         _fail(ex)
 
 
-@click.group(cls=DefaultGroup, default="list", default_if_no_args=True)
+class _Group(DefaultGroup):
+    """``llm lb``: with no command, ``list``; a mistyped command is an error (not arguments for
+    ``list``); and every problem, whatever the state of the folder, the files, the editor or
+    the state file, ends in one line: ``Error: ...``, never a traceback."""
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else None
+        if name and name not in self.commands and not name.startswith("-"):
+            close = difflib.get_close_matches(name, list(self.commands), n=1)
+            hint = f"did you mean 'llm lb {close[0]}'?" if close else "'llm lb --help' lists them"
+            raise click.ClickException(f"no command 'llm lb {config.cut(name)}': {hint}")
+        return super().resolve_command(ctx, args)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, state.StateUnavailable) as ex:
+            raise click.ClickException(str(ex)) from None
+        except OSError as ex:
+            raise click.ClickException(_os_problem(ex)) from None
+
+
+def _os_problem(ex: OSError) -> str:
+    where = f"{ex.filename}: " if ex.filename else ""
+    return (
+        f"{where}{ex.strerror or ex}: check that {llm.user_dir() / 'loadbalancers'} is a folder "
+        "you can write to"
+    )
+
+
+@click.group(cls=_Group, default="list", default_if_no_args=True)
 def lb():
     """
     Manage load balancers: lb:NAME models that spread prompts over several members
@@ -127,20 +162,29 @@ def lb_save(name, members, file_, policy, sticky, failover, cooldown, timeout, f
     if path.exists() and not force:
         raise click.ClickException(f"lb:{name} already exists: add --force to replace it")
     config.write(balancer)
-    count = len(balancer.members)
-    click.echo(f"Saved load balancer lb:{name} with {count} member{'s' if count != 1 else ''}")
+    click.echo(
+        f"Saved load balancer lb:{name} with {_count(len(balancer.members), 'member')}", err=True
+    )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _read_file(file_: str) -> str:
     source = "standard input" if file_ == "-" else file_
     try:
         if file_ == "-":
-            data = sys.stdin.buffer.read()
+            data = sys.stdin.buffer.read(config.MAX_FILE_BYTES + 1)
         else:
             with open(file_, "rb") as handle:
-                data = handle.read()
+                data = handle.read(config.MAX_FILE_BYTES + 1)
     except OSError as ex:
         raise ConfigError(f"cannot read {source}: {ex.strerror or ex}")
+    if len(data) > config.MAX_FILE_BYTES:
+        raise ConfigError(
+            f"{source} is over {config.MAX_FILE_BYTES:,} bytes, the most a balancer file may be"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -230,6 +274,8 @@ def lb_list(json_):
     Example:
         llm lb list
     """
+    for skipped in config.skipped():
+        click.echo(f"Warning: skipped {skipped}", err=True)
     names = config.names()
     catalog = Catalog.installed() if names else None
     keys = load_stored_keys() if names else {}
@@ -334,8 +380,8 @@ def lb_edit(name):
     """
     Edit a load balancer's file in your editor
 
-    The edited text is checked like 'llm lb save' does; an invalid edit is refused and the
-    old file kept.
+    The edited text is checked like 'llm lb save' does; an invalid edit is refused, the old
+    file kept, and the edited text kept in a temporary file that the error names.
 
     \b
     Example:
@@ -345,17 +391,70 @@ def lb_edit(name):
     if not path.exists():
         # Only existence is checked: edit is how a broken file gets fixed.
         raise click.ClickException(f"no load balancer named {name!r}: 'llm lb list' shows them")
-    edited = click.edit(path.read_text(), extension=".yaml", require_save=True)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="backslashreplace")
+        click.echo(
+            f"lb:{name}: the file is not UTF-8 text: the bytes that are not are shown as \\xNN; "
+            "it is saved once what you write is a valid balancer",
+            err=True,
+        )
+    edited = _edit_in_editor(name, text)
     if edited is None:
         click.echo(f"No changes to lb:{name}", err=True)
         return
-    try:
-        balancer = config.parse(name, edited)
-        check_balancer(balancer, Catalog.installed())
-    except ConfigError as ex:
-        raise click.ClickException(f"lb:{name} was not changed: {ex}")
-    config.write_text(name, edited)
     click.echo(f"Saved load balancer lb:{name}", err=True)
+
+
+def _edit_in_editor(name: str, text: str) -> str | None:
+    """Open ``text`` in the user's editor, in a temporary file; save it as the balancer if it is
+    valid. Returns None when nothing changed. When it cannot be saved, the temporary file is
+    kept, and the error says where, so that no edit is lost."""
+    fd, edit_path = tempfile.mkstemp(prefix="llm-lb-edit-", suffix=".yaml")
+    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
+        handle.write(text)
+    keep = True
+    try:
+        try:
+            click.edit(filename=edit_path)
+        except click.ClickException as ex:
+            raise ConfigError(
+                f"lb:{name} was not changed: {ex.message} (the text is in {edit_path})"
+            ) from None
+        try:
+            with open(edit_path, "rb") as handle:
+                data = handle.read(config.MAX_FILE_BYTES + 1)
+        except FileNotFoundError:
+            keep = False
+            raise ConfigError(f"lb:{name} was not changed: the editor removed the file it edited")
+        try:
+            edited = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"lb:{name} was not changed: the edited text is not UTF-8; it is in {edit_path}"
+            ) from None
+        if edited == text:
+            keep = False
+            return None
+        try:
+            balancer = config.parse(name, edited)
+            check_balancer(balancer, Catalog.installed())
+            config.write_text(name, edited)
+        except (ConfigError, OSError) as ex:
+            problem = _os_problem(ex) if isinstance(ex, OSError) else str(ex)
+            raise ConfigError(
+                f"lb:{name} was not changed: {problem} (your edited text is in {edit_path})"
+            ) from None
+        keep = False
+        return edited
+    finally:
+        if not keep:
+            try:
+                os.unlink(edit_path)
+            except OSError:
+                pass
 
 
 @lb.command(name="reset")
@@ -422,12 +521,15 @@ def lb_stats(name, json_):
 def _when(timestamp) -> str:
     if not timestamp:
         return "never"
-    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return "(a time out of range)"
 
 
 def _stats_line(member: dict) -> str:
     line = (
-        f"  {member['member']}. {member['label']}: {member['requests']} requests, "
+        f"  {member['member']}. {member['label']}: {_count(member['requests'], 'request')}, "
         f"{member['successes']} ok, {member['failures']} failed, "
         f"{member['share']:.0%} of traffic, last used {_when(member['last_used'])}"
     )

@@ -22,6 +22,12 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 POLICIES = ("roundrobin", "failover")
 DEFAULT_POLICY = "roundrobin"
 DEFAULT_COOLDOWN = 30.0
+# Bounds: a balancer file is read by every llm process that looks up a model, and a cooldown
+# or timeout is a wait; nothing here may grow without limit.
+MAX_FILE_BYTES = 64 * 1024
+MAX_MEMBERS = 100
+MAX_SECONDS = 86400.0  # the longest cooldown (from any source) and timeout: one day
+SHOWN_CHARS = 60  # a value quoted back in a message is cut to this
 TOP_FIELDS = ("policy", "members", "sticky", "failover", "cooldown", "timeout")
 MEMBER_FIELDS = ("model", "key", "options")
 PREFIX = "lb:"
@@ -44,7 +50,7 @@ class Member:
         if self.key:
             shown = self.key if stored_keys is None or self.key in stored_keys else "(not stored)"
             extras.append(f"key: {shown}")
-        extras.extend(f"{name}={_scalar(value)}" for name, value in self.options.items())
+        extras.extend(f"{name}={scalar(value)}" for name, value in self.options.items())
         return extras
 
     def label(self, stored_keys=None) -> str:
@@ -99,25 +105,54 @@ class Balancer:
         return repr([member.to_dict() for member in self.members])
 
 
-def _scalar(value) -> str:
+def scalar(value) -> str:
+    "A value as the user wrote it (true, 0.2, text), cut short."
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    return cut(str(value))
+
+
+def cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value) -> str:
+    "A value quoted in a message: its repr, cut short (a file may hold anything)."
+    return cut(repr(value))
+
+
+_KINDS = {list: "a list", dict: "a mapping", str: "text", int: "a number", float: "a number"}
+
+
+def kind(value) -> str:
+    "What a YAML value is, in the user's words."
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "true/false"
+    return _KINDS.get(type(value), type(value).__name__)
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        shown = name if isinstance(name, str) and name else "(empty)"
+    if not isinstance(name, str) or not name:
+        raise ConfigError("the load balancer name is empty: give one, e.g. llm lb save fast ...")
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(
-            f"invalid load balancer name {shown!r}: use 1-64 letters, digits, '-', '_' or '.', "
-            "starting with a letter or digit (for lb:fast, the name is fast)"
+            f"invalid load balancer name {shown(name)}: use 1-64 letters, digits, '-', '_' or "
+            "'.', starting with a letter or digit (for lb:fast, the name is fast)"
         )
     return name
 
 
 def folder() -> Path:
     path = llm.user_dir() / "loadbalancers"
-    path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+        if path.exists() or path.is_symlink():
+            raise ConfigError(
+                f"{path} is not a folder: move it away, and llm-loadbalancer will keep its "
+                "files there"
+            )
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -142,6 +177,28 @@ def entries() -> list[tuple[str, os.DirEntry]]:
     except OSError:
         return []
     return sorted(found, key=lambda pair: pair[0])
+
+
+def skipped() -> list[str]:
+    "Files in the folder that look meant as balancers but are not read, each with why."
+    path = llm.user_dir() / "loadbalancers"
+    try:
+        names = sorted(entry.name for entry in os.scandir(path))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        stem, dot, ending = name.rpartition(".")
+        if name.startswith(".") or ending not in ("yaml", "yml", "json") or not dot:
+            continue
+        if ending != "yaml":
+            found.append(f"{shown(name)}: balancer files end in .yaml: rename it {stem}.yaml")
+        elif not NAME_RE.fullmatch(stem):
+            found.append(
+                f"{shown(name)}: not a load balancer name (1-64 letters, digits, '-', '_' or "
+                "'.', starting with a letter or digit): rename it"
+            )
+    return found
 
 
 def parse_value(text: str):
@@ -194,37 +251,41 @@ def parse_member_spec(spec: str) -> Member:
     return Member(model=model, key=key, options=options)
 
 
+def _unknown(where: str, data: dict, fields) -> None:
+    unknown = [shown(str(key)) for key in data if key not in fields][:5]
+    if unknown:
+        raise ConfigError(
+            f"{where}unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+            f"the fields are {', '.join(fields)}"
+        )
+
+
 def from_dict(name: str, data) -> Balancer:
     "Check the structure of a definition and build the typed form."
     check_name(name)
+    if data is None:
+        raise ConfigError(
+            "the definition is empty: a load balancer needs 'members' (a list of models)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
-            "a load balancer definition is a mapping with 'policy' and 'members', "
-            f"not {type(data).__name__}"
+            f"a load balancer definition is a mapping with 'policy' and 'members', not {kind(data)}"
         )
-    unknown = [str(key) for key in data if key not in TOP_FIELDS]
-    if unknown:
-        raise ConfigError(
-            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
-            f"the fields are {', '.join(TOP_FIELDS)}"
-        )
+    _unknown("", data, TOP_FIELDS)
     policy = data.get("policy", DEFAULT_POLICY)
     if policy not in POLICIES:
-        raise ConfigError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
+        raise ConfigError(f"unknown policy {shown(policy)}: use one of {', '.join(POLICIES)}")
     sticky = _flag(data, "sticky", False)
     failover = _flag(data, "failover", True)
-    cooldown = data.get("cooldown", DEFAULT_COOLDOWN)
-    if not _is_seconds(cooldown) or cooldown < 0:
-        raise ConfigError(f"cooldown must be a number of seconds >= 0, not {cooldown!r}")
+    cooldown = seconds(data.get("cooldown", DEFAULT_COOLDOWN), "cooldown", minimum=0)
     timeout = data.get("timeout")
-    if timeout is not None and (not _is_seconds(timeout) or timeout <= 0):
-        raise ConfigError(
-            f"timeout must be a number of seconds > 0 (the time a member has for its first "
-            f"chunk), not {timeout!r}"
-        )
+    if timeout is not None:
+        timeout = seconds(timeout, "timeout (the time a member has for its first chunk)")
     raw_members = data.get("members")
     if not isinstance(raw_members, list) or not raw_members:
         raise ConfigError("'members' must be a list with at least one member")
+    if len(raw_members) > MAX_MEMBERS:
+        raise ConfigError(f"{len(raw_members)} members: a load balancer has at most {MAX_MEMBERS}")
     members = tuple(_member(i, raw) for i, raw in enumerate(raw_members, 1))
     return Balancer(
         name=name,
@@ -232,19 +293,38 @@ def from_dict(name: str, data) -> Balancer:
         policy=policy,
         sticky=sticky,
         failover=failover,
-        cooldown=float(cooldown),
-        timeout=None if timeout is None else float(timeout),
+        cooldown=cooldown,
+        timeout=timeout,
     )
 
 
-def _is_seconds(value) -> bool:
+def seconds(value, what: str, minimum: float | None = None) -> float:
+    """A number of seconds from 0 (``minimum``, inclusive; else exclusive) to MAX_SECONDS.
+    Text that reads as a number counts (YAML reads 1e3 as text)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    low_ok = number >= 0 if minimum == 0 else number > 0 if _is_number(number) else False
+    if not _is_number(number) or not low_ok or number > MAX_SECONDS:
+        low = ">= 0" if minimum == 0 else "> 0"
+        raise ConfigError(
+            f"{what} must be a number of seconds {low} and at most {MAX_SECONDS:g} (one day), "
+            f"not {shown(value)}"
+        )
+    return float(number)
+
+
+def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _flag(data: dict, name: str, default: bool) -> bool:
     value = data.get(name, default)
     if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, not {value!r}")
+        raise ConfigError(f"{name} must be true or false, not {shown(value)}")
     return value
 
 
@@ -253,16 +333,15 @@ def _member(position: int, raw) -> Member:
     if isinstance(raw, str):
         raw = {"model": raw}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a mapping with 'model' (and optional key, options)")
-    unknown = [str(key) for key in raw if key not in MEMBER_FIELDS]
-    if unknown:
         raise ConfigError(
-            f"{where}: unknown field{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(map(repr, unknown))}: the fields are {', '.join(MEMBER_FIELDS)}"
+            f"{where} must be a mapping with 'model' (and optional key, options), not {kind(raw)}"
         )
+    _unknown(f"{where}: ", raw, MEMBER_FIELDS)
     model = raw.get("model")
     if not isinstance(model, str) or not model.strip():
         raise ConfigError(f"{where} needs 'model': a model id or alias")
+    if len(model) > 200:
+        raise ConfigError(f"{where}: {shown(model)} is not a model id or alias")
     key = raw.get("key")
     if key is not None and (not isinstance(key, str) or not key):
         raise ConfigError(f"{where} ({model}): 'key' must be the name of a stored key")
@@ -276,33 +355,92 @@ def _member(position: int, raw) -> Member:
 
 def parse(name: str, text: str) -> Balancer:
     "Parse a YAML (or JSON) definition."
+    return from_dict(name, load_yaml(text))
+
+
+def load_yaml(text: str):
+    """YAML (or JSON) read within bounds: at most MAX_FILE_BYTES, no anchors or aliases (an
+    alias chain expands a few hundred bytes into gigabytes), no duplicate keys."""
     import yaml
 
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(_too_big(len(text)))
+    # libyaml's loader, where PyYAML has it, is many times faster: every balancer file is
+    # parsed by each llm process that looks up a model.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
     try:
-        # libyaml's loader, where PyYAML has it, is many times faster: every balancer file
-        # is parsed by each llm process that looks up a model.
-        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node)
+        return loader.construct_document(node)
     except yaml.YAMLError as ex:
         mark = getattr(ex, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         problem = getattr(ex, "problem", None) or "not valid YAML"
-        raise ConfigError(f"not valid YAML{where}: {problem}")
-    return from_dict(name, data)
+        raise ConfigError(f"not valid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _too_big(size: int) -> str:
+    return (
+        f"the definition is {size:,} bytes: a balancer file is at most {MAX_FILE_BYTES:,} bytes "
+        f"(and {MAX_MEMBERS} members)"
+    )
+
+
+def _check_nodes(root) -> None:
+    "Refuse aliases (a node reached twice) and duplicate keys, visiting each node once."
+    import yaml
+
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            raise ConfigError(
+                "YAML anchors and aliases (&name, *name) are not allowed in a balancer file: "
+                "write each value out"
+            )
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in keys:
+                        raise ConfigError(
+                            f"duplicate key {shown(key.value)} (line {key.start_mark.line + 1}): "
+                            "each key may appear once"
+                        )
+                    keys.add(key.value)
+                todo.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
 
 
 def load(name: str, path: Path | None = None) -> Balancer:
     "Read a saved balancer; a problem is reported with the file's path."
     path = path or path_for(name)
     try:
-        text = path.read_text()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"no load balancer named {name!r}: 'llm lb list' shows the saved ones")
-    except (OSError, UnicodeDecodeError) as ex:
-        raise ConfigError(f"{path}: cannot be read: {ex}")
+    except OSError as ex:
+        raise ConfigError(f"{path}: cannot be read: {ex.strerror or ex}")
     try:
+        if len(data) > MAX_FILE_BYTES:
+            raise ConfigError(_too_big(os.path.getsize(path)))
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                "cannot be read: it is not UTF-8 text ('llm lb edit' opens it to fix)"
+            ) from None
         return parse(name, text)
     except ConfigError as ex:
-        raise ConfigError(f"{path}: {ex}")
+        raise ConfigError(f"{path}: {ex}") from None
 
 
 def dump(balancer: Balancer) -> str:

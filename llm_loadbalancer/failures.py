@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import email.utils
 import errno
+import math
 import time
 from typing import NamedTuple
 
 import llm
+
+from .config import MAX_SECONDS
 
 KEY_COOLDOWN = 600.0
 PROTOCOL_ERROR_NAMES = {
@@ -104,29 +107,36 @@ def status_of(ex: BaseException) -> int | None:
 
 
 def retry_after(ex: BaseException, now: float | None = None) -> float | None:
-    "Seconds from the response's retry-after-ms or Retry-After header, when it has one."
+    """Seconds from the response's retry-after-ms or Retry-After header, when it has one that
+    makes sense: not a number, not finite or over a day (``inf``, ``1e300``) counts as none."""
     headers = getattr(getattr(ex, "response", None), "headers", None)
     if headers is None:
         return None
     try:
         millis = headers.get("retry-after-ms")
+        value = headers.get("retry-after") if millis is None else None
         if millis is not None:
-            return max(float(millis) / 1000, 0.0)
-        value = headers.get("retry-after")
+            return _sensible(float(millis) / 1000)
     except Exception:
         return None
     if value is None:
         return None
     try:
-        return max(float(value), 0.0)
+        return _sensible(float(value))
     except ValueError:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     now = time.time() if now is None else now
-    return max(when.timestamp() - now, 0.0)
+    return _sensible(when.timestamp() - now)
+
+
+def _sensible(seconds: float) -> float | None:
+    if not math.isfinite(seconds) or seconds > MAX_SECONDS:
+        return None
+    return max(seconds, 0.0)
 
 
 def _connection_reason(ex: BaseException) -> str | None:

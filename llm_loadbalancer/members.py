@@ -14,7 +14,7 @@ import json
 
 import llm
 
-from .config import PREFIX, Balancer, ConfigError, Member, parse_value
+from .config import PREFIX, Balancer, ConfigError, Member, cut, parse_value
 
 
 class NotInstalled(ConfigError):
@@ -84,9 +84,13 @@ def build_options(options_class, options: dict):
         return options_class(**options)
     except pydantic.ValidationError as ex:
         problems = []
-        for error in ex.errors():
-            loc = ".".join(str(part) for part in error.get("loc", ())) or "options"
-            problems.append(f"option {loc!r}: {error.get('msg')}")
+        for error in ex.errors()[:3]:
+            loc = cut(".".join(str(part) for part in error.get("loc", ())) or "options")
+            if error.get("type") == "extra_forbidden":
+                known = ", ".join(options_class.model_fields) or "none"
+                problems.append(f"unknown option {loc!r}: the model's options are {known}")
+            else:
+                problems.append(f"option {loc!r}: {cut(str(error.get('msg')), 200)}")
         raise ConfigError("; ".join(problems)) from None
 
 

@@ -10,13 +10,6 @@ from __future__ import annotations
 import llm
 
 
-class _Everything(frozenset):
-    "Attachment types of a broken balancer: accept all, so its own error is the one shown."
-
-    def __contains__(self, item):
-        return True
-
-
 class _Shared:
     "Everything the sync and async lb models have in common; the twins add ``execute``."
 
@@ -33,9 +26,10 @@ class _Shared:
         self.missing = missing or {}  # member index: why it is skipped (not installed)
         self._options_class = options_class  # a class, or a function that builds it
         if problem or not members:
-            self.can_stream = True
-            self.supports_schema = self.supports_tools = self.supports_conversation = True
-            self.attachment_types = _Everything()
+            # it advertises nothing; _validate_attachments makes its own error the one shown
+            self.can_stream = False
+            self.supports_schema = self.supports_tools = self.supports_conversation = False
+            self.attachment_types = frozenset()
             return
         present = [pair for pair in members if pair is not None]
         models = [pair[1] if self.is_async else pair[0] for pair in present]
@@ -65,6 +59,12 @@ class _Shared:
             for i, m in enumerate(self.balancer.members)
         )
         return f"{kind}: {self.model_id} ({self.balancer.policy}: {labels})"
+
+    def _validate_attachments(self, attachments=None):
+        # llm calls this first when a prompt is made, before it checks any capability
+        if self.problem:
+            raise ValueError(f"{self.model_id}: {self.problem}")
+        super()._validate_attachments(attachments)
 
     def get_key(self, explicit_key=None):
         # --key is passed through unchanged; each member resolves it (or uses its own key).

@@ -12,6 +12,7 @@ import os
 from functools import partial
 from pathlib import Path
 
+import click
 import llm
 
 from . import config
@@ -20,7 +21,7 @@ from .members import Catalog, check_saved, load_stored_keys
 from .model import AsyncLoadBalancerModel, LoadBalancerModel
 
 _parsed: dict[str, tuple[tuple[int, int], object]] = {}
-_options_classes: dict[tuple, type] = {}
+_options_classes: dict[tuple[str, tuple], type] = {}
 _model_classes: dict[str, tuple[type, type]] = {}
 
 
@@ -43,18 +44,38 @@ def _load_cached(name: str, entry: os.DirEntry):
     return result
 
 
-def shared_options(classes: tuple) -> type:
+class UnsharedOption(click.ClickException):
+    "An option given to lb:NAME that not every member has (one line, not pydantic's wording)."
+
+
+def shared_options(name: str, classes: tuple) -> type:
     "An Options class with the fields that every member's Options class has."
-    cached = _options_classes.get(classes)
+    cached = _options_classes.get((name, classes))
     if cached is not None:
         return cached
     import pydantic
 
     first = classes[0].model_fields
-    shared = [name for name in first if all(name in cls.model_fields for cls in classes[1:])]
-    fields = {name: (first[name].annotation, first[name]) for name in shared}
-    options = pydantic.create_model("LoadBalancerOptions", __base__=llm.Options, **fields)
-    _options_classes[classes] = options
+    shared = [field for field in first if all(field in cls.model_fields for cls in classes[1:])]
+    fields = {field: (first[field].annotation, first[field]) for field in shared}
+
+    def only_shared(cls, data):
+        unknown = [key for key in data if key not in shared] if isinstance(data, dict) else []
+        if unknown:
+            raise UnsharedOption(
+                f"lb:{name}: option {config.cut(str(unknown[0]))!r} is not one that every "
+                f"member has: lb:{name} takes {', '.join(shared) or 'no options'} "
+                f"('llm models --options -m lb:{name}' describes them)"
+            )
+        return data
+
+    options = pydantic.create_model(
+        "LoadBalancerOptions",
+        __base__=llm.Options,
+        __validators__={"only_shared": pydantic.model_validator(mode="before")(only_shared)},
+        **fields,
+    )
+    _options_classes[(name, classes)] = options
     return options
 
 
@@ -74,12 +95,12 @@ def register_balancers(register, model_aliases) -> None:
         try:
             found, missing = check_saved(balancer, catalog, keys or {})
         except ConfigError as ex:
-            _register(register, name, balancer, None, llm.Options, str(ex))
+            _register(register, name, balancer, None, llm.Options, f"{entry.path}: {ex}")
             continue
         # a member that is not installed is skipped, loudly, at each prompt
         members = [mwa and (mwa.model, mwa.async_model) for mwa in found]
         classes = tuple((pair[0] or pair[1]).Options for pair in members if pair is not None)
-        options = partial(shared_options, classes)
+        options = partial(shared_options, name, classes)
         _register(register, name, balancer, members, options, None, missing)
 
 

@@ -8,6 +8,7 @@ without it (``model.py`` warns once).
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import llm
 
-from .config import Balancer
+from .config import MAX_SECONDS, Balancer
 from .policy import Plan, plan
 
 FILENAME = "loadbalancers.db"
@@ -25,7 +26,11 @@ TIMEOUT_ENV = "LLM_LOADBALANCER_STATE_TIMEOUT"
 DEFAULT_TIMEOUT = 10.0
 AFFINITY_DAYS = 30
 
-SCHEMA = """
+# Each step takes the file from version N to N + 1 (``pragma user_version``); a file made before
+# versions were kept (0.1.0, version 0) has the tables of step 1 already, which it creates only
+# where they are missing. Steps run in one write transaction, so concurrent processes upgrade
+# a file once.
+SCHEMA_V1 = """
 create table if not exists rotation (
     balancer text primary key,
     signature text not null,
@@ -57,11 +62,15 @@ create table if not exists affinity (
     primary key (balancer, conversation)
 );
 create index if not exists affinity_updated on affinity (updated);
+update cooldowns set until = 0 where until is null or until != until;
+update cooldowns set until = min(until, strftime('%s', 'now') + {max_seconds});
 """
+MIGRATIONS = (SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)),)
+VERSION = len(MIGRATIONS)
 
 
 class StateUnavailable(Exception):
-    "The state file cannot be used (corrupt, read-only, locked past the timeout)."
+    "The state file cannot be used (corrupt, read-only, locked past the timeout, too new)."
 
 
 _paths: dict = {}
@@ -80,27 +89,53 @@ _lock = threading.Lock()
 _connections: dict[str, sqlite3.Connection] = {}
 
 
-def _timeout() -> float:
+def timeout() -> float:
+    """Seconds to wait for the file's lock: LLM_LOADBALANCER_STATE_TIMEOUT, a number from 0 to
+    3600; anything else (inf, nan, -5, text) is the default, 10."""
     try:
-        return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+        value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
     except ValueError:
         return DEFAULT_TIMEOUT
+    return value if math.isfinite(value) and 0 <= value <= 3600 else DEFAULT_TIMEOUT
 
 
 def _connect(file: Path) -> sqlite3.Connection:
     key = str(file)
     db = _connections.get(key)
     if db is None:
-        db = sqlite3.connect(key, timeout=_timeout(), isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(key, timeout=timeout(), isolation_level=None, check_same_thread=False)
         try:
             db.execute("pragma journal_mode=wal")
             db.execute("pragma synchronous=normal")
-            db.executescript(SCHEMA)
+            _upgrade(db)
         except BaseException:
             db.close()
             raise
         _connections[key] = db
     return db
+
+
+def _upgrade(db) -> None:
+    "Bring the file to VERSION, one step at a time, in one write transaction."
+    if db.execute("pragma user_version").fetchone()[0] == VERSION:
+        return
+    db.execute("begin immediate")
+    try:
+        version = db.execute("pragma user_version").fetchone()[0]
+        if version > VERSION:
+            raise StateUnavailable(
+                f"its tables are version {version}, from a newer llm-loadbalancer than this one "
+                f"(which knows version {VERSION}): upgrade llm-loadbalancer"
+            )
+        for step in MIGRATIONS[version:]:
+            for statement in step.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        db.execute(f"pragma user_version = {VERSION}")
+    except BaseException:
+        db.execute("rollback")
+        raise
+    db.execute("commit")
 
 
 @contextmanager
@@ -118,9 +153,17 @@ def transaction(write: bool = True):
                 raise
             else:
                 db.execute("commit")
+        except StateUnavailable as ex:
+            raise StateUnavailable(f"{file}: {ex}") from ex
         except (sqlite3.Error, OSError) as ex:
             _connections.pop(str(file), None)
-            raise StateUnavailable(f"{file}: {ex}") from ex
+            hint = ""
+            if "not a database" in str(ex) or "malformed" in str(ex):
+                hint = (
+                    ": the file is damaged; move it away (rotation, cooldowns and statistics "
+                    "start afresh)"
+                )
+            raise StateUnavailable(f"{file}: {ex}{hint}") from ex
 
 
 def _sync_signature(db, balancer: Balancer) -> int:
@@ -220,6 +263,7 @@ def record(
             [name, member, int(error is None), int(error is not None), now, error],
         )
         if cooldown:
+            cooldown = min(cooldown, MAX_SECONDS)  # every cooldown is capped, whatever its source
             db.execute(
                 "insert into cooldowns (balancer, member, until, reason) values (?, ?, ?, ?) "
                 "on conflict do update set until = excluded.until, reason = excluded.reason",
@@ -275,6 +319,8 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
             index, (0, 0, 0, None, None)
         )
         until = cooling.get(index, (None, None))[0]
+        if until is not None and not math.isfinite(until):
+            until = now + MAX_SECONDS
         result.append(
             {
                 "member": index + 1,

@@ -51,7 +51,7 @@ def test_save_list_show(run_llm, user_path):
         "echo-needs-key",
     )
     assert result.exit_code == 0, result.output
-    assert result.stdout == "Saved load balancer lb:fast with 3 members\n"
+    assert result.stderr == "Saved load balancer lb:fast with 3 members\n"
 
     listed = run_llm("lb", "list").stdout
     assert listed == (
@@ -93,7 +93,7 @@ def test_existing_balancer_replaced_only_with_force(run_llm, user_path):
     assert_clean_error(result, "lb:x already exists", "--force")
     assert folder_snapshot(user_path) == before
     result = run_llm("lb", "save", "x", "echo", "echo", "echo", "--force")
-    assert result.stdout == "Saved load balancer lb:x with 3 members\n"
+    assert result.stderr == "Saved load balancer lb:x with 3 members\n"
     assert len(yaml.safe_load(lb_file(user_path, "x").read_text())["members"]) == 3
 
 
@@ -113,7 +113,7 @@ def test_save_from_yaml_file(run_llm, user_path, tmp_path):
         )
     )
     result = run_llm("lb", "save", "team", "--file", str(source))
-    assert result.stdout == "Saved load balancer lb:team with 2 members\n"
+    assert result.stderr == "Saved load balancer lb:team with 2 members\n"
     saved = yaml.safe_load(lb_file(user_path, "team").read_text())
     assert saved["policy"] == "failover"
     assert saved["sticky"] is True
@@ -122,7 +122,7 @@ def test_save_from_yaml_file(run_llm, user_path, tmp_path):
 def test_save_from_json_on_stdin(run_llm, user_path):
     body = json.dumps({"policy": "roundrobin", "members": [{"model": "echo"}, {"model": "echo"}]})
     result = run_llm("lb", "save", "fromjson", "--file", "-", input=body)
-    assert result.stdout == "Saved load balancer lb:fromjson with 2 members\n"
+    assert result.stderr == "Saved load balancer lb:fromjson with 2 members\n"
     assert run_llm("lb", "list").stdout == "lb:fromjson  roundrobin  echo, echo\n"
 
 
@@ -174,7 +174,7 @@ def test_save_without_members_on_a_terminal_asks(run_llm, user_path, monkeypatch
     answer = f"{numbers['echo']}, {numbers['echo-needs-key']}\n"
     result = run_llm("lb", "save", "pick", input=answer)
     assert result.exit_code == 0, result.output
-    assert result.stdout == "Saved load balancer lb:pick with 2 members\n"
+    assert result.stderr.endswith("\nSaved load balancer lb:pick with 2 members\n")
     members = yaml.safe_load(lb_file(user_path, "pick").read_text())["members"]
     assert members == [{"model": "echo"}, {"model": "echo-needs-key"}]
 
@@ -253,7 +253,7 @@ def test_edit_refuses_an_invalid_edit(run_llm, user_path, editor, edited, messag
 @pytest.mark.parametrize("name", ["../x", "a/b", "", "lb:x", "has space", ".hidden", "x" * 65])
 def test_bad_names_are_refused(run_llm, user_path, name):
     result = run_llm("lb", "save", name, "echo", "echo")
-    assert_clean_error(result, "invalid load balancer name")
+    assert_clean_error(result, "invalid load balancer name" if name else "name is empty")
     assert folder_snapshot(user_path) == {}
     assert not (user_path / "x.yaml").exists()
     assert not (user_path.parent / "x.yaml").exists()
@@ -310,7 +310,9 @@ def test_bad_member_option_is_named(run_llm, user_path):
     result = run_llm("lb", "save", "opts", "echo", "echo example_bool=maybe")
     assert_clean_error(result, "member 2 (echo, example_bool=maybe)", "option 'example_bool'")
     result = run_llm("lb", "save", "opts", "echo temprature=0.2", "echo")
-    assert_clean_error(result, "member 1", "option 'temprature'", "Extra inputs are not permitted")
+    assert_clean_error(
+        result, "member 1 (echo, temprature=0.2): unknown option 'temprature'", "are example_bool"
+    )
     assert folder_snapshot(user_path) == {}
 
 

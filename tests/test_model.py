@@ -361,7 +361,8 @@ def test_no_member_installed(run_llm, user_path):
     path.write_text(path.read_text().replace("model: echo\n", "model: uninstalled-model\n"))
     line = prompt_error("-m", "lb:gone", "hi")
     assert line.startswith(
-        "Error: lb:gone: no member is installed: member 1 (uninstalled-model): unknown model"
+        f"Error: lb:gone: {path}: no member is installed: member 1 (uninstalled-model): "
+        "unknown model"
     )
     assert "echo" in llm_process("models").stdout
 
@@ -370,7 +371,8 @@ def test_hand_edited_nesting(run_llm, user_path):
     run_llm("lb", "save", "inner", "echo", "echo")
     (user_path / "loadbalancers" / "outer.yaml").write_text("members: [echo, 'lb:inner']\n")
     line = prompt_error("-m", "lb:outer", "hi")
-    assert line.startswith("Error: lb:outer: member 2 (lb:inner)")
+    outer = user_path / "loadbalancers" / "outer.yaml"
+    assert line.startswith(f"Error: lb:outer: {outer}: member 2 (lb:inner)")
     assert "cannot contain other load balancers" in line
 
 
@@ -407,7 +409,8 @@ def test_key_name_that_is_not_stored(run_llm, user_path):
     run_llm("lb", "save", "ks", "echo-needs-key key=work", "echo")
     (user_path / "keys.json").write_text("{}")  # the key was removed after saving
     line = prompt_error("-m", "lb:ks", "hi")
-    assert line.startswith("Error: lb:ks: member 1 (echo-needs-key, key: (not stored))")
+    path = user_path / "loadbalancers" / "ks.yaml"
+    assert line.startswith(f"Error: lb:ks: {path}: member 1 (echo-needs-key, key: (not stored))")
     assert "not the name of a stored key" in line
 
 

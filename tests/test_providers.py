@@ -309,7 +309,10 @@ def test_timeout_is_saved_and_checked(servers, user_path):
     for bad in ("0", "-1", "nan"):
         result = invoke("lb", "save", "bad", "gw-claude", "gw-claude", "--timeout", bad)
         assert result.exit_code == 1
-        assert result.stderr.startswith("Error: timeout must be a number of seconds > 0")
+        assert result.stderr.startswith(
+            "Error: timeout (the time a member has for its first chunk) must be a number of "
+            "seconds > 0 and at most 86400 (one day)"
+        )
 
 
 # --- failure classes and messages ------------------------------------------------------------
