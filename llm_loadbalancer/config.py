@@ -307,8 +307,11 @@ def seconds(value, what: str, minimum: float | None = None) -> float:
             number = float(value)
         except ValueError:
             pass
-    low_ok = number >= 0 if minimum == 0 else number > 0 if _is_number(number) else False
-    if not _is_number(number) or not low_ok or number > MAX_SECONDS:
+    if (
+        not _is_number(number)
+        or not (number >= 0 if minimum == 0 else number > 0)
+        or number > MAX_SECONDS
+    ):
         low = ">= 0" if minimum == 0 else "> 0"
         raise ConfigError(
             f"{what} must be a number of seconds {low} and at most {MAX_SECONDS:g} (one day), "
