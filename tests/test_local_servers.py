@@ -263,6 +263,17 @@ def test_anthropic_late_answer_after_the_client_gave_up(local_anthropic):
     assert local_anthropic.hung == 0
 
 
+def test_anthropic_stall_holds_the_rest_of_the_stream_until_release(local_anthropic):
+    local_anthropic.fail("stall", times=1)
+    chunks = iter(llm.get_model(CHEAP).prompt("hi"))
+    assert next(chunks) == "answer "
+    assert local_anthropic.wait_hung(1)  # the rest is held until release: this came first
+    local_anthropic.release()
+    assert list(chunks) == ANSWER[1:]
+    assert local_anthropic.wait_released(1)
+    assert (local_anthropic.hung, local_anthropic.released_answers) == (0, 1)
+
+
 def test_stop_ends_hung_requests_without_an_answer():
     from local_anthropic import LocalAnthropic
 
@@ -321,6 +332,24 @@ def test_openai_hang_until_release(local_openai):
     assert local_openai.wait_hung(1)
     local_openai.release()
     assert late.wait() == "answer from a with sk-a"
+
+
+def test_openai_stall_holds_the_rest_of_the_stream_until_release(local_openai):
+    local_openai.fail("stall", endpoint="a")
+    chunks = iter(llm.get_model("local-a").prompt("hi"))
+    assert next(chunks) == "answer "
+    assert local_openai.wait_hung(1)
+    local_openai.release()
+    assert "".join(chunks) == "from a with sk-a"
+    assert local_openai.wait_released(1)
+    # stopping the server cuts a stream it still holds
+    late = iter(llm.get_model("local-a").prompt("hi"))
+    assert next(late) == "answer "
+    assert local_openai.wait_hung(1)
+    local_openai.stop()
+    with pytest.raises(openai.APIConnectionError):
+        list(late)
+    assert local_openai.released_answers == 1
 
 
 def test_both_servers_in_one_test(local_openai, local_anthropic):
