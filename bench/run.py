@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,43 @@ class Bench:
                 )
             )
 
+    # 2b --------------------------------------------------------------------------------
+    def hostile_files(self):
+        """The same 50 balancers, with and without hostile files beside them: an alias bomb, a
+        20 MB file, one just under the size limit with 100 members and long values, a file
+        that is not UTF-8 and one with duplicate keys. Their cost is what every llm command
+        that looks up a model pays."""
+        hostile = self.dir / "hostile"
+        shutil.copytree(self.dir / "user", hostile)
+        folder = hostile / "loadbalancers"
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from test_hostile import BILLION_LAUGHS
+
+        (folder / "bomb.yaml").write_text(BILLION_LAUGHS)
+        (folder / "huge.yaml").write_text("members:\n" + "  - echo\n" * 2_500_000)
+        member = "  - {model: echo, options: {example_bool: true}, key: %s}\n"
+        text = "members:\n" + "".join(member % ("k" * 560) for _ in range(100))
+        (folder / "full.yaml").write_text(text)
+        (folder / "binary.yaml").write_bytes(b"members: [\xff\xfe]\n")
+        (folder / "dup.yaml").write_text("members: [echo]\nmembers: [echo]\n")
+        hostile_env = dict(self.env, LLM_USER_PATH=str(hostile))
+        pairs = 3 if self.quick else 21
+        for args in (("models",), ("-m", "echo", "hi")):
+            with_files, without = alternate(
+                pairs,
+                lambda: run_timed(llm_command(*args), hostile_env),
+                lambda: run_timed(llm_command(*args), self.env),
+            )
+            self.results.append(
+                comparison(
+                    f"2b. llm {' '.join(args)}: 50 balancers + 5 hostile files vs without",
+                    "s",
+                    with_files,
+                    without,
+                    "added <= 0.005 s",
+                )
+            )
+
     # 3 ---------------------------------------------------------------------------------
     def in_process(self):
         prompts = 200 if self.quick else 5000
@@ -235,7 +273,13 @@ class Bench:
 
     def run(self, only=None):
         self.setup()
-        steps = [self.one_shot_cli, self.startup, self.in_process, self.concurrency]
+        steps = [
+            self.one_shot_cli,
+            self.startup,
+            self.hostile_files,
+            self.in_process,
+            self.concurrency,
+        ]
         steps += self.http_steps()
         for step in steps:
             if only and step.__name__ not in only:
