@@ -17,7 +17,22 @@ def user_path(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_USER_PATH", str(path))
     monkeypatch.delenv("LLM_LOADBALANCER_DEBUG", raising=False)
     monkeypatch.delenv("LLM_RAISE_ERRORS", raising=False)
+    monkeypatch.delenv("LLM_LOAD_PLUGINS", raising=False)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_debug_output():
+    """LLM_LOADBALANCER_DEBUG's handler writes to the sys.stderr of the moment it was made (a
+    CliRunner's, capsys's): each test that turns debug on gets its own."""
+    yield
+    import logging
+
+    logger = logging.getLogger("llm_loadbalancer")
+    handler = getattr(logger, "_lb_handler", None)
+    if handler is not None:
+        logger.removeHandler(handler)
+        logger._lb_handler = None
 
 
 def invoke(*args, input=None, env=None):
@@ -37,16 +52,30 @@ def run_llm():
     return invoke
 
 
-def llm_process(*args, input=None, env=None, timeout=60):
-    "Run an llm command in a new process (every llm command is one)."
+# The plugins a new process needs for the lb: balancers of echo and of llm's own OpenAI plugin
+# (always loaded): a third of the start-up time of one that loads every installed plugin.
+LB_AND_ECHO = ("llm-loadbalancer", "llm-echo")
+
+
+def process_env(plugins=None, env=None) -> dict:
+    """The environment of a new process: this one's, plus ``env``. ``plugins``: load only these
+    (LLM_LOAD_PLUGINS, e.g. LB_AND_ECHO) besides llm's own; None loads every installed plugin,
+    as a user's llm does."""
     full_env = dict(os.environ)
+    if plugins is not None:
+        full_env["LLM_LOAD_PLUGINS"] = ",".join(plugins)
     full_env.update(env or {})
+    return full_env
+
+
+def llm_process(*args, input=None, env=None, timeout=60, plugins=None):
+    "Run an llm command in a new process (every llm command is one); see process_env."
     return subprocess.run(
         [sys.executable, "-m", "llm", *args],
         input=input,
         capture_output=True,
         text=True,
-        env=full_env,
+        env=process_env(plugins, env),
         timeout=timeout,
     )
 
@@ -68,6 +97,17 @@ def last_logged(n=1):
     result = invoke("logs", "--json", "-n", str(n))
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
+
+
+def end_cooldowns():
+    "Time moves through the state file: every cooldown ends now."
+    import sqlite3
+    from contextlib import closing
+
+    from llm_loadbalancer import state
+
+    with closing(sqlite3.connect(state.path())) as db, db:
+        db.execute("update cooldowns set until = 0")
 
 
 def folder_snapshot(user_path):
