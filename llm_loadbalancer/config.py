@@ -28,8 +28,24 @@ MAX_FILE_BYTES = 64 * 1024
 MAX_MEMBERS = 100
 MAX_SECONDS = 86400.0  # the longest cooldown (from any source) and timeout: one day
 SHOWN_CHARS = 60  # a value quoted back in a message is cut to this
-TOP_FIELDS = ("policy", "members", "sticky", "failover", "cooldown", "timeout")
-MEMBER_FIELDS = ("model", "key", "options")
+DEFAULT_MAX_WAIT = 30.0
+DEFAULT_QUOTA_COOLDOWN = 3600.0
+TOP_FIELDS = (
+    "policy",
+    "members",
+    "sticky",
+    "failover",
+    "cooldown",
+    "timeout",
+    "max_wait",
+    "quota_cooldown",
+)
+# A member's own settings beside its model, key and options: its share of the rotation, and at
+# most that many requests (rpm, rpd) or tokens (tpm, tpd) in any 60 s / 24 h window.
+LIMITS = ("rpm", "rpd", "tpm", "tpd")
+MEMBER_SETTINGS = ("weight", *LIMITS)
+MEMBER_FIELDS = ("model", "key", *MEMBER_SETTINGS, "options")
+MAX_COUNT = 10**9
 PREFIX = "lb:"
 
 
@@ -42,15 +58,31 @@ class Member:
     model: str
     key: str | None = None
     options: dict = field(default_factory=dict, hash=False, compare=True)
+    weight: int = 1
+    rpm: int | None = None
+    rpd: int | None = None
+    tpm: int | None = None
+    tpd: int | None = None
+
+    @property
+    def limits(self) -> dict:
+        "{name: number} of the limits this member has (rpm, rpd, tpm, tpd)."
+        return {name: getattr(self, name) for name in LIMITS if getattr(self, name)}
 
     def settings(self, stored_keys=None) -> list[str]:
-        """Its key name and options as the user sees them. Given the stored keys, a key that is
-        not one of their names is not shown: it may be a pasted secret."""
+        """Its key name, settings and options as the user sees them. Given the stored keys, a
+        key that is not one of their names is not shown: it may be a pasted secret."""
         extras = []
         if self.key:
             shown = self.key if stored_keys is None or self.key in stored_keys else "(not stored)"
             extras.append(f"key: {shown}")
-        extras.extend(f"{name}={scalar(value)}" for name, value in self.options.items())
+        if self.weight != 1:
+            extras.append(f"weight={self.weight}")
+        extras.extend(f"{name}={value}" for name, value in self.limits.items())
+        extras.extend(
+            f"{'options.' if name in MEMBER_SETTINGS else ''}{name}={scalar(value)}"
+            for name, value in self.options.items()
+        )
         return extras
 
     def label(self, stored_keys=None) -> str:
@@ -66,6 +98,9 @@ class Member:
         data: dict = {"model": self.model}
         if self.key:
             data["key"] = self.key
+        if self.weight != 1:
+            data["weight"] = self.weight
+        data.update(self.limits)
         if self.options:
             data["options"] = dict(self.options)
         return data
@@ -80,6 +115,8 @@ class Balancer:
     failover: bool = True
     cooldown: float = DEFAULT_COOLDOWN
     timeout: float | None = None  # seconds a member has for its first chunk; None: no limit
+    max_wait: float = DEFAULT_MAX_WAIT  # seconds to wait when every member is at its limit
+    quota_cooldown: float = DEFAULT_QUOTA_COOLDOWN  # after "quota exhausted"
 
     @property
     def model_id(self) -> str:
@@ -96,6 +133,10 @@ class Balancer:
             data["cooldown"] = self.cooldown
         if self.timeout is not None:
             data["timeout"] = self.timeout
+        if self.max_wait != DEFAULT_MAX_WAIT:
+            data["max_wait"] = self.max_wait
+        if self.quota_cooldown != DEFAULT_QUOTA_COOLDOWN:
+            data["quota_cooldown"] = self.quota_cooldown
         data["members"] = [member.to_dict() for member in self.members]
         return data
 
@@ -226,14 +267,15 @@ def parse_member_spec(spec: str) -> Member:
         raise ConfigError(f"member {shown!r}: {ex}")
     if not words:
         raise ConfigError("empty member: give a model id or alias, e.g. 'gpt-4o-mini key=work'")
-    model, *settings = words
+    model, *given = words
     if "=" in model:
         raise ConfigError(
             f"member {shown!r} must start with a model id or alias, e.g. 'gpt-4o-mini key=work'"
         )
     key = None
     options: dict = {}
-    for setting in settings:
+    settings: dict = {}
+    for setting in given:
         name, sep, value = setting.partition("=")
         if not sep or not name:
             raise ConfigError(
@@ -246,9 +288,28 @@ def parse_member_spec(spec: str) -> Member:
                     f"member {shown!r}: key= needs the name of a stored key, e.g. key=work"
                 )
             key = value
+        elif name in MEMBER_SETTINGS:
+            settings[name] = count(value, f"member {shown!r}: {name}")
         else:
+            # options.NAME=value: an option of the model that shares a member setting's name
+            name = name.removeprefix("options.")
             options[name] = value  # text: members.typed_options reads it for the model
-    return Member(model=model, key=key, options=options)
+    return Member(model=model, key=key, options=options, **settings)
+
+
+def count(value, what: str) -> int:
+    "A whole number from 1 to MAX_COUNT (text that reads as one counts: 3, '3')."
+    number = value
+    if isinstance(value, str):
+        try:
+            number = int(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_COUNT:
+        raise ConfigError(
+            f"{what} must be a whole number from 1 to {MAX_COUNT:,}, not {shown(value)}"
+        )
+    return number
 
 
 def _unknown(where: str, data: dict, fields) -> None:
@@ -281,6 +342,10 @@ def from_dict(name: str, data) -> Balancer:
     timeout = data.get("timeout")
     if timeout is not None:
         timeout = seconds(timeout, "timeout (the time a member has for its first chunk)")
+    max_wait = seconds(data.get("max_wait", DEFAULT_MAX_WAIT), "max_wait", minimum=0)
+    quota_cooldown = seconds(
+        data.get("quota_cooldown", DEFAULT_QUOTA_COOLDOWN), "quota_cooldown", minimum=0
+    )
     raw_members = data.get("members")
     if not isinstance(raw_members, list) or not raw_members:
         raise ConfigError("'members' must be a list with at least one member")
@@ -295,6 +360,8 @@ def from_dict(name: str, data) -> Balancer:
         failover=failover,
         cooldown=cooldown,
         timeout=timeout,
+        max_wait=max_wait,
+        quota_cooldown=quota_cooldown,
     )
 
 
@@ -353,7 +420,12 @@ def _member(position: int, raw) -> Member:
         raise ConfigError(
             f"{where} ({model}): 'options' must be a mapping of option names to values"
         )
-    return Member(model=model, key=key, options=dict(options))
+    settings = {
+        name: count(raw[name], f"{where} ({model}): {name}")
+        for name in MEMBER_SETTINGS
+        if raw.get(name) is not None
+    }
+    return Member(model=model, key=key, options=dict(options), **settings)
 
 
 def parse(name: str, text: str) -> Balancer:

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import sys
+import time
 
 import llm
 
@@ -76,6 +77,9 @@ class Attempt:
         self.prompt.model = self.model
         self.prompt.options = run.member_options(self, self.model)
         self.secret = None
+        self.ticket: int | None = None  # its request, as counted against its limits
+        self.started = time.monotonic()
+        self.first_chunk: float | None = None  # when its first chunk came
 
     def start(self, stream, response, conversation):
         """The member's chunks (a sync or async generator), driven with its SDK's retries off
@@ -108,7 +112,9 @@ class Attempt:
 
 
 class Run:
-    "The decisions for one prompt to a balancer, shared by the sync and async models."
+    """The decisions for one prompt to a balancer, shared by the sync and async models, which
+    drive it: ``wait()`` until it returns None (sleeping what it says), then each of
+    ``attempts()``, reporting ``failed`` or ``succeeded``."""
 
     def __init__(self, lb, prompt, conversation, key):
         if lb.problem:
@@ -123,37 +129,72 @@ class Run:
         self.keys = load_stored_keys() if any(m.key for m in self.balancer.members) else {}
         self.debug = _debug_enabled()
         self.use_state = True
+        self.plan = self.ticket = None
         for index, problem in lb.missing.items():
             print(
                 f"Warning: {lb.model_id}: {problem}: skipped; install the plugin that provides "
                 f"it, or remove the member with 'llm lb edit {self.balancer.name}'",
                 file=sys.stderr,
             )
-        unavailable = frozenset(lb.missing)
+
+    def wait(self) -> float | None:
+        """Choose the members for this prompt: None when chosen, or the seconds to sleep before
+        asking again, because every member is at its limit or inside its provider's
+        Retry-After and the first to free up does so within the balancer's max_wait (one
+        line on stderr says so). Longer than that, the prompt fails at once."""
+        unavailable = frozenset(self.lb.missing)
+        now = time.time()
         try:
-            self.plan = state.select(
+            self.plan, self.ticket = state.select(
                 self.balancer,
                 conversation=self.conversation_id,
-                tool_turn=bool(prompt.tool_results),
+                tool_turn=bool(self.prompt.tool_results),
                 unavailable=unavailable,
+                now=now,
             )
         except state.StateUnavailable as ex:
             _warn_state(ex)
             self.use_state = False
             count = len(self.balancer.members)
             position = 0 if self.balancer.policy == "failover" else random.randrange(count)
+            weights = tuple(member.weight for member in self.balancer.members)
             self.plan = plan(
-                self.balancer.policy, count, position, {}, 0.0, unavailable=unavailable
+                self.balancer.policy,
+                count,
+                position,
+                {},
+                now,
+                unavailable=unavailable,
+                weights=weights,
             )
-        order = self.plan.order
-        if not self.balancer.failover:
-            order = order[:1]
-        self.order = order
+        if self.plan.wait is None:
+            self.order = self.plan.order[: None if self.balancer.failover else 1]
+            return None
+        when, index = self.plan.wait
+        delay = max(when - now, 0.0)
+        first = self.balancer.members[index].describe(index + 1, self.keys)
+        if delay > self.balancer.max_wait:
+            raise LoadBalancerError(
+                f"{self.lb.model_id}: every member is at its limit or inside its provider's "
+                f"Retry-After; the first to free up is {first}, in {delay:.0f} s, longer than "
+                f"max_wait ({self.balancer.max_wait:g} s; llm lb save --max-wait)"
+            )
+        print(
+            f"{self.lb.model_id}: every member is at its limit; waiting {delay:.0f} s for {first}",
+            file=sys.stderr,
+        )
+        return delay
 
     def attempts(self):
         "Each member to try in turn; after the last failure, the error that lists them all."
-        for index in self.order:
+        at_limit = []
+        for number, index in enumerate(self.order):
+            ticket = self.ticket if number == 0 else self._claim(index)
+            if number and ticket is None and self.use_state:
+                at_limit.append(index)
+                continue
             attempt = Attempt(self, index)
+            attempt.ticket = ticket
             if self.debug:
                 key = f"key: {attempt.member.key}" if attempt.member.key else "no key of its own"
                 logger.info(
@@ -166,6 +207,8 @@ class Run:
                 )
             yield attempt
         tried = len(self.errors)
+        for index in at_limit:
+            self.errors.append(f"{self.balancer.members[index].label()}: at its limit")
         for index in self.plan.skipped:
             self.errors.append(
                 f"{self.balancer.members[index].label()}: skipped, cooling down after an error"
@@ -225,11 +268,17 @@ class Run:
         error as ``lb:NAME: member N (...): <its message>``, from the original."""
         if isinstance(ex, LoadBalancerError):
             raise ex
-        failure = failures.classify(ex, self.balancer.cooldown)
+        failure = failures.classify(ex, self.balancer.cooldown, self.balancer.quota_cooldown)
         secrets = [attempt.secret, self.outer_key]
         message = failures.one_line(ex, secrets=secrets)
         cooldown = failure.cooldown if failure.failover else None
-        self._record(attempt, error=f"{failure.reason}: {message}", cooldown=cooldown)
+        self._record(
+            attempt,
+            error=f"{failure.reason}: {message}",
+            cooldown=cooldown,
+            known=failure.known,
+            total=time.monotonic() - attempt.started,
+        )
         if started or not failure.failover or not self.balancer.failover:
             shown = failures.one_line(ex, secrets=secrets, limit=1000)
             raise failures.renamed(ex, f"{self.lb.model_id}: {attempt.label}: {shown}") from ex
@@ -246,13 +295,30 @@ class Run:
                 "%s: %s failed (%s), %s", self.lb.model_id, attempt.label, failure.reason, next_one
             )
 
-    def succeeded(self, attempt: Attempt) -> None:
-        self._record(attempt, conversation=self.conversation_id)
+    def succeeded(self, attempt: Attempt, response) -> None:
+        "Record a success: the tokens the member reported, its timings, the conversation tie."
+        self._record(
+            attempt,
+            conversation=self.conversation_id,
+            tokens=(response.input_tokens, response.output_tokens),
+            first_chunk=attempt.first_chunk and attempt.first_chunk - attempt.started,
+            total=time.monotonic() - attempt.started,
+        )
+
+    def _claim(self, index: int) -> int | None:
+        if not self.use_state:
+            return None
+        try:
+            return state.claim(self.balancer, index)
+        except state.StateUnavailable as ex:
+            _warn_state(ex)
+            self.use_state = False
+            return None
 
     def _record(self, attempt: Attempt, **kwargs) -> None:
         if not self.use_state:
             return
         try:
-            state.record(self.balancer, attempt.index, **kwargs)
+            state.record(self.balancer, attempt.index, ticket=attempt.ticket, **kwargs)
         except state.StateUnavailable as ex:
             _warn_state(ex)

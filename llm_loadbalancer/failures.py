@@ -8,6 +8,7 @@ type along the exception's cause chain.
 
 | failure (before the first chunk)            | fail over | cooldown                        |
 |---------------------------------------------|-----------|---------------------------------|
+| quota exhausted (429, 400 credit balance)   | yes       | the balancer's quota_cooldown   |
 | 429, 5xx                                    | yes       | Retry-After, else the balancer's|
 | connection error, SDK timeout               | yes       | the balancer's                  |
 | no first chunk within the balancer's timeout| yes       | the balancer's                  |
@@ -85,6 +86,41 @@ class Failure(NamedTuple):
     reason: str  # one line for the user, e.g. "429 rate limited"
     failover: bool  # another member may not have this problem
     cooldown: float | None  # seconds to skip the member for, or None
+    # the provider said how long (Retry-After, or its quota is spent): a request before then is
+    # known to be refused, so the member is waited for, never asked early
+    known: bool = False
+
+
+QUOTA_MARKERS = ("insufficient_quota", "credit balance is too low")
+
+
+def _error_texts(ex: BaseException) -> list[str]:
+    "What an error says of itself beside its status: code, type, its body's fields, message."
+    texts = [str(getattr(ex, name, "") or "") for name in ("code", "type", "message")]
+    body = getattr(ex, "body", None)
+    todo = [body]
+    while todo and len(texts) < 50:
+        item = todo.pop()
+        if isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item[:10])
+        elif isinstance(item, str):
+            texts.append(item)
+    if not any(texts):
+        texts.append(str(ex))
+    return [text.lower() for text in texts]
+
+
+def is_quota_exhausted(ex: BaseException) -> bool:
+    """OpenAI's 429 ``insufficient_quota``, Anthropic's "credit balance is too low" (a 400),
+    Gemini's 429 ``RESOURCE_EXHAUSTED`` for a per-day quota: a limit that will not clear in
+    seconds."""
+    texts = _error_texts(ex)
+    if any(marker in text for text in texts for marker in QUOTA_MARKERS):
+        return True
+    joined = " ".join(texts)
+    return "resource_exhausted" in joined and ("perday" in joined or "per day" in joined)
 
 
 def _chain(ex: BaseException):
@@ -160,18 +196,22 @@ def _is_protocol_error(ex: BaseException) -> bool:
     )
 
 
-def classify(ex: BaseException, default_cooldown: float) -> Failure:
+def classify(ex: BaseException, default_cooldown: float, quota_cooldown: float = 3600.0) -> Failure:
     "What a member's exception means for the balancer (the table at the top of this module)."
     if isinstance(ex, llm.NeedsKeyException):
         return Failure("missing key", True, KEY_COOLDOWN)
     if isinstance(ex, FirstChunkTimeout):
         return Failure("timed out", True, default_cooldown)
     status = status_of(ex)
+    if status in (400, 403, 429) and is_quota_exhausted(ex):
+        return Failure(f"{status} quota exhausted", True, min(quota_cooldown, MAX_SECONDS), True)
     if status is not None:
         reason = f"{status} {STATUS_WORDS.get(status, 'error')}"
         if status == 429 or status >= 500:
             wait = retry_after(ex)
-            return Failure(reason, True, default_cooldown if wait is None else wait)
+            if wait is None:
+                return Failure(reason, True, default_cooldown)
+            return Failure(reason, True, wait, True)
         if status in (401, 403, 404):
             return Failure(reason, True, KEY_COOLDOWN)
         if status in (408, 409):

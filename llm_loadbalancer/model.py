@@ -7,6 +7,9 @@ and async twins only drive the member's generator.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import llm
 
 
@@ -76,16 +79,17 @@ class LoadBalancerModel(_Shared, llm.KeyModel):
         from .delegate import Run
 
         run = Run(self, prompt, conversation, key)
+        while (delay := run.wait()) is not None:
+            time.sleep(delay)
         for attempt in run.attempts():
-            started = False
             try:
                 for chunk in attempt.start(stream, response, conversation):
-                    started = True
+                    attempt.first_chunk = attempt.first_chunk or time.monotonic()
                     yield chunk
             except Exception as ex:
-                run.failed(attempt, ex, started)
+                run.failed(attempt, ex, started=attempt.first_chunk is not None)
                 continue
-            run.succeeded(attempt)
+            run.succeeded(attempt, response)
             return
 
 
@@ -96,14 +100,15 @@ class AsyncLoadBalancerModel(_Shared, llm.AsyncKeyModel):
         from .delegate import Run
 
         run = Run(self, prompt, conversation, key)
+        while (delay := run.wait()) is not None:
+            await asyncio.sleep(delay)
         for attempt in run.attempts():
-            started = False
             try:
                 async for chunk in attempt.start(stream, response, conversation):
-                    started = True
+                    attempt.first_chunk = attempt.first_chunk or time.monotonic()
                     yield chunk
             except Exception as ex:
-                run.failed(attempt, ex, started)
+                run.failed(attempt, ex, started=attempt.first_chunk is not None)
                 continue
-            run.succeeded(attempt)
+            run.succeeded(attempt, response)
             return

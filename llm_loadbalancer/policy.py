@@ -1,12 +1,14 @@
 """Which member goes first: pure decisions, no I/O.
 
-``plan`` gets what the state file knows (the rotation position, cooldowns, a member the
-conversation is tied to) and returns the order in which members are tried and the next
-rotation position. ``state.py`` stores the result in the same transaction.
+``plan`` gets what the state file knows (the rotation position, cooldowns, members at their
+limits, a member the conversation is tied to) and returns the order in which members are tried
+and the next rotation position, or, when no member may be asked now, which one to wait for.
+``state.py`` stores the result in the same transaction.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 
@@ -14,6 +16,24 @@ class Plan(NamedTuple):
     order: tuple[int, ...]  # member indexes to try, first choice first
     skipped: tuple[int, ...]  # members left out because they are cooling down
     position: int  # the rotation position to store for the next prompt
+    # when no member may be asked now: (the time the first one may, that member)
+    wait: tuple[float, int] | None = None
+
+
+@functools.lru_cache(maxsize=256)
+def schedule(weights: tuple[int, ...]) -> tuple[int, ...]:
+    """One cycle of smooth weighted round-robin (as nginx does it): each member appears as often
+    as its weight, spread out: weights 5, 1, 1 give a a b a c a a. Equal weights give 0, 1, 2 ..."""
+    current = [0] * len(weights)
+    total = sum(weights)
+    cycle = []
+    for _ in range(total):
+        for index, weight in enumerate(weights):
+            current[index] += weight
+        chosen = max(range(len(weights)), key=lambda index: (current[index], -index))
+        current[chosen] -= total
+        cycle.append(chosen)
+    return tuple(cycle)
 
 
 def plan(
@@ -26,6 +46,8 @@ def plan(
     pinned: int | None = None,
     preferred: int | None = None,
     unavailable: frozenset[int] = frozenset(),
+    weights: tuple[int, ...] | None = None,
+    blocked: dict[int, float] | None = None,
 ) -> Plan:
     """Decide the order of members for one prompt.
 
@@ -33,34 +55,51 @@ def plan(
       that made the tool calls); the rotation does not move.
     - ``preferred``: tried first when it is not cooling down (a sticky conversation); the
       rotation does not move.
-    - ``roundrobin``: start at ``position``; the next prompt starts after the member chosen.
-    - ``failover``: always start at the first member listed.
-    Members cooling down (``cooling[i] > now``) are skipped while any other is available; when
-    every member is cooling down, all are tried, the one whose cooldown ends first first.
-    ``unavailable`` members (no longer installed) are never tried.
+    - ``roundrobin``: walk the weighted ``schedule`` from ``position``; the first member
+      available goes first, the others follow in schedule order; the next prompt starts after
+      the slot chosen. ``failover``: always the members in the order listed (weights unused).
+    - ``blocked`` members ({index: time it may be asked again}: at a limit, or inside a
+      provider's Retry-After) are never asked; when no other member may be, ``wait`` says for
+      which member to wait, and until when.
+    - Members cooling down after a guessed time (``cooling[i] > now``) are skipped while any
+      other is available; when every member is, all are tried, the soonest to end first.
+    - ``unavailable`` members (no longer installed) are never tried.
     """
-    position = position % count if count else 0
+    blocked = blocked or {}
+    cycle = schedule(weights or (1,) * count) if policy != "failover" else tuple(range(count))
+    position = position % len(cycle) if cycle else 0
     if pinned is not None and 0 <= pinned < count:
+        if pinned in blocked:
+            return Plan((), (), position, (blocked[pinned], pinned))
         return Plan((pinned,), (), position)
-    if policy == "failover":
-        base = list(range(count))
-    else:
-        base = [(position + step) % count for step in range(count)]
-    base = [index for index in base if index not in unavailable]
+    start = 0 if policy == "failover" else position
+    slots = [(start + step) % len(cycle) for step in range(len(cycle))]
+    base = []
+    first_slot = {}
+    for slot in slots:
+        index = cycle[slot]
+        if index not in first_slot and index not in unavailable and index not in blocked:
+            first_slot[index] = slot
+            base.append(index)
     if not base:
+        if blocked:
+            when, index = min((when, index) for index, when in blocked.items())
+            return Plan((), (), position, (when, index))
         return Plan((), (), position)
     available = [index for index in base if cooling.get(index, 0.0) <= now]
     if not available:
         order = sorted(base, key=lambda index: (cooling.get(index, 0.0), base.index(index)))
-        return Plan(tuple(order), (), _advance(policy, order[0], position, count))
+        return Plan(tuple(order), (), _advance(policy, first_slot[order[0]], position, cycle))
     skipped = tuple(index for index in base if index not in available)
     if preferred is not None and preferred in available:
         order = [preferred] + [index for index in available if index != preferred]
         return Plan(tuple(order), skipped, position)
-    return Plan(tuple(available), skipped, _advance(policy, available[0], position, count))
+    return Plan(
+        tuple(available), skipped, _advance(policy, first_slot[available[0]], position, cycle)
+    )
 
 
-def _advance(policy: str, chosen: int, position: int, count: int) -> int:
+def _advance(policy: str, slot: int, position: int, cycle: tuple[int, ...]) -> int:
     if policy == "failover":
         return position
-    return (chosen + 1) % count
+    return (slot + 1) % len(cycle)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import llm
 
+from . import limits
 from .config import MAX_SECONDS, Balancer
 from .policy import Plan, plan
 
@@ -65,7 +66,27 @@ create index if not exists affinity_updated on affinity (updated);
 update cooldowns set until = 0 where until is null or until != until;
 update cooldowns set until = min(until, strftime('%s', 'now') + {max_seconds});
 """
-MIGRATIONS = (SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)),)
+# 1 -> 2: limits, known and escalating cooldowns, tokens and timings (issue 10). One row per
+# request sent: its time and tokens count against the member's limits; its timings feed the
+# statistics. Rows older than the longest window (a day) are pruned as new ones are recorded.
+SCHEMA_V2 = """
+alter table cooldowns add column known integer not null default 0;
+alter table cooldowns add column length real not null default 0;
+alter table stats add column input_tokens integer not null default 0;
+alter table stats add column output_tokens integer not null default 0;
+create table requests (
+    id integer primary key,
+    balancer text not null,
+    member integer not null,
+    at real not null,
+    tokens integer not null default 0,
+    first_chunk real,
+    total real
+);
+create index requests_member_at on requests (balancer, member, at);
+create index requests_at on requests (at);
+"""
+MIGRATIONS = (SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)), SCHEMA_V2)
 VERSION = len(MIGRATIONS)
 
 
@@ -183,7 +204,7 @@ def _sync_signature(db, balancer: Balancer) -> int:
 
 
 def _clear(db, name: str) -> None:
-    for table in ("rotation", "cooldowns", "stats", "affinity"):
+    for table in ("rotation", "cooldowns", "stats", "affinity", "requests"):
         db.execute(f"delete from {table} where balancer = ?", [name])
 
 
@@ -194,8 +215,10 @@ def select(
     tool_turn: bool = False,
     unavailable: frozenset[int] = frozenset(),
     now: float | None = None,
-) -> Plan:
-    """Choose the order of members for one prompt and move the rotation, in one transaction.
+) -> tuple[Plan, int | None]:
+    """Choose the order of members for one prompt and move the rotation, in one transaction;
+    the first member's request is counted against its limits there and then. Returns the plan
+    and that request's ticket (None when no member may be asked now: ``plan.wait`` says).
 
     ``tool_turn``: the prompt carries tool results for the previous turn of ``conversation``,
     which goes back to the member that made the calls. With ``sticky`` every turn of a
@@ -204,12 +227,9 @@ def select(
     now = time.time() if now is None else now
     with transaction() as db:
         position = _sync_signature(db, balancer)
-        cooling = dict(
-            db.execute(
-                "select member, until from cooldowns where balancer = ? and until > ?",
-                [balancer.name, now],
-            ).fetchall()
-        )
+        cooling, blocked = _cooldowns(db, balancer, now)
+        for index in range(len(balancer.members)):
+            _block_at_limit(db, balancer, index, now, blocked)
         pinned = preferred = None
         if conversation and (tool_turn or balancer.sticky):
             row = db.execute(
@@ -222,6 +242,7 @@ def select(
                     pinned = row[1]
                 else:
                     preferred = row[0]
+        weights = tuple(member.weight for member in balancer.members)
         result = plan(
             balancer.policy,
             len(balancer.members),
@@ -231,44 +252,125 @@ def select(
             pinned=pinned,
             preferred=preferred,
             unavailable=unavailable,
+            weights=weights if any(weight != 1 for weight in weights) else None,
+            blocked=blocked,
         )
         if result.position != position:
             db.execute(
                 "update rotation set position = ? where balancer = ?",
                 [result.position, balancer.name],
             )
-        return result
+        ticket = _sent(db, balancer, result.order[0], now) if result.order else None
+        return result, ticket
+
+
+def claim(balancer: Balancer, member: int, now: float | None = None) -> int | None:
+    """Before failing over to ``member``: count its request if it has room under its limits
+    and is not inside a provider's Retry-After; its ticket, or None (skip it)."""
+    now = time.time() if now is None else now
+    with transaction() as db:
+        _, blocked = _cooldowns(db, balancer, now, member)
+        _block_at_limit(db, balancer, member, now, blocked)
+        return None if member in blocked else _sent(db, balancer, member, now)
+
+
+def _cooldowns(db, balancer: Balancer, now: float, member: int | None = None):
+    "{member: until} cooling down after a guessed time, and those the provider gave (known)."
+    query = "select member, until, known from cooldowns where balancer = ? and until > ?"
+    args = [balancer.name, now]
+    if member is not None:
+        query += " and member = ?"
+        args.append(member)
+    cooling, blocked = {}, {}
+    for index, until, known in db.execute(query, args):
+        (blocked if known else cooling)[index] = min(until, now + MAX_SECONDS)
+    return cooling, blocked
+
+
+def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: dict) -> None:
+    "Add ``member`` to ``blocked`` (until it has room) when it is at one of its limits."
+    member_limits = balancer.members[member].limits
+    if not member_limits:
+        return
+    events = db.execute(
+        "select at, tokens from requests where balancer = ? and member = ? and at > ?",
+        [balancer.name, member, now - limits.LONGEST],
+    ).fetchall()
+    free = limits.free_at(member_limits, events, now)
+    if free is not None:
+        blocked[member] = max(blocked.get(member, free), free)
+
+
+def _sent(db, balancer: Balancer, member: int, now: float) -> int:
+    return db.execute(
+        "insert into requests (balancer, member, at) values (?, ?, ?)",
+        [balancer.name, member, now],
+    ).lastrowid
 
 
 def record(
     balancer: Balancer,
     member: int,
     *,
+    ticket: int | None = None,
     error: str | None = None,
     cooldown: float | None = None,
+    known: bool = False,
     conversation: str | None = None,
+    tokens: tuple[int | None, int | None] = (None, None),
+    first_chunk: float | None = None,
+    total: float | None = None,
     now: float | None = None,
 ) -> None:
-    """Record one attempt: its outcome in the statistics, a cooldown after a failure, and
-    for a success the member now tied to the conversation."""
+    """Record one attempt: its outcome, tokens and timings in the statistics and against its
+    limits; after a failure a cooldown (twice the last one when the member fails again right
+    after a cooldown, up to the cap; a success resets that); for a success the member now
+    tied to the conversation."""
     now = time.time() if now is None else now
     name = balancer.name
+    tokens_in, tokens_out = (count or 0 for count in tokens)
     with transaction() as db:
         db.execute(
             "insert into stats (balancer, member, requests, successes, failures, last_used, "
-            "last_error) values (?, ?, 1, ?, ?, ?, ?) on conflict do update set "
+            "last_error, input_tokens, output_tokens) values (?, ?, 1, ?, ?, ?, ?, ?, ?) "
+            "on conflict do update set "
             "requests = requests + 1, successes = successes + excluded.successes, "
             "failures = failures + excluded.failures, last_used = excluded.last_used, "
-            "last_error = coalesce(excluded.last_error, last_error)",
-            [name, member, int(error is None), int(error is not None), now, error],
+            "last_error = coalesce(excluded.last_error, last_error), "
+            "input_tokens = input_tokens + excluded.input_tokens, "
+            "output_tokens = output_tokens + excluded.output_tokens",
+            [
+                name,
+                member,
+                int(error is None),
+                int(error is not None),
+                now,
+                error,
+                tokens_in,
+                tokens_out,
+            ],
         )
+        if ticket is not None:
+            db.execute(
+                "update requests set tokens = ?, first_chunk = ?, total = ? where id = ?",
+                [tokens_in + tokens_out, first_chunk, total, ticket],
+            )
+            db.execute("delete from requests where at < ?", [now - limits.LONGEST])
         if cooldown:
+            row = db.execute(
+                "select length from cooldowns where balancer = ? and member = ?", [name, member]
+            ).fetchone()
+            if row is not None:  # it failed again since its last cooldown: twice as long
+                cooldown = max(cooldown, 2 * row[0])
             cooldown = min(cooldown, MAX_SECONDS)  # every cooldown is capped, whatever its source
             db.execute(
-                "insert into cooldowns (balancer, member, until, reason) values (?, ?, ?, ?) "
-                "on conflict do update set until = excluded.until, reason = excluded.reason",
-                [name, member, now + cooldown, error],
+                "insert into cooldowns (balancer, member, until, reason, known, length) "
+                "values (?, ?, ?, ?, ?, ?) on conflict do update set until = excluded.until, "
+                "reason = excluded.reason, known = excluded.known, length = excluded.length",
+                [name, member, now + cooldown, error, int(known), cooldown],
             )
+        elif error is None:
+            db.execute("delete from cooldowns where balancer = ? and member = ?", [name, member])
         if error is None and conversation:
             # Ties older than AFFINITY_DAYS are forgotten as new ones are made (indexed).
             db.execute("delete from affinity where updated < ?", [now - AFFINITY_DAYS * 86400])
@@ -286,41 +388,57 @@ def reset(name: str) -> None:
         _clear(db, name)
 
 
+RECENT = 100  # the requests per member that timings are taken over
+
+
 def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
-    "Per-member statistics, one dict per member in the order of the definition."
+    """Per-member statistics, one dict per member in the order of the definition: counts,
+    tokens, time to first chunk and total time (median and 95th percentile, in seconds, over
+    its RECENT latest requests), its use of each limit in the current window, and cooldown."""
     now = time.time() if now is None else now
+    name = balancer.name
+    rows, cooling, events, timings = {}, {}, {}, {}
     with transaction(write=False) as db:
-        row = db.execute(
-            "select signature from rotation where balancer = ?", [balancer.name]
-        ).fetchone()
-        current = row is not None and row[0] == balancer.signature
-        rows = {}
-        cooling = {}
-        if current:
+        row = db.execute("select signature from rotation where balancer = ?", [name]).fetchone()
+        if row is not None and row[0] == balancer.signature:
             rows = {
                 r[0]: r[1:]
                 for r in db.execute(
-                    "select member, requests, successes, failures, last_used, last_error "
-                    "from stats where balancer = ?",
-                    [balancer.name],
+                    "select member, requests, successes, failures, last_used, last_error, "
+                    "input_tokens, output_tokens from stats where balancer = ?",
+                    [name],
                 )
             }
             cooling = {
                 r[0]: r[1:]
                 for r in db.execute(
-                    "select member, until, reason from cooldowns where balancer = ? and until > ?",
-                    [balancer.name, now],
+                    "select member, until, reason, known from cooldowns "
+                    "where balancer = ? and until > ?",
+                    [name, now],
                 )
             }
+            for index, member in enumerate(balancer.members):
+                if member.limits:
+                    events[index] = db.execute(
+                        "select at, tokens from requests where balancer = ? and member = ? "
+                        "and at > ?",
+                        [name, index, now - limits.LONGEST],
+                    ).fetchall()
+                timings[index] = db.execute(
+                    "select first_chunk, total from requests where balancer = ? and member = ? "
+                    "and total is not null order by at desc limit ?",
+                    [name, index, RECENT],
+                ).fetchall()
     total = sum(r[0] for r in rows.values())
     result = []
-    for index in range(len(balancer.members)):
-        requests, successes, failures, last_used, last_error = rows.get(
-            index, (0, 0, 0, None, None)
+    for index, member in enumerate(balancer.members):
+        requests, successes, failures, last_used, last_error, tokens_in, tokens_out = rows.get(
+            index, (0, 0, 0, None, None, 0, 0)
         )
-        until = cooling.get(index, (None, None))[0]
+        until, reason, _ = cooling.get(index, (None, None, None))
         if until is not None and not math.isfinite(until):
             until = now + MAX_SECONDS
+        recent = timings.get(index, [])
         result.append(
             {
                 "member": index + 1,
@@ -328,9 +446,29 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
                 "successes": successes,
                 "failures": failures,
                 "share": (requests / total) if total else 0.0,
+                "input_tokens": tokens_in,
+                "output_tokens": tokens_out,
+                "first_chunk": _spread([first for first, _ in recent if first is not None]),
+                "total_time": _spread([whole for _, whole in recent]),
+                "limits": {
+                    use.name: {"used": use.used, "limit": use.limit}
+                    for use in limits.usage(member.limits, events.get(index, []), now)
+                },
                 "last_used": last_used,
                 "last_error": last_error,
                 "cooling_down_until": until,
+                "cooling_down_for": reason.split(":")[0] if until and reason else None,
             }
         )
     return result
+
+
+def _spread(values: list[float]) -> dict | None:
+    "Median and 95th percentile (nearest rank), or None without values."
+    if not values:
+        return None
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, max(0, math.ceil(0.95 * len(ordered)) - 1))]
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return {"median": median, "p95": p95}

@@ -136,7 +136,10 @@ def test_a_cooldown_stored_by_an_older_version_is_capped_and_stats_never_crash(
     save_lb("x", "flaky name=a", "flaky name=b")
     run_llm("-m", "lb:x", "hi")
     with sqlite3.connect(state.path()) as db:  # what 0.1.0 stored for Retry-After: inf
-        db.execute("insert into cooldowns values ('x', 0, ?, 'inf')", [math.inf])
+        db.execute(
+            "insert into cooldowns (balancer, member, until, reason) values ('x', 0, ?, 'inf')",
+            [math.inf],
+        )
     result = run_llm("lb", "stats", "x", "--json")
     assert result.exit_code == 0
     until = json.loads(result.stdout)[0]["members"][0]["cooling_down_until"]
@@ -219,9 +222,7 @@ def test_edit_opens_a_file_that_is_not_utf8_and_saves_it_once_valid(user_path, e
     assert path.read_text() == "members: [echo, echo]\n# cafe\n"
 
 
-def test_an_edit_that_cannot_be_saved_keeps_the_old_file_and_the_edited_text(
-    user_path, editor
-):
+def test_an_edit_that_cannot_be_saved_keeps_the_old_file_and_the_edited_text(user_path, editor):
     save_lb("ed", "echo", "echo")
     before = folder_snapshot(user_path)
     editor("open(path, 'w').write('members: [echo, nope-model]\\n')")
@@ -329,7 +330,7 @@ def test_a_state_file_from_0_1_0_is_upgraded_and_keeps_rotation_and_statistics(u
         db.execute("insert into stats values ('x', 0, 5, 5, 0, 1.0, null)")
         db.execute("insert into cooldowns values ('x', 1, ?, 'inf')", [1e300])
     state._connections.clear()
-    plan = state.select(balancer)
+    plan, _ = state.select(balancer)
     assert plan.order[0] == 2  # the rotation went on where it was
     members = state.stats(balancer)
     assert members[0]["requests"] == 5
