@@ -1,4 +1,6 @@
-"""`lb:NAME` models with echo and test models: rotation, delegation, errors (issue 3)."""
+"""`lb:NAME` models with echo and test models: rotation, delegation, errors (issue 3). In this
+process (click's runner, llm's Python API), but for the rotation shared by processes one after
+another and at once."""
 
 import asyncio
 import importlib.metadata
@@ -12,7 +14,7 @@ import time
 import llm
 import pytest
 
-from conftest import last_logged, llm_process, set_keys
+from conftest import LB_AND_ECHO, invoke, last_logged, llm_process, process_env, set_keys
 
 KEYS = {"k1": "value-1", "k2": "value-2", "k3": "value-3", "k4": "value-4"}
 
@@ -38,11 +40,11 @@ def member_of(text):
 def test_consecutive_processes_take_turns(keyed):
     keyed("fast", 3)
     answered = []
-    for _ in range(7):
-        result = llm_process("-m", "lb:fast", "hi")
+    for _ in range(4):
+        result = llm_process("-m", "lb:fast", "hi", plugins=LB_AND_ECHO)
         assert result.returncode == 0, result.stderr
         answered.append(member_of(result.stdout))
-    assert answered == [1, 2, 3, 1, 2, 3, 1]
+    assert answered == [1, 2, 3, 1]
 
 
 def test_eight_processes_share_the_rotation_exactly(keyed, tmp_path):
@@ -57,8 +59,9 @@ def test_eight_processes_share_the_rotation_exactly(keyed, tmp_path):
         print(json.dumps(counts))
         """
     )
+    env = process_env(LB_AND_ECHO)
     procs = [
-        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
         for _ in range(8)
     ]
     total = {}
@@ -104,15 +107,19 @@ def test_corrupt_state_file_warns_once_and_still_answers(keyed, user_path, capsy
 
 
 def test_locked_state_file_does_not_block_the_prompt(keyed, user_path, monkeypatch):
+    import llm_loadbalancer.delegate as lb_model
+
+    monkeypatch.setattr(lb_model, "_warned", False)
+    monkeypatch.setenv("LLM_LOADBALANCER_STATE_TIMEOUT", "0.2")  # read as the file is opened
     keyed("l", 2)
     llm.get_model("lb:l").prompt("x").text()  # creates the state file
     holder = sqlite3.connect(user_path / "loadbalancers.db", isolation_level=None)
     holder.execute("begin exclusive")
     try:
-        result = llm_process("-m", "lb:l", "hi", env={"LLM_LOADBALANCER_STATE_TIMEOUT": "0.2"})
+        result = invoke("-m", "lb:l", "hi")
     finally:
         holder.execute("rollback")
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.output
     assert member_of(result.stdout) in (1, 2)
     assert "cannot use its state file" in result.stderr
     assert "database is locked" in result.stderr
@@ -240,31 +247,31 @@ def test_tool_result_turn_goes_to_the_member_that_called(run_llm):
 
 def test_sticky_keeps_a_conversation_on_its_first_member(keyed):
     keyed("st", 3, "--sticky")
-    first = llm_process("-m", "lb:st", "one")
+    first = invoke("-m", "lb:st", "one")
     assert member_of(first.stdout) == 1
-    other = llm_process("-m", "lb:st", "unrelated")  # a new conversation moves on
+    other = invoke("-m", "lb:st", "unrelated")  # a new conversation moves on
     assert member_of(other.stdout) == 2
-    again = llm_process("-c", "two")  # continues the newest conversation: 'unrelated'
+    again = invoke("-c", "two")  # continues the newest conversation: 'unrelated'
     assert member_of(again.stdout) == 2
-    cid = json.loads(llm_process("logs", "--json", "-n", "3").stdout)[0]["conversation_id"]
-    back = llm_process("--cid", cid, "three")
+    cid = last_logged(3)[0]["conversation_id"]
+    back = invoke("--cid", cid, "three")
     assert member_of(back.stdout) == 1
 
 
 def test_without_sticky_continued_conversations_rotate_and_see_history(keyed):
     keyed("ns", 2)
-    llm_process("-m", "lb:ns", "one")
-    again = llm_process("-c", "two")
-    assert again.returncode == 0, again.stderr
+    invoke("-m", "lb:ns", "one")
+    again = invoke("-c", "two")
+    assert again.exit_code == 0, again.output
     assert member_of(again.stdout) == 2
-    rows = json.loads(llm_process("logs", "--json", "-n", "2").stdout)
+    rows = last_logged(2)
     assert rows[0]["conversation_id"] == rows[1]["conversation_id"]
 
 
 def test_chat_through_a_balancer(keyed):
     keyed("ch", 2, "--sticky")
-    result = llm_process("chat", "-m", "lb:ch", input="hello\nsecond\nquit\n")
-    assert result.returncode == 0, result.stderr
+    result = invoke("chat", "-m", "lb:ch", input="hello\nsecond\nquit\n")
+    assert result.exit_code == 0, result.output
     keys = [line for line in result.stdout.splitlines() if '"key"' in line]
     assert len(keys) == 2 and all("value-1" in line for line in keys)
     assert '"prompt": "hello"' in result.stdout  # the second turn saw the first
@@ -299,7 +306,7 @@ def test_schema_reaches_the_member(run_llm, fake_models):
 
 def test_debug_line_names_member_position_and_key_name(keyed):
     keyed("dbg", 2)
-    result = llm_process("-m", "lb:dbg", "hi", env={"LLM_LOADBALANCER_DEBUG": "1"})
+    result = invoke("-m", "lb:dbg", "hi", env={"LLM_LOADBALANCER_DEBUG": "1"})
     lines = [line for line in result.stderr.splitlines() if line.startswith("llm-loadbalancer:")]
     assert lines == [
         "llm-loadbalancer: lb:dbg: member 1 (echo-needs-key, key: k1) at position 1 of 2, key: k1"
@@ -319,8 +326,8 @@ def test_models_lists_balancers_with_policy_and_members(run_llm):
 
 
 def prompt_error(*args):
-    result = llm_process(*args)
-    assert result.returncode == 1, result.stdout
+    result = invoke(*args)  # an exception llm does not turn into an error message is raised
+    assert result.exit_code == 1, result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     return lines[0]
@@ -364,7 +371,7 @@ def test_no_member_installed(run_llm, user_path):
         f"Error: lb:gone: {path}: no member is installed: member 1 (uninstalled-model): "
         "unknown model"
     )
-    assert "echo" in llm_process("models").stdout
+    assert "echo" in invoke("models").stdout
 
 
 def test_hand_edited_nesting(run_llm, user_path):
