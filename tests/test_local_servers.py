@@ -5,6 +5,7 @@ meet each fault as the SDKs' own exceptions."""
 
 import asyncio
 import json
+import os
 import threading
 
 import anthropic
@@ -14,7 +15,7 @@ import openai
 import pytest
 from llm.parts import ReasoningPart
 
-from conftest import llm_process
+from conftest import invoke
 
 CHEAP = "claude-haiku-4.5"  # anthropic/claude-haiku-4-5-20251001
 ANSWER = ["answer ", "from ", "anthropic ", "with ", "sk-ant-default"]
@@ -73,10 +74,11 @@ def test_anthropic_streams_word_by_word_with_usage(local_anthropic):
     assert response.json()["stop_reason"] == "end_turn"
 
 
-def test_anthropic_in_an_llm_process(local_anthropic):
-    "ANTHROPIC_BASE_URL is in the environment, so an `llm` process reaches the server too."
-    result = llm_process("-m", CHEAP, "-o", "thinking", "1", "--key", "ant-work", "hi")
-    assert result.returncode == 0, result.stderr
+def test_anthropic_from_the_command_line(local_anthropic):
+    # in the environment, so that `llm` processes started by a test reach the server too
+    assert os.environ["ANTHROPIC_BASE_URL"] == local_anthropic.base_url("anthropic")
+    result = invoke("-m", CHEAP, "-o", "thinking", "1", "--key", "ant-work", "hi")
+    assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "answer from anthropic with sk-ant-work"
     assert local_anthropic.seen("body")[0]["thinking"]["budget_tokens"] == 1024
 
