@@ -6,7 +6,6 @@ import dataclasses
 import datetime
 import difflib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -120,19 +119,46 @@ def lb():
     metavar="SECONDS",
     help="Abandon a member that gives no first chunk in this time and try the next (default: none)",
 )
+@click.option(
+    "--max-wait",
+    type=float,
+    metavar="SECONDS",
+    help="When every member is at its limit, wait this long at most for one (default: 30)",
+)
+@click.option(
+    "--quota-cooldown",
+    type=float,
+    metavar="SECONDS",
+    help="Skip a member whose quota is exhausted for this long (default: 3600)",
+)
 @click.option("--force", is_flag=True, help="Replace an existing load balancer")
-def lb_save(name, members, file_, policy, sticky, failover, cooldown, timeout, force):
+def lb_save(
+    name,
+    members,
+    file_,
+    policy,
+    sticky,
+    failover,
+    cooldown,
+    timeout,
+    max_wait,
+    quota_cooldown,
+    force,
+):
     """
     Save a load balancer from two or more members
 
     A MEMBER is a model id or alias, optionally followed (in the same quoted argument) by
-    name=value settings: key=NAME names a key stored with 'llm keys set NAME', any other
-    name is an option for that member's model.
+    name=value settings: key=NAME names a key stored with 'llm keys set NAME'; weight=N is
+    its share of the rotation; rpm, rpd, tpm, tpd are at most that many requests or tokens
+    a minute or a day; any other name is an option for that member's model (options.NAME=...
+    for an option named like one of those settings).
 
     \b
     Examples:
         llm lb save fast 'gpt-4o-mini key=work' 'gpt-4o-mini key=personal temperature=0.2' claude-3.5-haiku
         llm lb save backup gpt-4o claude-3.5-sonnet --policy failover
+        llm lb save free 'gemini-2.5-flash key=a rpm=10' 'gemini-2.5-flash key=b rpm=10 weight=2'
         llm lb save team --file team.yaml
         llm lb save pick          # on a terminal: choose members from a numbered list
     """
@@ -154,7 +180,16 @@ def lb_save(name, members, file_, policy, sticky, failover, cooldown, timeout, f
                     f"llm lb save {name} MODEL MODEL [MODEL ...]"
                 )
             balancer = config.from_dict(name, {"members": [m.to_dict() for m in parsed]})
-        balancer = _with_flags(balancer, policy, sticky, failover, cooldown, timeout)
+        balancer = _with_flags(
+            balancer,
+            policy=policy,
+            sticky=sticky,
+            failover=failover,
+            cooldown=cooldown,
+            timeout=timeout,
+            max_wait=max_wait,
+            quota_cooldown=quota_cooldown,
+        )
         check_balancer(balancer, catalog)
     except ConfigError as ex:
         _fail(ex)
@@ -191,17 +226,10 @@ def _read_file(file_: str) -> str:
         raise ConfigError(f"{source} is not UTF-8 text: give a YAML or JSON file") from None
 
 
-def _with_flags(balancer: Balancer, policy, sticky, failover, cooldown, timeout) -> Balancer:
+def _with_flags(balancer: Balancer, **flags) -> Balancer:
+    "The definition with the fields that options on the command line set."
     data = balancer.to_dict()
-    for field, value in (
-        ("policy", policy),
-        ("sticky", sticky),
-        ("failover", failover),
-        ("cooldown", cooldown),
-        ("timeout", timeout),
-    ):
-        if value is not None:
-            data[field] = value
+    data.update({field: value for field, value in flags.items() if value is not None})
     return config.from_dict(balancer.name, data)
 
 
@@ -527,14 +555,43 @@ def _when(timestamp) -> str:
         return "(a time out of range)"
 
 
+BAR = 20
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 def _stats_line(member: dict) -> str:
-    line = (
-        f"  {member['member']}. {member['label']}: {_count(member['requests'], 'request')}, "
-        f"{member['successes']} ok, {member['failures']} failed, "
-        f"{member['share']:.0%} of traffic, last used {_when(member['last_used'])}"
-    )
+    "A member's statistics: a line with its share of traffic as a bar, then its details."
+    filled = round(member["share"] * BAR)
+    lines = [
+        f"  {member['member']}. {member['label']}  {'█' * filled}{'·' * (BAR - filled)} "
+        f"{member['share']:.0%} of traffic",
+        f"{_count(member['requests'], 'request')}, {member['successes']} ok, "
+        f"{member['failures']} failed; tokens {member['input_tokens']:,} in, "
+        f"{member['output_tokens']:,} out; last used {_when(member['last_used'])}",
+    ]
+    timings = [
+        f"{what} median {_duration(spread['median'])}, p95 {_duration(spread['p95'])}"
+        for what, spread in (
+            ("first chunk", member["first_chunk"]),
+            ("total", member["total_time"]),
+        )
+        if spread
+    ]
+    if timings:
+        lines.append("; ".join(timings))
+    if member["limits"]:
+        lines.append(
+            "limits now: "
+            + ", ".join(
+                f"{name} {use['used']:,}/{use['limit']:,}" for name, use in member["limits"].items()
+            )
+        )
     if member["cooling_down_until"]:
-        line += f", cooling down until {_when(member['cooling_down_until'])}"
+        why = f" ({member['cooling_down_for']})" if member["cooling_down_for"] else ""
+        lines.append(f"cooling down until {_when(member['cooling_down_until'])}{why}")
     if member["last_error"]:
-        line += f"\n     last error: {member['last_error']}"
-    return line
+        lines.append(f"last error: {member['last_error']}")
+    return "\n     ".join(lines)

@@ -1,0 +1,362 @@
+"""Weights, per-member rate limits and quotas, waiting for a free member (issue 10).
+
+The window arithmetic and the choices are pure functions, tested here with an injected clock;
+what crosses processes is tested with several processes against the local OpenAI-compatible
+server, which counts what reached each key."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import anthropic
+import httpx2
+import openai
+import pytest
+from conftest import invoke, save_lb
+
+from llm_loadbalancer import config, limits, state
+from llm_loadbalancer.failures import classify
+from llm_loadbalancer.policy import plan, schedule
+
+NOW = 1_000_000.0
+
+# --- pure decisions --------------------------------------------------------------------------
+
+
+def test_smooth_weighted_round_robin_spreads_a_heavy_member_out():
+    assert schedule((5, 1, 1)) == (0, 0, 1, 0, 2, 0, 0)  # a a b a c a a, never a a a a a b c
+    assert schedule((3, 1)) == (0, 0, 1, 0)
+    assert schedule((1, 1, 1)) == (0, 1, 2)  # equal weights: today's order
+
+
+def test_weighted_rotation_goes_on_from_the_stored_position():
+    order, position = [], 0
+    for _ in range(14):
+        result = plan("roundrobin", 3, position, {}, NOW, weights=(5, 1, 1))
+        order.append("abc"[result.order[0]])
+        position = result.position
+    assert "".join(order) == "aabacaa" * 2
+
+
+def test_a_member_at_its_limit_is_skipped_and_the_plan_waits_when_none_is_free():
+    result = plan("roundrobin", 3, 0, {}, NOW, blocked={0: NOW + 20})
+    assert result.order == (1, 2) and result.wait is None
+    result = plan("roundrobin", 2, 0, {}, NOW, blocked={0: NOW + 20, 1: NOW + 5})
+    assert result.order == () and result.wait == (NOW + 5, 1)
+
+
+def test_guessed_cooldowns_are_still_tried_but_known_ones_are_waited_for():
+    # member 0 cools down after a 500 (a guess); member 1 is inside a Retry-After (known)
+    result = plan("roundrobin", 2, 0, {0: NOW + 30}, NOW, blocked={1: NOW + 10})
+    assert result.order == (0,) and result.wait is None
+
+
+def test_a_tool_turn_waits_for_its_member():
+    result = plan("roundrobin", 2, 0, {}, NOW, pinned=1, blocked={1: NOW + 3})
+    assert result.order == () and result.wait == (NOW + 3, 1)
+
+
+@pytest.mark.parametrize(
+    "member_limits,events,free",
+    [
+        ({"rpm": 3}, [(NOW - 50, 0), (NOW - 30, 0)], None),
+        ({"rpm": 3}, [(NOW - 50, 0), (NOW - 30, 0), (NOW - 10, 0)], NOW + 10),
+        ({"rpm": 2}, [(NOW - 70, 0), (NOW - 30, 0)], None),  # the first left the window
+        ({"rpd": 2}, [(NOW - 80_000, 0), (NOW - 10, 0)], NOW - 80_000 + 86400),
+        ({"tpm": 100}, [(NOW - 40, 60), (NOW - 20, 30)], None),  # 90 < 100
+        ({"tpm": 100}, [(NOW - 40, 60), (NOW - 20, 50)], NOW + 20),  # 110: wait for the 60
+        ({"tpm": 100}, [(NOW - 40, 60), (NOW - 20, 150)], NOW + 40),  # one request over it
+        ({"rpm": 5, "tpm": 100}, [(NOW - 40, 60), (NOW - 20, 50)], NOW + 20),
+    ],
+)
+def test_when_a_member_has_room_again(member_limits, events, free):
+    assert limits.free_at(member_limits, events, NOW) == free
+
+
+def test_usage_in_the_current_window():
+    events = [(NOW - 100, 10), (NOW - 30, 20), (NOW - 5, 5)]
+    assert limits.usage({"rpm": 3, "tpd": 1000}, events, NOW) == [
+        limits.Use("rpm", 2, 3),
+        limits.Use("tpd", 35, 1000),
+    ]
+
+
+def http_error(cls, status, body, headers=None):
+    request = httpx2.Request("POST", "http://127.0.0.1/v1/x")
+    response = httpx2.Response(status, headers=headers or {}, json=body, request=request)
+    return cls(f"Error code: {status} - {body}", response=response, body=body)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        http_error(
+            openai.RateLimitError,
+            429,
+            {
+                "message": "You exceeded your current quota",
+                "type": "insufficient_quota",
+                "code": "insufficient_quota",
+            },
+        ),
+        http_error(
+            anthropic.BadRequestError,
+            400,
+            {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": "Your credit balance is too low to access the Anthropic API.",
+                },
+            },
+        ),
+        http_error(  # Gemini's shape (through an OpenAI-compatible endpoint)
+            openai.RateLimitError,
+            429,
+            {
+                "error": {
+                    "code": 429,
+                    "status": "RESOURCE_EXHAUSTED",
+                    "details": [
+                        {"violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel"}]}
+                    ],
+                }
+            },
+        ),
+    ],
+    ids=["openai", "anthropic", "gemini"],
+)
+def test_quota_exhausted_in_each_providers_shape(error):
+    failure = classify(error, 30.0, quota_cooldown=3600.0)
+    assert failure.reason.endswith("quota exhausted")
+    assert (failure.failover, failure.cooldown, failure.known) == (True, 3600.0, True)
+
+
+def test_a_plain_rate_limit_is_not_a_quota():
+    error = http_error(openai.RateLimitError, 429, {"error": {"message": "Rate limit reached"}})
+    assert classify(error, 30.0).reason == "429 rate limited"
+    error = http_error(anthropic.BadRequestError, 400, {"error": {"message": "bad request"}})
+    assert classify(error, 30.0).failover is False
+
+
+# --- through the state file, with an injected clock ------------------------------------------
+
+
+def chosen(balancer, now):
+    result, ticket = state.select(balancer, now=now)
+    if ticket is not None:
+        state.record(balancer, result.order[0], ticket=ticket, now=now)
+    return result
+
+
+def test_rpm_is_never_exceeded_and_the_member_is_used_again_when_its_window_has_room():
+    save_lb("lim", "echo rpm=2", "echo example_bool=true rpm=1")
+    balancer = config.load("lim")
+    picks = [chosen(balancer, NOW + i).order[:1] for i in range(4)]
+    assert picks == [(0,), (1,), (0,), ()]  # the fourth finds every member at its limit
+    assert chosen(balancer, NOW + 3).wait == (NOW + 60, 0)  # a's first request ages out first
+    assert chosen(balancer, NOW + 61).order[0] in (0, 1)
+
+
+def test_token_limits_count_what_members_reported():
+    save_lb("tok", "echo tpm=100", "echo example_bool=true")
+    balancer = config.load("tok")
+    result, ticket = state.select(balancer, now=NOW)
+    state.record(balancer, 0, ticket=ticket, tokens=(70, 40), now=NOW)
+    for step in range(1, 4):
+        assert chosen(balancer, NOW + step).order[0] == 1  # 110 tokens: a has no room
+    assert chosen(balancer, NOW + 61).order[:1] in ((0,), (1,))
+    members = state.stats(balancer, now=NOW + 1)
+    assert (members[0]["input_tokens"], members[0]["output_tokens"]) == (70, 40)
+    assert members[0]["limits"] == {"tpm": {"used": 110, "limit": 100}}
+
+
+def test_a_member_that_fails_again_after_its_cooldown_cools_down_twice_as_long():
+    save_lb("esc", "echo", "echo example_bool=true")
+    balancer = config.load("esc")
+    state.select(balancer, now=NOW)
+    lengths = []
+    now = NOW
+    for _ in range(4):
+        state.record(balancer, 0, error="500 server error: x", cooldown=30, now=now)
+        until = state.stats(balancer, now=now)[0]["cooling_down_until"]
+        lengths.append(until - now)
+        now = until + 1  # it fails again right after its cooldown ended
+    assert lengths == [30, 60, 120, 240]
+    state.record(balancer, 0, now=now)  # a success resets it
+    state.record(balancer, 0, error="500 server error: x", cooldown=30, now=now + 1)
+    assert state.stats(balancer, now=now + 1)[0]["cooling_down_until"] == now + 31
+    for _ in range(20):
+        state.record(balancer, 0, error="500 server error: x", cooldown=30, now=now)
+    assert state.stats(balancer, now=now)[0]["cooling_down_until"] == now + config.MAX_SECONDS
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+def test_member_settings_on_the_command_line_and_in_the_file(user_path):
+    from conftest import set_keys
+
+    set_keys(user_path, k="value")
+    save_lb("s", "echo weight=3 rpm=3 rpd=1500", "echo tpm=200000 tpd=1000000 key=k")
+    data = config.load("s").to_dict()["members"]
+    assert data[0] == {"model": "echo", "weight": 3, "rpm": 3, "rpd": 1500}
+    assert data[1]["tpm"] == 200000 and data[1]["tpd"] == 1000000
+    listed = invoke("lb", "list").stdout
+    assert "echo (weight=3, rpm=3, rpd=1500)" in listed
+
+
+def test_a_model_option_named_like_a_member_setting(fake_models, user_path):
+    # options.NAME=value on the command line; `options:` in the file
+    from conftest import set_keys
+
+    set_keys(user_path, flaky="sk")
+    save_lb("o", "flaky options.name=weight", "flaky name=b")
+    assert config.load("o").members[0].options == {"name": "weight"}
+    result = invoke("-m", "lb:o", "hi")
+    assert result.stdout.strip() == "answer from weight"
+
+
+@pytest.mark.parametrize("bad", ["weight=0", "rpm=-1", "tpm=1.5", "rpd=lots", "weight=true"])
+def test_member_settings_are_whole_numbers(bad):
+    result = invoke("lb", "save", "bad", f"echo {bad}", "echo")
+    assert result.exit_code == 1
+    assert "must be a whole number from 1 to 1,000,000,000" in result.stderr
+
+
+def test_max_wait_and_quota_cooldown_are_saved(user_path):
+    save_lb("m", "echo", "echo", flags=("--max-wait", "5", "--quota-cooldown", "7200"))
+    balancer = config.load("m")
+    assert (balancer.max_wait, balancer.quota_cooldown) == (5.0, 7200.0)
+
+
+# --- through llm's OpenAI plugin and a local server, across processes ------------------------
+
+WORKER = """
+import sys, llm
+done = failed = 0
+model = llm.get_model(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    try:
+        model.prompt("hi", stream=False).text()
+        done += 1
+    except Exception as ex:
+        assert "every member is at its limit" in str(ex), str(ex)
+        failed += 1
+print(done, failed)
+"""
+
+
+def run_workers(model_id, processes, prompts):
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, model_id, str(prompts)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), results
+    return [tuple(map(int, out.split())) for out, _ in results]
+
+
+def test_rpm_is_exact_across_eight_processes(local_openai):
+    save_lb(
+        "rpm",
+        *[f"local-a key={key} rpm=3" for key in ("work", "personal")],
+        *[f"local-b key={key} rpm=3" for key in ("work", "personal")],
+        flags=("--max-wait", "0"),
+    )
+    counts = run_workers("lb:rpm", 8, 20)
+    assert sum(done for done, _ in counts) == 12  # 4 members x 3, never a 4th
+    seen = [f"{e}/{k}" for e, k in zip(local_openai.seen("endpoint"), local_openai.seen("key"))]
+    assert sorted(seen) == sorted(["a/sk-work", "a/sk-personal", "b/sk-work", "b/sk-personal"] * 3)
+
+
+def test_weighted_order_is_exact_across_processes(local_openai):
+    save_lb("w", "local-a key=work weight=3", "local-a key=personal")
+    counts = run_workers("lb:w", 4, 10)
+    assert counts == [(10, 0)] * 4
+    keys = local_openai.seen("key")
+    assert (keys.count("sk-work"), keys.count("sk-personal")) == (30, 10)
+
+
+def test_token_limit_from_the_usage_the_server_reports(local_openai):
+    save_lb("t", "local-a key=work tpm=10", "local-a key=personal", flags=("--max-wait", "0"))
+    for _ in range(4):
+        assert invoke("-m", "lb:t", "--no-stream", "one two three").exit_code == 0
+    # the first answer used 3 + 5 = 8 tokens (< 10: room), the third 8 more (16): no room
+    assert local_openai.seen("key") == ["sk-work", "sk-personal", "sk-work", "sk-personal"]
+    members = json.loads(invoke("lb", "stats", "t", "--json").stdout)[0]["members"]
+    assert members[0]["limits"]["tpm"] == {"used": 16, "limit": 10}
+    assert (members[0]["input_tokens"], members[0]["output_tokens"]) == (6, 10)
+
+
+def age_requests(seconds):
+    "Time moves through the state file: every request counted was sent ``seconds`` earlier."
+    import sqlite3
+
+    with sqlite3.connect(state.path()) as db:
+        db.execute("update requests set at = at - ?", [seconds])
+
+
+def test_waiting_for_a_member_says_so_and_then_sends(local_openai):
+    save_lb("wait", "local-a key=work rpm=1", "local-a key=personal rpm=1")
+    for _ in range(2):
+        assert invoke("-m", "lb:wait", "hi").exit_code == 0
+    age_requests(58)  # both free up about two seconds from now
+    result = invoke("-m", "lb:wait", "hi")
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(
+        r"lb:wait: every member is at its limit; waiting [0-2] s for member 1 "
+        r"\(local-a, key: work, rpm=1\)\n",
+        result.stderr,
+    )
+    assert local_openai.seen("key") == ["sk-work", "sk-personal", "sk-work"]
+
+
+def test_a_wait_longer_than_max_wait_fails_at_once(local_openai):
+    save_lb("busy", "local-a key=work rpm=1", "local-a key=personal rpm=1")
+    for _ in range(2):
+        invoke("-m", "lb:busy", "hi")
+    start = time.time()
+    result = invoke("-m", "lb:busy", "hi")
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert re.fullmatch(
+        r"Error: lb:busy: every member is at its limit or inside its provider's Retry-After; "
+        r"the first to free up is member 1 \(local-a, key: work, rpm=1\), in (59|60) s, longer "
+        r"than max_wait \(30 s; llm lb save --max-wait\)",
+        line,
+    ), line
+    assert len(local_openai.requests) == 2  # nothing was sent, nothing counted
+    assert time.time() - start < 30  # it did not wait (a bound, not a timing)
+
+
+def test_retry_after_is_waited_for_not_asked_early(local_openai):
+    save_lb("ra", "local-a key=work", "local-a key=personal", flags=("--max-wait", "0"))
+    local_openai.fail("429:100")  # every key: Retry-After 100
+    result = invoke("-m", "lb:ra", "hi")
+    assert result.exit_code == 1
+    assert len(local_openai.requests) == 2
+    result = invoke("-m", "lb:ra", "hi")  # both are inside their Retry-After: none is asked
+    assert "every member is at its limit or inside its provider's Retry-After" in result.stderr
+    assert len(local_openai.requests) == 2
+
+
+def test_stats_show_limits_tokens_timings_and_a_bar(local_openai):
+    save_lb("st", "local-a key=work rpm=3", "local-a key=personal")
+    for _ in range(3):
+        invoke("-m", "lb:st", "hi")
+    text = invoke("lb", "stats", "st").stdout
+    assert "1. local-a (key: work, rpm=3)  █████████████······· 67% of traffic" in text
+    assert "2 requests, 2 ok, 0 failed; tokens 2 in, 10 out" in text
+    assert "limits now: rpm 2/3" in text
+    assert re.search(r"first chunk median \d+ ms, p95 \d+ ms; total median \d+ ms", text)
+    data = json.loads(invoke("lb", "stats", "st", "--json").stdout)[0]["members"][0]
+    assert data["limits"] == {"rpm": {"used": 2, "limit": 3}}
+    assert set(data["first_chunk"]) == {"median", "p95"}
