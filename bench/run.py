@@ -101,10 +101,15 @@ class Bench:
         (self.dir / "user" / "keys.json").write_text(json.dumps(keys))
         self.llm("lb", "save", "bench", "echo", "echo")
         self.llm("lb", "save", "four", *[f"echo-needs-key key=k{i}" for i in range(1, 5)])
-        # 48 more, so that 50 balancers are saved for the start-up measurements
+        self.llm(
+            "lb", "save", "weighted", "echo-needs-key key=k1 weight=3", "echo-needs-key key=k2"
+        )
+        limited = "rpm=1000000000 rpd=1000000000 tpm=1000000000 tpd=1000000000"
+        self.llm("lb", "save", "limited", f"echo {limited}", f"echo {limited}")
+        # 46 more, so that 50 balancers are saved for the start-up measurements
         folder = self.dir / "user" / "loadbalancers"
         template = (folder / "bench.yaml").read_text()
-        for i in range(48):
+        for i in range(46):
             (folder / f"extra{i:02d}.yaml").write_text(template)
 
     # 1 ---------------------------------------------------------------------------------
@@ -184,14 +189,36 @@ class Bench:
     # 3 ---------------------------------------------------------------------------------
     def in_process(self):
         prompts = 200 if self.quick else 5000
+        # lb:limited has every limit set on both members (never reached) and each prompt is
+        # the first of a conversation (as every CLI prompt is): the most work a prompt does
+        for label, balancer, conversation in (
+            ("lb:bench vs echo", "bench", False),
+            ("lb:limited vs echo, limits on, in a conversation", "limited", True),
+        ):
+            times = self._in_process_times(balancer, prompts, conversation)
+            self.results.append(
+                comparison(
+                    f"3. in-process, {prompts} prompts: {label}, per prompt",
+                    "us",
+                    times["lb"],
+                    times["echo"],
+                    "added <= 150 us",
+                    scale=1e6,
+                )
+            )
+
+    def _in_process_times(self, balancer: str, prompts: int, conversation: bool) -> dict:
+        ask = "model.conversation().prompt" if conversation else "model.prompt"
         script = textwrap.dedent(
             f"""
             import json, time, llm
-            lb = llm.get_model("lb:bench")
+            lb = llm.get_model("lb:{balancer}")
             echo = llm.get_model("echo")
+            def ask(model):
+                {ask}("hi").text()
             for model in (lb, echo):  # warm up: imports, state file, caches
                 for _ in range(20):
-                    model.prompt("hi").text()
+                    ask(model)
             blocks = 10
             per_block = {prompts} // blocks
             times = {{"lb": [], "echo": []}}
@@ -200,7 +227,7 @@ class Bench:
                 for name, model in order:
                     start = time.perf_counter()
                     for _ in range(per_block):
-                        model.prompt("hi").text()
+                        ask(model)
                     times[name].append((time.perf_counter() - start) / per_block)
             print(json.dumps(times))
             """
@@ -208,28 +235,26 @@ class Bench:
         out = subprocess.run(
             [sys.executable, "-c", script], env=self.env, check=True, capture_output=True, text=True
         ).stdout
-        times = json.loads(out)
-        result = comparison(
-            f"3. in-process, {prompts} prompts: lb:bench vs echo, per prompt",
-            "us",
-            times["lb"],
-            times["echo"],
-            "added <= 150 us",
-            scale=1e6,
-        )
-        self.results.append(result)
+        return json.loads(out)
 
     # 4 ---------------------------------------------------------------------------------
     def concurrency(self):
+        self._concurrency("four", "4. concurrency: {} processes x {} prompts, 4 members", 4)
+
+    def weighted(self):
+        self._concurrency("weighted", "4b. weights 3, 1: {} processes x {} prompts", 2)
+
+    def _concurrency(self, balancer: str, title: str, members: int):
         processes, prompts = (8, 20) if self.quick else (8, 200)
-        self.llm("lb", "reset", "four")
+        self.llm("lb", "reset", balancer)
+        weights = [3, 1] if balancer == "weighted" else [1] * members
         # Every worker imports llm first, then all start prompting at the same moment, so
         # that the selections really overlap and process start-up is not counted.
         start_at = time.time() + (4 if self.quick else 6)
         script = textwrap.dedent(
             f"""
             import collections, json, time, llm
-            model = llm.get_model("lb:four")
+            model = llm.get_model("lb:{balancer}")
             time.sleep(max(0.0, {start_at} - time.time()))
             counts = collections.Counter(
                 json.loads(model.prompt("hi").text())["key"] for _ in range({prompts})
@@ -254,20 +279,20 @@ class Bench:
             for key, count in data["counts"].items():
                 totals[key] = totals.get(key, 0) + count
         elapsed = max(ends) - start_at
-        expected = processes * prompts // 4
+        expected = [processes * prompts * weight // sum(weights) for weight in weights]
         per_member = {key.replace("value-", "member "): totals[key] for key in sorted(totals)}
         self.results.append(
             {
-                "name": f"4. concurrency: {processes} processes x {prompts} prompts, 4 members",
+                "name": title.format(processes, prompts),
                 "unit": "prompts/s",
                 "runs": processes * prompts,
                 "lb": round(processes * prompts / elapsed, 1),
                 "baseline": None,
                 "ratio": None,
                 "added": None,
-                "target": f"exactly {expected} per member",
+                "target": f"exactly {', '.join(map(str, expected))} per member",
                 "per_member": per_member,
-                "exact": all(count == expected for count in totals.values()) and len(totals) == 4,
+                "exact": [totals.get(f"value-{i}") for i in range(1, members + 1)] == expected,
             }
         )
 
@@ -279,6 +304,7 @@ class Bench:
             self.hostile_files,
             self.in_process,
             self.concurrency,
+            self.weighted,
         ]
         steps += self.http_steps()
         for step in steps:

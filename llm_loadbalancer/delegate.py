@@ -130,6 +130,7 @@ class Run:
         self.debug = _debug_enabled()
         self.use_state = True
         self.plan = self.ticket = None
+        self.cooled = frozenset(range(len(self.balancer.members)))
         for index, problem in lb.missing.items():
             print(
                 f"Warning: {lb.model_id}: {problem}: skipped; install the plugin that provides "
@@ -145,7 +146,7 @@ class Run:
         unavailable = frozenset(self.lb.missing)
         now = time.time()
         try:
-            self.plan, self.ticket = state.select(
+            self.plan, self.ticket, self.cooled = state.select(
                 self.balancer,
                 conversation=self.conversation_id,
                 tool_turn=bool(self.prompt.tool_results),
@@ -189,8 +190,9 @@ class Run:
         "Each member to try in turn; after the last failure, the error that lists them all."
         at_limit = []
         for number, index in enumerate(self.order):
-            ticket = self.ticket if number == 0 else self._claim(index)
-            if number and ticket is None and self.use_state:
+            limited = bool(self.balancer.members[index].limits)
+            ticket = self.ticket if number == 0 else self._claim(index) if limited else None
+            if number and limited and ticket is None and self.use_state:
                 at_limit.append(index)
                 continue
             attempt = Attempt(self, index)
@@ -319,6 +321,12 @@ class Run:
         if not self.use_state:
             return
         try:
-            state.record(self.balancer, attempt.index, ticket=attempt.ticket, **kwargs)
+            state.record(
+                self.balancer,
+                attempt.index,
+                ticket=attempt.ticket,
+                cooled=attempt.index in self.cooled,
+                **kwargs,
+            )
         except state.StateUnavailable as ex:
             _warn_state(ex)

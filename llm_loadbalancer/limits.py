@@ -34,6 +34,16 @@ def usage(limits: dict, events, now: float) -> list[Use]:
     return result
 
 
+def full(limits: dict, totals: dict) -> bool:
+    """Whether any limit is reached, given {window seconds: (requests, tokens)} in each of
+    the member's windows now."""
+    for name, limit in limits.items():
+        requests, tokens = totals[WINDOWS[name]]
+        if (requests if name.startswith("r") else tokens) >= limit:
+            return True
+    return False
+
+
 def free_at(limits: dict, events, now: float) -> float | None:
     """None when another request may be sent now; otherwise the earliest time at which every
     limit has room again (when enough of the requests in its window have aged out of it)."""

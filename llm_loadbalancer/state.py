@@ -15,6 +15,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import llm
 
@@ -26,6 +27,7 @@ FILENAME = "loadbalancers.db"
 TIMEOUT_ENV = "LLM_LOADBALANCER_STATE_TIMEOUT"
 DEFAULT_TIMEOUT = 10.0
 AFFINITY_DAYS = 30
+PRUNE_EVERY = 100
 
 # Each step takes the file from version N to N + 1 (``pragma user_version``); a file made before
 # versions were kept (0.1.0, version 0) has the tables of step 1 already, which it creates only
@@ -83,7 +85,7 @@ create table requests (
     first_chunk real,
     total real
 );
-create index requests_member_at on requests (balancer, member, at);
+create index requests_member_at on requests (balancer, member, at, tokens);
 create index requests_at on requests (at);
 """
 MIGRATIONS = (SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)), SCHEMA_V2)
@@ -208,6 +210,12 @@ def _clear(db, name: str) -> None:
         db.execute(f"delete from {table} where balancer = ?", [name])
 
 
+class Choice(NamedTuple):
+    plan: Plan
+    ticket: int | None  # the first member's request, counted against its limits in advance
+    cooled: frozenset[int]  # members with a cooldown on record (ended or not)
+
+
 def select(
     balancer: Balancer,
     *,
@@ -215,10 +223,10 @@ def select(
     tool_turn: bool = False,
     unavailable: frozenset[int] = frozenset(),
     now: float | None = None,
-) -> tuple[Plan, int | None]:
+) -> Choice:
     """Choose the order of members for one prompt and move the rotation, in one transaction;
-    the first member's request is counted against its limits there and then. Returns the plan
-    and that request's ticket (None when no member may be asked now: ``plan.wait`` says).
+    a first member with limits has its request counted against them there and then (its
+    ticket). When no member may be asked now, ``plan.wait`` says which to wait for.
 
     ``tool_turn``: the prompt carries tool results for the previous turn of ``conversation``,
     which goes back to the member that made the calls. With ``sticky`` every turn of a
@@ -227,7 +235,7 @@ def select(
     now = time.time() if now is None else now
     with transaction() as db:
         position = _sync_signature(db, balancer)
-        cooling, blocked = _cooldowns(db, balancer, now)
+        cooling, blocked, cooled = _cooldowns(db, balancer, now)
         for index in range(len(balancer.members)):
             _block_at_limit(db, balancer, index, now, blocked)
         pinned = preferred = None
@@ -260,31 +268,36 @@ def select(
                 "update rotation set position = ? where balancer = ?",
                 [result.position, balancer.name],
             )
-        ticket = _sent(db, balancer, result.order[0], now) if result.order else None
-        return result, ticket
+        ticket = None
+        if result.order and balancer.members[result.order[0]].limits:
+            ticket = _sent(db, balancer, result.order[0], now)
+        return Choice(result, ticket, cooled)
 
 
 def claim(balancer: Balancer, member: int, now: float | None = None) -> int | None:
-    """Before failing over to ``member``: count its request if it has room under its limits
-    and is not inside a provider's Retry-After; its ticket, or None (skip it)."""
+    """Before failing over to a member with limits: count its request if it has room under
+    them and is not inside a provider's Retry-After; its ticket, or None (skip it)."""
     now = time.time() if now is None else now
     with transaction() as db:
-        _, blocked = _cooldowns(db, balancer, now, member)
+        _, blocked, _ = _cooldowns(db, balancer, now, member)
         _block_at_limit(db, balancer, member, now, blocked)
         return None if member in blocked else _sent(db, balancer, member, now)
 
 
 def _cooldowns(db, balancer: Balancer, now: float, member: int | None = None):
-    "{member: until} cooling down after a guessed time, and those the provider gave (known)."
-    query = "select member, until, known from cooldowns where balancer = ? and until > ?"
-    args = [balancer.name, now]
+    """{member: until} cooling down after a guessed time, those the provider gave (known),
+    and every member with a cooldown on record, ended or not (what a success clears)."""
+    query = "select member, until, known from cooldowns where balancer = ?"
+    args = [balancer.name]
     if member is not None:
         query += " and member = ?"
         args.append(member)
-    cooling, blocked = {}, {}
+    cooling, blocked, cooled = {}, {}, set()
     for index, until, known in db.execute(query, args):
-        (blocked if known else cooling)[index] = min(until, now + MAX_SECONDS)
-    return cooling, blocked
+        cooled.add(index)
+        if until > now:
+            (blocked if known else cooling)[index] = min(until, now + MAX_SECONDS)
+    return cooling, blocked, frozenset(cooled)
 
 
 def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: dict) -> None:
@@ -292,9 +305,21 @@ def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: di
     member_limits = balancer.members[member].limits
     if not member_limits:
         return
+    # the common case, room under every limit, costs one aggregate per window length (on a
+    # covering index); only a member at a limit has its requests read, to tell until when
+    totals = {}
+    for window in {limits.WINDOWS[name] for name in member_limits}:
+        count, tokens = db.execute(
+            "select count(*), total(tokens) from requests "
+            "where balancer = ? and member = ? and at > ?",
+            [balancer.name, member, now - window],
+        ).fetchone()
+        totals[window] = (count, int(tokens))
+    if not limits.full(member_limits, totals):
+        return
     events = db.execute(
         "select at, tokens from requests where balancer = ? and member = ? and at > ?",
-        [balancer.name, member, now - limits.LONGEST],
+        [balancer.name, member, now - max(totals)],
     ).fetchall()
     free = limits.free_at(member_limits, events, now)
     if free is not None:
@@ -316,6 +341,7 @@ def record(
     error: str | None = None,
     cooldown: float | None = None,
     known: bool = False,
+    cooled: bool = True,
     conversation: str | None = None,
     tokens: tuple[int | None, int | None] = (None, None),
     first_chunk: float | None = None,
@@ -325,7 +351,8 @@ def record(
     """Record one attempt: its outcome, tokens and timings in the statistics and against its
     limits; after a failure a cooldown (twice the last one when the member fails again right
     after a cooldown, up to the cap; a success resets that); for a success the member now
-    tied to the conversation."""
+    tied to the conversation. ``ticket``: its request's row, made in advance (limits);
+    ``cooled``: whether it had a cooldown on record, which a success clears."""
     now = time.time() if now is None else now
     name = balancer.name
     tokens_in, tokens_out = (count or 0 for count in tokens)
@@ -355,6 +382,13 @@ def record(
                 "update requests set tokens = ?, first_chunk = ?, total = ? where id = ?",
                 [tokens_in + tokens_out, first_chunk, total, ticket],
             )
+        else:
+            ticket = db.execute(
+                "insert into requests (balancer, member, at, tokens, first_chunk, total) "
+                "values (?, ?, ?, ?, ?, ?)",
+                [name, member, now, tokens_in + tokens_out, first_chunk, total],
+            ).lastrowid
+        if ticket % PRUNE_EVERY == 0:  # rows older than the longest window serve no one
             db.execute("delete from requests where at < ?", [now - limits.LONGEST])
         if cooldown:
             row = db.execute(
@@ -369,7 +403,7 @@ def record(
                 "reason = excluded.reason, known = excluded.known, length = excluded.length",
                 [name, member, now + cooldown, error, int(known), cooldown],
             )
-        elif error is None:
+        elif error is None and cooled:
             db.execute("delete from cooldowns where balancer = ? and member = ?", [name, member])
         if error is None and conversation:
             # Ties older than AFFINITY_DAYS are forgotten as new ones are made (indexed).

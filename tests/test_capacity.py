@@ -145,7 +145,7 @@ def test_a_plain_rate_limit_is_not_a_quota():
 
 
 def chosen(balancer, now):
-    result, ticket = state.select(balancer, now=now)
+    result, ticket, _ = state.select(balancer, now=now)
     if ticket is not None:
         state.record(balancer, result.order[0], ticket=ticket, now=now)
     return result
@@ -163,7 +163,7 @@ def test_rpm_is_never_exceeded_and_the_member_is_used_again_when_its_window_has_
 def test_token_limits_count_what_members_reported():
     save_lb("tok", "echo tpm=100", "echo example_bool=true")
     balancer = config.load("tok")
-    result, ticket = state.select(balancer, now=NOW)
+    result, ticket, _ = state.select(balancer, now=NOW)
     state.record(balancer, 0, ticket=ticket, tokens=(70, 40), now=NOW)
     for step in range(1, 4):
         assert chosen(balancer, NOW + step).order[0] == 1  # 110 tokens: a has no room
@@ -360,3 +360,11 @@ def test_stats_show_limits_tokens_timings_and_a_bar(local_openai):
     data = json.loads(invoke("lb", "stats", "st", "--json").stdout)[0]["members"][0]
     assert data["limits"] == {"rpm": {"used": 2, "limit": 3}}
     assert set(data["first_chunk"]) == {"median", "p95"}
+
+
+def test_a_limit_is_full_when_its_window_holds_as_many_requests_or_tokens():
+    totals = {60.0: (3, 90), 86400.0: (10, 500)}
+    assert limits.full({"rpm": 3}, totals)
+    assert not limits.full({"rpm": 4, "tpm": 100}, totals)
+    assert limits.full({"tpm": 90}, totals)
+    assert limits.full({"rpm": 4, "tpd": 500}, totals)

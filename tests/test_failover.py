@@ -174,7 +174,7 @@ def test_stats_add_up(save, run_llm):
     assert sum(m["failures"] for m in members) == CALLS.count("b")
     assert sum(m["share"] for m in members) == pytest.approx(1.0)
     text = run_llm("lb", "stats").stdout
-    assert text.startswith("lb:x\n  1. flaky (name=a): ")
+    assert text.startswith("lb:x\n  1. flaky (name=a)  █████··············· 25% of traffic\n")
 
 
 def test_debug_line_on_failover(save, monkeypatch, capsys):
