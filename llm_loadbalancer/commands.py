@@ -63,6 +63,12 @@ class _Group(DefaultGroup):
             raise click.ClickException(str(ex)) from None
         except OSError as ex:
             raise click.ClickException(_os_problem(ex)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as ex:  # the last guard: one line, never a traceback
+            raise click.ClickException(
+                config.cut(f"unexpected {type(ex).__name__}: {ex}", 300)
+            ) from None
 
 
 def _os_problem(ex: OSError) -> str:

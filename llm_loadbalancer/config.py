@@ -11,6 +11,7 @@ import functools
 import math
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,11 +214,20 @@ def entries() -> list[tuple[str, os.DirEntry]]:
         found = [
             (entry.name[:-5], entry)
             for entry in os.scandir(path)
-            if entry.name.endswith(".yaml") and NAME_RE.fullmatch(entry.name[:-5])
+            if entry.name.endswith(".yaml")
+            and NAME_RE.fullmatch(entry.name[:-5])
+            and _is_file(entry)  # a FIFO would hang the reader
         ]
     except OSError:
         return []
     return sorted(found, key=lambda pair: pair[0])
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def skipped() -> list[str]:
@@ -232,7 +242,9 @@ def skipped() -> list[str]:
         stem, dot, ending = name.rpartition(".")
         if name.startswith(".") or ending not in ("yaml", "yml", "json") or not dot:
             continue
-        if ending != "yaml":
+        if not (path / name).is_file():
+            found.append(f"{shown(name)}: not a regular file")
+        elif ending != "yaml":
             found.append(f"{shown(name)}: balancer files end in .yaml: rename it {stem}.yaml")
         elif not NAME_RE.fullmatch(stem):
             found.append(
@@ -454,6 +466,9 @@ def load_yaml(text: str):
         where = f" (line {mark.line + 1})" if mark else ""
         problem = getattr(ex, "problem", None) or "not valid YAML"
         raise ConfigError(f"not valid YAML{where}: {problem}") from None
+    except (ValueError, OverflowError, RecursionError, TypeError) as ex:
+        # a value PyYAML cannot build: a date like 2001-13-45, an integer of 5,000 digits
+        raise ConfigError(f"a value cannot be read: {cut(str(ex), 100)}") from None
     finally:
         loader.dispose()
 
@@ -498,7 +513,11 @@ def load(name: str, path: Path | None = None) -> Balancer:
     "Read a saved balancer; a problem is reported with the file's path."
     path = path or path_for(name)
     try:
-        with open(path, "rb") as handle:
+        # O_NONBLOCK: a FIFO put where a file should be must not hang the reader
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"{path}: not a regular file")
             data = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"no load balancer named {name!r}: 'llm lb list' shows the saved ones")

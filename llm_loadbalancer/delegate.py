@@ -87,7 +87,8 @@ class Attempt:
         model = self.model
         stream = stream and model.can_stream
         response.set_resolved_model(model.model_id)
-        view = MemberView(response, self.prompt, model)
+        timeout = self.run.balancer.timeout
+        view = MemberView(response, self.prompt, model, held=timeout is not None)
         if isinstance(model, (llm.KeyModel, llm.AsyncKeyModel)):
             if self.member.key:
                 key = model.get_key(self.run.stored_key(self))
@@ -105,9 +106,9 @@ class Attempt:
         return chunks(
             generator,
             once=self.run.more_to_try(self.index),
-            timeout=self.run.balancer.timeout,
+            timeout=timeout,
             stream=stream,
-            abandon=view.detach,
+            view=view,
         )
 
 

@@ -4,7 +4,8 @@ answer, and the balancer's first-chunk timeout.
 Without a timeout the member runs inline, as it would alone. With one, a sync member runs in a
 daemon thread that hands its chunks over a queue (a blocking HTTP call cannot be interrupted),
 an async one under ``asyncio.wait_for`` (which cancels it). A member that misses the deadline
-is abandoned: ``abandon()`` detaches its view of the response, and its chunks are never read.
+is abandoned: its view of the response is detached (nothing it wrote reaches the response),
+and its chunks are never read.
 Without streaming the deadline is for the whole answer, which is held back until it is
 complete: nothing of an abandoned answer can have been shown.
 """
@@ -22,8 +23,10 @@ from .failures import FirstChunkTimeout
 _DONE = object()
 
 
-def sync_chunks(generator, *, once, timeout, stream, abandon):
-    "The member's chunks; FirstChunkTimeout when none came (or no whole answer) in time."
+def sync_chunks(generator, *, once, timeout, stream, view):
+    """The member's chunks; FirstChunkTimeout when none came (or no whole answer) in time.
+    ``view`` is the member's view of the response: accepted when its first chunk (or whole
+    answer) comes in time, detached when it does not."""
     if timeout is None:
         while True:
             token = retries.off() if once else None
@@ -47,9 +50,10 @@ def sync_chunks(generator, *, once, timeout, stream, abandon):
                 else:
                     item = worker.items.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:
-                abandon()
+                view.detach()
                 raise FirstChunkTimeout(timeout, stream) from None
             if item is _DONE:
+                view.accept()
                 break
             if isinstance(item, _Raised):
                 raise item.exception
@@ -57,6 +61,7 @@ def sync_chunks(generator, *, once, timeout, stream, abandon):
                 held.append(item)
                 continue
             deadline = None
+            view.accept()
             yield item
         yield from held
     finally:
@@ -95,7 +100,7 @@ class _Worker(threading.Thread):
         self.items.put(_DONE)
 
 
-async def async_chunks(generator, *, once, timeout, stream, abandon):
+async def async_chunks(generator, *, once, timeout, stream, view):
     "The async twin of ``sync_chunks``: the member is cancelled when it misses the deadline."
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
@@ -114,7 +119,7 @@ async def async_chunks(generator, *, once, timeout, stream, abandon):
             except (asyncio.TimeoutError, TimeoutError):
                 if deadline is None or loop.time() < deadline:
                     raise  # the member's own
-                abandon()
+                view.detach()
                 raise FirstChunkTimeout(timeout, stream) from None
             finally:
                 if token is not None:
@@ -123,7 +128,9 @@ async def async_chunks(generator, *, once, timeout, stream, abandon):
                 held.append(chunk)
                 continue
             deadline = None
+            view.accept()
             yield chunk
+        view.accept()
         for chunk in held:
             yield chunk
     finally:

@@ -245,6 +245,8 @@ def renamed(ex: Exception, message: str) -> Exception:
         new = cls.__new__(cls)
         new.__dict__.update(getattr(ex, "__dict__", {}))
         new.args = (message,)
+        if isinstance(ex, OSError):
+            new.errno = ex.errno  # kept where C keeps it, not in __dict__
         if isinstance(getattr(ex, "message", None), str):
             new.message = message
         if str(new) == message:

@@ -24,7 +24,9 @@ class NotInstalled(ConfigError):
 class Catalog:
     "Installed models by id and alias, from a list of llm ``ModelWithAliases``."
 
-    def __init__(self, models_with_aliases):
+    def __init__(self, models_with_aliases, suggest: bool = False):
+        self.suggest = suggest  # close matches for an unknown model: for commands, not lookups
+        self._aliases = None
         self.by_name: dict = {}
         for mwa in models_with_aliases:
             model = mwa.model or mwa.async_model
@@ -36,35 +38,37 @@ class Catalog:
 
     @classmethod
     def installed(cls) -> "Catalog":
-        return cls(llm.get_models_with_aliases())
+        return cls(llm.get_models_with_aliases(), suggest=True)
 
     def resolve(self, name: str):
         "The ``ModelWithAliases`` for a member's model, or a ConfigError saying why not."
         mwa = self.by_name.get(name)
-        target = _user_alias_target(name) if mwa is None else None
+        target = self._user_alias_target(name) if mwa is None else None
         model_id = (mwa.model or mwa.async_model).model_id if mwa else (target or name)
         if name.startswith(PREFIX) or model_id.startswith(PREFIX):
             raise ConfigError(
-                f"{name} is a load balancer, and load balancers cannot contain other "
+                f"{cut(name)} is a load balancer, and load balancers cannot contain other "
                 "load balancers: list its members instead"
             )
         if mwa is None:
-            choices = [n for n in self.by_name if not n.startswith(PREFIX)]
-            close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(close)}?" if close else "'llm models' lists them"
-            raise NotInstalled(f"unknown model {name!r}: {hint}")
+            hint = "'llm models' lists them"
+            if self.suggest:  # not on registration, which every model lookup runs
+                choices = [n for n in self.by_name if not n.startswith(PREFIX)]
+                close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+                hint = f"did you mean {', '.join(close)}?" if close else hint
+            raise NotInstalled(f"unknown model {cut(repr(name))}: {hint}")
         return mwa
 
-
-def _user_alias_target(name: str) -> str | None:
-    "What ``llm aliases set`` points ``name`` at (read only on the error path)."
-    path = llm.user_dir() / "aliases.json"
-    try:
-        aliases = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    target = aliases.get(name) if isinstance(aliases, dict) else None
-    return target if isinstance(target, str) else None
+    def _user_alias_target(self, name: str) -> str | None:
+        "What ``llm aliases set`` points ``name`` at (read once, only on the error path)."
+        if self._aliases is None:
+            try:
+                aliases = json.loads((llm.user_dir() / "aliases.json").read_text())
+            except (OSError, ValueError):
+                aliases = {}
+            self._aliases = aliases if isinstance(aliases, dict) else {}
+        target = self._aliases.get(name)
+        return target if isinstance(target, str) else None
 
 
 def load_stored_keys() -> dict:
@@ -82,6 +86,8 @@ def build_options(options_class, options: dict):
 
     try:
         return options_class(**options)
+    except TypeError as ex:  # options that are not name=value
+        raise ConfigError(f"options: {cut(str(ex), 200)}") from None
     except pydantic.ValidationError as ex:
         problems = []
         for error in ex.errors()[:3]:
@@ -92,6 +98,8 @@ def build_options(options_class, options: dict):
             else:
                 problems.append(f"option {loc!r}: {cut(str(error.get('msg')), 200)}")
         raise ConfigError("; ".join(problems)) from None
+    except Exception as ex:  # a model's own validator can raise anything
+        raise ConfigError(f"its options are refused: {cut(f'{type(ex).__name__}: {ex}', 200)}")
 
 
 def typed_options(member: Member, catalog: Catalog) -> Member:
@@ -117,7 +125,7 @@ def _typed(options_class, name: str, text: str):
     for candidate in (parse_value(text), text):
         try:
             return options_class(**{name: candidate}).model_dump(mode="json")[name]
-        except (pydantic.ValidationError, KeyError):
+        except Exception:  # invalid for the model (pydantic's or the model's own error)
             continue
     return parse_value(text)  # invalid either way: check_member names the problem
 
@@ -157,7 +165,7 @@ def check_saved(balancer: Balancer, catalog: Catalog, stored_keys: dict):
             found.append(None)
             missing[index] = str(ex)
     if len(missing) == len(found):
-        raise ConfigError(f"no member is installed: {'; '.join(missing.values())}")
+        raise ConfigError(cut(f"no member is installed: {'; '.join(missing.values())}", 300))
     return found, missing
 
 

@@ -40,6 +40,10 @@ def _load_cached(name: str, entry: os.DirEntry):
         result = config.load(name, path)
     except ConfigError as ex:
         result = ex
+    except Exception as ex:  # whatever a file holds, llm itself keeps working
+        result = ConfigError(
+            f"{path}: cannot be read: {config.cut(f'{type(ex).__name__}: {ex}', 200)}"
+        )
     _parsed[entry.path] = (stamp, result)
     return result
 
@@ -94,8 +98,9 @@ def register_balancers(register, model_aliases) -> None:
             keys = load_stored_keys()  # read only when some member names a key
         try:
             found, missing = check_saved(balancer, catalog, keys or {})
-        except ConfigError as ex:
-            _register(register, name, balancer, None, llm.Options, f"{entry.path}: {ex}")
+        except Exception as ex:  # ConfigError, or whatever a member's model raises
+            problem = ex if isinstance(ex, ConfigError) else f"{type(ex).__name__}: {ex}"
+            _register(register, name, balancer, None, llm.Options, f"{entry.path}: {problem}")
             continue
         # a member that is not installed is skipped, loudly, at each prompt
         members = [mwa and (mwa.model, mwa.async_model) for mwa in found]

@@ -195,7 +195,11 @@ def test_a_folder_that_cannot_be_written_gives_one_line(user_path, monkeypatch):
 
 @pytest.fixture
 def editor(tmp_path, monkeypatch):
-    "An EDITOR that runs the given Python code on the file it is asked to edit (sys.argv[-1])."
+    """An EDITOR that runs the given Python code on the file it is asked to edit (sys.argv[-1]).
+    The edit's temporary files go to the test's own folder."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     def use(code):
         script = tmp_path / "editor.py"
@@ -352,3 +356,60 @@ def test_a_state_file_from_a_newer_version_is_not_touched(user_path, monkeypatch
     assert "from a newer llm-loadbalancer" in result.stderr
     with sqlite3.connect(user_path / "loadbalancers.db") as db:
         assert db.execute("pragma user_version").fetchone()[0] == state.VERSION + 1
+
+
+# --- found in review: values PyYAML or a model cannot build, FIFOs ---------------------------
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("members: [echo, echo]\ncooldown: 2001-13-45\n", "a value cannot be read"),
+        ("members: [echo, echo]\ncooldown: " + "9" * 5000 + "\n", "a value cannot be read"),
+    ],
+)
+def test_a_value_that_cannot_be_built_is_one_line_and_llm_keeps_working(
+    user_path, content, message
+):
+    write_file(user_path, "odd.yaml", content)
+    listed = llm_still_works()
+    assert f"lb:odd (broken: {user_path / FOLDER / 'odd.yaml'}: {message}" in listed
+    one_line_error(invoke("lb", "show", "odd"), message)
+    one_line_error(invoke("-m", "lb:odd", "hi"), message)
+
+
+def test_an_option_a_model_refuses_with_its_own_error(fake_models, user_path, monkeypatch):
+    # the model's Options class raises something other than pydantic's error
+    from fake_models import PlainSync
+
+    def refuse(cls, value):
+        raise AttributeError("'str' object has no attribute 'items'")
+
+    import pydantic
+
+    class Odd(PlainSync.Options):
+        @pydantic.field_validator("temperature", mode="before")
+        @classmethod
+        def odd(cls, value):
+            return refuse(cls, value)
+
+    monkeypatch.setattr(PlainSync, "Options", Odd)
+    one_line_error(
+        invoke("lb", "save", "x", "plain-sync temperature=1", "echo"), "its options are refused"
+    )
+    write_file(user_path, "x.yaml", "members: [{model: plain-sync, options: {temperature: 1}}]")
+    assert "lb:x (broken: " in llm_still_works()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_in_the_folder_is_skipped_not_read(user_path):
+    import os
+
+    save_lb("good", "echo", "echo")
+    os.mkfifo(user_path / FOLDER / "pipe.yaml")
+    listed = llm_still_works()  # would hang reading the FIFO
+    assert "lb:pipe" not in listed
+    result = invoke("lb", "list")
+    assert result.stdout == "lb:good  roundrobin  echo, echo\n"
+    assert "Warning: skipped 'pipe.yaml': not a regular file" in result.stderr
+    one_line_error(invoke("lb", "show", "pipe"), "not a regular file")
