@@ -18,9 +18,10 @@ from pathlib import Path
 
 import llm
 
+from .policy import POLICIES
+
 _KEY_VALUE = re.compile(r"(?<![\w-])key=\S*")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-POLICIES = ("roundrobin", "failover")
 DEFAULT_POLICY = "roundrobin"
 DEFAULT_COOLDOWN = 30.0
 # Bounds: a balancer file is read by every llm process that looks up a model, and a cooldown

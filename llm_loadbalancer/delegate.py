@@ -24,6 +24,7 @@ from .view import MemberView
 
 logger = logging.getLogger("llm_loadbalancer")
 DEBUG_ENV = "LLM_LOADBALANCER_DEBUG"
+RNG = random.Random()  # the random and lowest-latency policies' draws (tests seed their own)
 _warned = False
 
 
@@ -77,7 +78,9 @@ class Attempt:
         self.prompt.model = self.model
         self.prompt.options = run.member_options(self, self.model)
         self.secret = None
-        self.ticket: int | None = None  # its request, as counted against its limits
+        self.ticket: int | None = None  # its request, recorded when it was chosen
+        self.recorded = False
+        self.streamed = True
         self.started = time.monotonic()
         self.first_chunk: float | None = None  # when its first chunk came
 
@@ -85,7 +88,7 @@ class Attempt:
         """The member's chunks (a sync or async generator), driven with its SDK's retries off
         while another member can answer, and within the balancer's timeout."""
         model = self.model
-        stream = stream and model.can_stream
+        stream = self.streamed = stream and model.can_stream
         response.set_resolved_model(model.model_id)
         timeout = self.run.balancer.timeout
         view = MemberView(response, self.prompt, model, held=timeout is not None)
@@ -117,13 +120,14 @@ class Run:
     drive it: ``wait()`` until it returns None (sleeping what it says), then each of
     ``attempts()``, reporting ``failed`` or ``succeeded``."""
 
-    def __init__(self, lb, prompt, conversation, key):
+    def __init__(self, lb, prompt, conversation, key, stream=True):
         if lb.problem:
             raise LoadBalancerError(f"{lb.model_id}: {lb.problem}")
         self.lb = lb
         self.balancer: Balancer = lb.balancer
         self.prompt = prompt
         self.outer_key = key
+        self.stream = stream
         self.conversation_id = getattr(conversation, "id", None)
         self.errors: list[str] = []
         self.last_error: Exception | None = None
@@ -152,13 +156,15 @@ class Run:
                 conversation=self.conversation_id,
                 tool_turn=bool(self.prompt.tool_results),
                 unavailable=unavailable,
+                stream=self.stream,
+                rng=RNG,
                 now=now,
             )
         except state.StateUnavailable as ex:
             _warn_state(ex)
             self.use_state = False
             count = len(self.balancer.members)
-            position = 0 if self.balancer.policy == "failover" else random.randrange(count)
+            position = 0 if self.balancer.policy == "failover" else RNG.randrange(count)
             weights = tuple(member.weight for member in self.balancer.members)
             self.plan = plan(
                 self.balancer.policy,
@@ -168,6 +174,7 @@ class Run:
                 now,
                 unavailable=unavailable,
                 weights=weights,
+                rng=RNG,
             )
         if self.plan.wait is None:
             self.order = self.plan.order[: None if self.balancer.failover else 1]
@@ -191,9 +198,9 @@ class Run:
         "Each member to try in turn; after the last failure, the error that lists them all."
         at_limit = []
         for number, index in enumerate(self.order):
-            limited = bool(self.balancer.members[index].limits)
-            ticket = self.ticket if number == 0 else self._claim(index) if limited else None
-            if number and limited and ticket is None and self.use_state:
+            ahead = state.counted_ahead(self.balancer, index)
+            ticket = self.ticket if number == 0 else self._claim(index) if ahead else None
+            if number and ahead and ticket is None and self.use_state:
                 at_limit.append(index)
                 continue
             attempt = Attempt(self, index)
@@ -201,12 +208,13 @@ class Run:
             if self.debug:
                 key = f"key: {attempt.member.key}" if attempt.member.key else "no key of its own"
                 logger.info(
-                    "%s: %s at position %d of %d, %s",
+                    "%s: %s at position %d of %d, %s%s",
                     self.lb.model_id,
                     attempt.label,
                     index + 1,
                     len(self.balancer.members),
                     key,
+                    f"; chosen: {self.plan.why}" if number == 0 else "",
                 )
             yield attempt
         tried = len(self.errors)
@@ -318,7 +326,17 @@ class Run:
             self.use_state = False
             return None
 
+    def close(self, attempt: Attempt) -> None:
+        "After an attempt, however it ended: one the caller stopped reading is no longer in flight."
+        if attempt.ticket is not None and not attempt.recorded and self.use_state:
+            attempt.recorded = True
+            try:
+                state.finish(attempt.ticket)
+            except state.StateUnavailable:
+                pass
+
     def _record(self, attempt: Attempt, **kwargs) -> None:
+        attempt.recorded = True
         if not self.use_state:
             return
         try:
@@ -327,6 +345,7 @@ class Run:
                 attempt.index,
                 ticket=attempt.ticket,
                 cooled=attempt.index in self.cooled,
+                streamed=attempt.streamed,
                 **kwargs,
             )
         except state.StateUnavailable as ex:

@@ -78,7 +78,7 @@ class LoadBalancerModel(_Shared, llm.KeyModel):
     def execute(self, prompt, stream, response, conversation=None, key=None):
         from .delegate import Run
 
-        run = Run(self, prompt, conversation, key)
+        run = Run(self, prompt, conversation, key, stream)
         while (delay := run.wait()) is not None:
             time.sleep(delay)
         for attempt in run.attempts():
@@ -88,9 +88,11 @@ class LoadBalancerModel(_Shared, llm.KeyModel):
                     yield chunk
             except Exception as ex:
                 run.failed(attempt, ex, started=attempt.first_chunk is not None)
-                continue
-            run.succeeded(attempt, response)
-            return
+            else:
+                run.succeeded(attempt, response)
+                return
+            finally:
+                run.close(attempt)
 
 
 class AsyncLoadBalancerModel(_Shared, llm.AsyncKeyModel):
@@ -99,7 +101,7 @@ class AsyncLoadBalancerModel(_Shared, llm.AsyncKeyModel):
     async def execute(self, prompt, stream, response, conversation=None, key=None):
         from .delegate import Run
 
-        run = Run(self, prompt, conversation, key)
+        run = Run(self, prompt, conversation, key, stream)
         while (delay := run.wait()) is not None:
             await asyncio.sleep(delay)
         for attempt in run.attempts():
@@ -109,6 +111,8 @@ class AsyncLoadBalancerModel(_Shared, llm.AsyncKeyModel):
                     yield chunk
             except Exception as ex:
                 run.failed(attempt, ex, started=attempt.first_chunk is not None)
-                continue
-            run.succeeded(attempt, response)
-            return
+            else:
+                run.succeeded(attempt, response)
+                return
+            finally:
+                run.close(attempt)

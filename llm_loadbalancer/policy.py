@@ -9,7 +9,12 @@ and the next rotation position, or, when no member may be asked now, which one t
 from __future__ import annotations
 
 import functools
+import random
 from typing import NamedTuple
+
+
+POLICIES = ("roundrobin", "failover", "least-busy", "lowest-latency", "random")
+EXPLORE = 0.1  # lowest-latency: the share of prompts that go in rotation, to keep estimates fresh
 
 
 class Plan(NamedTuple):
@@ -18,6 +23,7 @@ class Plan(NamedTuple):
     position: int  # the rotation position to store for the next prompt
     # when no member may be asked now: (the time the first one may, that member)
     wait: tuple[float, int] | None = None
+    why: str = "rotation"  # why the first member was chosen, for the debug line
 
 
 @functools.lru_cache(maxsize=256)
@@ -48,6 +54,9 @@ def plan(
     unavailable: frozenset[int] = frozenset(),
     weights: tuple[int, ...] | None = None,
     blocked: dict[int, float] | None = None,
+    busy: dict[int, int] | None = None,
+    latency: dict[int, float] | None = None,
+    rng=None,
 ) -> Plan:
     """Decide the order of members for one prompt.
 
@@ -64,6 +73,10 @@ def plan(
     - Members cooling down after a guessed time (``cooling[i] > now``) are skipped while any
       other is available; when every member is, all are tried, the soonest to end first.
     - ``unavailable`` members (no longer installed) are never tried.
+    - ``least-busy``: the member with the fewest prompts in flight (``busy``) first, ties in
+      rotation order. ``lowest-latency``: members with no recent timing (not in ``latency``)
+      first, then the fastest; a share EXPLORE of prompts (drawn with ``rng``) goes in rotation
+      order instead. ``random``: a weighted random order, drawn with ``rng``.
     """
     blocked = blocked or {}
     cycle = schedule(weights or (1,) * count) if policy != "failover" else tuple(range(count))
@@ -93,13 +106,43 @@ def plan(
     skipped = tuple(index for index in base if index not in available)
     if preferred is not None and preferred in available:
         order = [preferred] + [index for index in available if index != preferred]
-        return Plan(tuple(order), skipped, position)
+        return Plan(tuple(order), skipped, position, why="the conversation's member")
+    order, why = _by_policy(policy, available, weights or (1,) * count, busy, latency, rng)
     return Plan(
-        tuple(available), skipped, _advance(policy, first_slot[available[0]], position, cycle)
+        tuple(order), skipped, _advance(policy, first_slot[order[0]], position, cycle), why=why
     )
 
 
+def _by_policy(policy, available, weights, busy, latency, rng):
+    "The order of the available members (given in rotation order) under ``policy``, and why."
+    if policy == "least-busy":
+        busy = busy or {}
+        order = sorted(available, key=lambda index: busy.get(index, 0))
+        counts = ", ".join(f"{index + 1}: {busy.get(index, 0)}" for index in sorted(available))
+        return order, f"least busy (in flight by member: {counts})"
+    if policy == "lowest-latency":
+        latency = latency or {}
+        unknown = [index for index in available if index not in latency]
+        if unknown:
+            order = unknown + sorted(
+                (index for index in available if index in latency), key=latency.__getitem__
+            )
+            return order, "no recent timing yet"
+        if rng is not None and rng.random() < EXPLORE:
+            return available, "exploring, in rotation order"
+        order = sorted(available, key=latency.__getitem__)
+        return order, f"lowest recent latency ({latency[order[0]] * 1000:.0f} ms)"
+    if policy == "random":
+        pool, order = list(available), []
+        while pool:
+            pick = (rng or random).choices(pool, weights=[weights[index] for index in pool])[0]
+            order.append(pick)
+            pool.remove(pick)
+        return order, "random, by weight"
+    return available, "rotation" if policy != "failover" else "the first listed"
+
+
 def _advance(policy: str, slot: int, position: int, cycle: tuple[int, ...]) -> int:
-    if policy == "failover":
+    if policy in ("failover", "random"):
         return position
     return (slot + 1) % len(cycle)

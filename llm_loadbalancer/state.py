@@ -27,6 +27,9 @@ FILENAME = "loadbalancers.db"
 TIMEOUT_ENV = "LLM_LOADBALANCER_STATE_TIMEOUT"
 DEFAULT_TIMEOUT = 10.0
 AFFINITY_DAYS = 30
+IN_FLIGHT_HOURS = 1  # least-busy: a prompt in flight longer than this stops counting
+RECENT_TIMINGS = 20  # lowest-latency: the median of each member's last 20 timings ...
+RECENT_HOURS = 1  # ... within the last hour
 PRUNE_EVERY = 100
 
 # Each step takes the file from version N to N + 1 (``pragma user_version``); a file made before
@@ -83,10 +86,13 @@ create table requests (
     at real not null,
     tokens integer not null default 0,
     first_chunk real,
-    total real
+    total real,
+    pid integer,
+    streamed integer
 );
 create index requests_member_at on requests (balancer, member, at, tokens);
 create index requests_at on requests (at);
+create index requests_in_flight on requests (balancer) where total is null;
 """
 MIGRATIONS = (SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)), SCHEMA_V2)
 VERSION = len(MIGRATIONS)
@@ -222,6 +228,8 @@ def select(
     conversation: str | None = None,
     tool_turn: bool = False,
     unavailable: frozenset[int] = frozenset(),
+    stream: bool = True,
+    rng=None,
     now: float | None = None,
 ) -> Choice:
     """Choose the order of members for one prompt and move the rotation, in one transaction;
@@ -251,6 +259,9 @@ def select(
                 else:
                     preferred = row[0]
         weights = tuple(member.weight for member in balancer.members)
+        policy = balancer.policy
+        busy = _in_flight(db, balancer, now) if policy == "least-busy" else None
+        latency = _latencies(db, balancer, now, stream) if policy == "lowest-latency" else None
         result = plan(
             balancer.policy,
             len(balancer.members),
@@ -262,6 +273,9 @@ def select(
             unavailable=unavailable,
             weights=weights if any(weight != 1 for weight in weights) else None,
             blocked=blocked,
+            busy=busy,
+            latency=latency,
+            rng=rng,
         )
         if result.position != position:
             db.execute(
@@ -269,9 +283,62 @@ def select(
                 [result.position, balancer.name],
             )
         ticket = None
-        if result.order and balancer.members[result.order[0]].limits:
+        if result.order and counted_ahead(balancer, result.order[0]):
             ticket = _sent(db, balancer, result.order[0], now)
         return Choice(result, ticket, cooled)
+
+
+def counted_ahead(balancer: Balancer, member: int) -> bool:
+    """Whether a request of this member is recorded when it is chosen, not only when it ends:
+    for its limits, and for least-busy, which counts the prompts in flight."""
+    return bool(balancer.members[member].limits) or balancer.policy == "least-busy"
+
+
+def _in_flight(db, balancer: Balancer, now: float) -> dict[int, int]:
+    """Prompts in flight per member, across processes: chosen, not ended, younger than
+    IN_FLIGHT_HOURS, of a process that is still running (a killed one's stop counting)."""
+    counts: dict[int, int] = {}
+    alive: dict[int, bool] = {}
+    for member, pid in db.execute(
+        "select member, pid from requests where balancer = ? and total is null and at > ?",
+        [balancer.name, now - IN_FLIGHT_HOURS * 3600],
+    ):
+        if pid not in alive:
+            alive[pid] = _alive(pid)
+        if alive[pid]:
+            counts[member] = counts.get(member, 0) + 1
+    return counts
+
+
+def _alive(pid) -> bool:
+    if pid is None or pid == os.getpid():
+        return pid is not None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, and belongs to someone else
+        return True
+    return True
+
+
+def _latencies(db, balancer: Balancer, now: float, stream: bool) -> dict[int, float]:
+    """Each member's median recent time to first chunk (streaming prompts) or total time (not
+    streaming); members without recent timings are left out."""
+    column = "first_chunk" if stream else "total"
+    found = {}
+    for member in range(len(balancer.members)):
+        values = [
+            row[0]
+            for row in db.execute(
+                f"select {column} from requests where balancer = ? and member = ? "
+                f"and streamed = ? and {column} is not null and at > ? order by at desc limit ?",
+                [balancer.name, member, int(stream), now - RECENT_HOURS * 3600, RECENT_TIMINGS],
+            )
+        ]
+        if values:
+            found[member] = _spread(values)["median"]
+    return found
 
 
 def claim(balancer: Balancer, member: int, now: float | None = None) -> int | None:
@@ -328,9 +395,18 @@ def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: di
 
 def _sent(db, balancer: Balancer, member: int, now: float) -> int:
     return db.execute(
-        "insert into requests (balancer, member, at) values (?, ?, ?)",
-        [balancer.name, member, now],
+        "insert into requests (balancer, member, at, pid) values (?, ?, ?, ?)",
+        [balancer.name, member, now, os.getpid()],
     ).lastrowid
+
+
+def finish(ticket: int, now: float | None = None) -> None:
+    "A request that ended without a record (the caller stopped reading): no longer in flight."
+    now = time.time() if now is None else now
+    with transaction() as db:
+        db.execute(
+            "update requests set total = ? - at where id = ? and total is null", [now, ticket]
+        )
 
 
 def record(
@@ -346,6 +422,7 @@ def record(
     tokens: tuple[int | None, int | None] = (None, None),
     first_chunk: float | None = None,
     total: float | None = None,
+    streamed: bool = True,
     now: float | None = None,
 ) -> None:
     """Record one attempt: its outcome, tokens and timings in the statistics and against its
@@ -379,14 +456,15 @@ def record(
         )
         if ticket is not None:
             db.execute(
-                "update requests set tokens = ?, first_chunk = ?, total = ? where id = ?",
-                [tokens_in + tokens_out, first_chunk, total, ticket],
+                "update requests set tokens = ?, first_chunk = ?, total = ?, streamed = ? "
+                "where id = ?",
+                [tokens_in + tokens_out, first_chunk, total, int(streamed), ticket],
             )
         else:
             ticket = db.execute(
-                "insert into requests (balancer, member, at, tokens, first_chunk, total) "
-                "values (?, ?, ?, ?, ?, ?)",
-                [name, member, now, tokens_in + tokens_out, first_chunk, total],
+                "insert into requests (balancer, member, at, tokens, first_chunk, total, "
+                "streamed) values (?, ?, ?, ?, ?, ?, ?)",
+                [name, member, now, tokens_in + tokens_out, first_chunk, total, int(streamed)],
             ).lastrowid
         if ticket % PRUNE_EVERY == 0:  # rows older than the longest window serve no one
             db.execute("delete from requests where at < ?", [now - limits.LONGEST])

@@ -13,7 +13,9 @@ The behaviours every protocol has:
 - ``malformed``: HTTP 200, and then something that is not JSON;
 - ``hang``: no answer at all until ``release()``, then the normal answer;
 - ``stall``: the stream's first chunk of text, then nothing more until ``release()``, then the
-  rest: a test can read the first chunk while the server provably still holds the last.
+  rest: a test can read the first chunk while the server provably still holds the last;
+- ``slow:SECONDS``: the normal answer, after that delay (a slower provider, for benchmarks;
+  ``--slow KEY=SECONDS`` when run by hand).
 
 ``hung`` counts the requests held now (by hang or stall), ``wait_hung()`` waits for them,
 ``wait_released()`` for the answers of released ones; ``stop()`` ends held requests without
@@ -66,6 +68,9 @@ class Handler(BaseHTTPRequestHandler):
         if behaviour == "hang":
             if not self.hold():  # the server is stopping: no answer at all
                 return
+            behaviour = "ok"
+        elif behaviour.startswith("slow:"):  # a slower provider: the answer after a delay
+            time.sleep(float(behaviour.partition(":")[2]))
             behaviour = "ok"
         try:
             self.respond(route[1:], body, endpoint, key, behaviour)
@@ -296,8 +301,18 @@ def main(server_class, description: str, default_port: int, describe) -> None:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--chunk-delay", type=float, default=0.0)
+    parser.add_argument(
+        "--slow",
+        action="append",
+        default=[],
+        metavar="KEY=SECONDS",
+        help="answer requests with this key only after this delay (repeatable)",
+    )
     args = parser.parse_args()
     server = server_class(args.port, args.chunk_delay, no_sdk_retries=False).start()
+    for rule in args.slow:
+        key, _, seconds = rule.partition("=")
+        server.fail(f"slow:{float(seconds)}", key=key)
     print(f"serving on {server.url} ({describe(server)})", flush=True)
     try:
         while True:

@@ -1,0 +1,163 @@
+"""Policies that follow the members' real speed: least-busy, lowest-latency and weighted random
+(issue 11). The choices are pure functions, tested with what the state would tell them and a
+seeded random generator; the counting of prompts in flight is tested across processes against
+the local server."""
+
+import json
+import random
+import subprocess
+import sys
+import threading
+
+import llm
+import pytest
+
+from conftest import invoke, save_lb
+from llm_loadbalancer import config, delegate, state
+from llm_loadbalancer.policy import EXPLORE, plan
+
+NOW = 1_000_000.0
+
+
+def test_least_busy_takes_the_member_with_fewest_prompts_in_flight():
+    assert plan("least-busy", 3, 0, {}, NOW, busy={0: 2, 1: 0, 2: 1}).order == (1, 2, 0)
+    # ties go in rotation order
+    assert plan("least-busy", 3, 1, {}, NOW, busy={0: 1}).order[0] == 1
+    assert plan("least-busy", 3, 2, {}, NOW, busy={}).order[0] == 2
+
+
+def test_least_busy_still_skips_members_cooling_down_and_at_their_limits():
+    result = plan("least-busy", 3, 0, {1: NOW + 5}, NOW, busy={0: 3}, blocked={2: NOW + 9})
+    assert result.order == (0,)
+
+
+def test_lowest_latency_tries_members_without_timings_first_then_the_fastest():
+    assert plan("lowest-latency", 3, 0, {}, NOW, latency={0: 0.8}).order[:2] == (1, 2)
+    order = plan("lowest-latency", 3, 0, {}, NOW, latency={0: 0.8, 1: 0.05, 2: 0.2}).order
+    assert order == (1, 2, 0)
+
+
+def test_lowest_latency_sends_a_small_share_in_rotation_order():
+    rng, position, firsts = random.Random(7), 0, []
+    for _ in range(1000):
+        result = plan(
+            "lowest-latency", 3, position, {}, NOW, latency={0: 0.8, 1: 0.05, 2: 0.2}, rng=rng
+        )
+        firsts.append(result.order[0])
+        position = result.position
+    others = 1000 - firsts.count(1)
+    # exploring is drawn with probability EXPLORE, and then a third of the draws are member 1
+    assert 0.5 * EXPLORE * 1000 < others < 1.5 * EXPLORE * 1000
+    assert firsts.count(0) > 0 and firsts.count(2) > 0
+
+
+def test_random_follows_the_weights():
+    rng = random.Random(3)
+    firsts = [plan("random", 2, 0, {}, NOW, weights=(3, 1), rng=rng).order[0] for _ in range(4000)]
+    assert 0.72 < firsts.count(0) / 4000 < 0.78
+    # the failover order after the first choice is random too, and has every member once
+    orders = {plan("random", 3, 0, {}, NOW, rng=rng).order for _ in range(200)}
+    assert len(orders) == 6
+
+
+def test_prompts_in_flight_of_a_process_that_is_gone_stop_counting(user_path):
+    save_lb("busy", "echo", "echo example_bool=true", flags=("--policy", "least-busy"))
+    balancer = config.load("busy")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    first = state.select(balancer, now=NOW)  # member 1, in flight in this process
+    assert first.plan.order[0] == 0
+    import sqlite3
+
+    with sqlite3.connect(state.path()) as db:  # member 2, in flight in a process that ended
+        db.execute(
+            "insert into requests (balancer, member, at, pid) values ('busy', 1, ?, ?)",
+            [NOW, int(gone)],
+        )
+    choice = state.select(balancer, now=NOW + 1)
+    assert choice.plan.order[0] == 1  # 1 in flight for member 1, none that counts for member 2
+    assert "1: 1, 2: 0" in choice.plan.why
+    # and one older than an hour stops counting too
+    assert state.select(balancer, now=NOW + 3700).plan.why.endswith(
+        "(in flight by member: 1: 0, 2: 0)"
+    )
+
+
+# --- across processes, against the local server ----------------------------------------------
+
+
+def test_least_busy_sends_the_next_prompt_to_an_idle_member(local_openai):
+    save_lb("lb", "local-a", "local-b", flags=("--policy", "least-busy"))
+    local_openai.fail("hang", endpoint="a", times=1)
+    answers = []
+    worker = threading.Thread(
+        target=lambda: answers.append(llm.get_model("lb:lb").prompt("hi").text())
+    )
+    worker.start()
+    assert local_openai.wait_hung()
+    # a is busy: round-robin would give the third prompt to a, least-busy gives it to b
+    assert [invoke("-m", "lb:lb", "hi").stdout.strip() for _ in range(2)] == [
+        "answer from b with sk-b"
+    ] * 2
+    local_openai.release()
+    worker.join(30)
+    assert answers == ["answer from a with sk-a"]
+    assert local_openai.seen("endpoint") == ["a", "b", "b"]
+
+
+def test_a_killed_processes_prompt_stops_counting_as_in_flight(local_openai):
+    save_lb("lb", "local-a", "local-b", flags=("--policy", "least-busy"))
+    local_openai.fail("hang", endpoint="a", times=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm", "--no-log", "-m", "lb:lb", "hi"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert local_openai.wait_hung(timeout=60)
+    proc.kill()
+    proc.wait()
+    # a's prompt is gone with its process: both members are idle, and the rotation decides
+    assert [invoke("-m", "lb:lb", "hi").stdout.strip() for _ in range(2)] == [
+        "answer from b with sk-b",
+        "answer from a with sk-a",
+    ]
+
+
+def test_lowest_latency_prefers_the_fast_member_and_still_samples_the_others(
+    local_openai, monkeypatch
+):
+    monkeypatch.setattr(delegate, "RNG", random.Random(11))
+    save_lb(
+        "fast", "local-a key=work", "local-a key=personal", flags=("--policy", "lowest-latency")
+    )
+    local_openai.fail("slow:0.2", key="sk-work")  # work answers 200 ms later than personal
+    for _ in range(2):  # each member is tried once: no timings yet
+        llm.get_model("lb:fast").prompt("hi").text()
+    assert local_openai.seen("key") == ["sk-work", "sk-personal"]
+    for _ in range(30):
+        llm.get_model("lb:fast").prompt("hi").text()
+    later = local_openai.seen("key")[2:]
+    assert later.count("sk-personal") >= 24  # the fast one, but for exploring
+    assert later.count("sk-work") >= 1  # its estimate kept fresh
+    members = json.loads(invoke("lb", "stats", "fast", "--json").stdout)[0]["members"]
+    assert members[0]["first_chunk"]["median"] > members[1]["first_chunk"]["median"]
+
+
+def test_random_keeps_cooldowns_failover_and_tool_turns(fake_models):
+    monkeypatch_rng = random.Random(5)
+    delegate.RNG, saved = monkeypatch_rng, delegate.RNG
+    try:
+        save_lb(
+            "r",
+            "flaky name=a fail=429",
+            "flaky name=b",
+            "flaky name=c",
+            flags=("--policy", "random"),
+        )
+        answers = {invoke("-m", "lb:r", "hi").stdout.strip() for _ in range(12)}
+    finally:
+        delegate.RNG = saved
+    assert answers <= {"answer from b", "answer from c"} and answers
+    stats = json.loads(invoke("lb", "stats", "r", "--json").stdout)[0]["members"]
+    assert stats[0]["requests"] == 1  # asked once, then cooling down: never again
