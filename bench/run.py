@@ -314,7 +314,104 @@ class Bench:
             step()
 
     def http_steps(self):
-        return [self.http]
+        return [self.http, self.policies]
+
+    # 8 ---------------------------------------------------------------------------------
+    def policies(self):
+        """Members of different speeds (the local server answers key sk-50 after 50 ms, sk-200
+        after 200 ms, sk-800 after 800 ms), 8 processes prompting at once: prompts per second
+        and median time to first chunk for roundrobin, least-busy and lowest-latency."""
+        port = free_port()
+        delays = {"sk-50": 0.05, "sk-200": 0.2, "sk-800": 0.8}
+        server = subprocess.Popen(
+            [sys.executable, str(HERE.parent / "tests" / "local_openai.py"), "--port", str(port)]
+            + [arg for key, delay in delays.items() for arg in ("--slow", f"{key}={delay}")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        user = self.dir / "policies"
+        user.mkdir(exist_ok=True)
+        env = dict(self.env, LLM_USER_PATH=str(user), LLM_LOAD_PLUGINS="llm-loadbalancer")
+        import yaml
+
+        (user / "extra-openai-models.yaml").write_text(
+            yaml.safe_dump(
+                [
+                    {
+                        "model_id": "local",
+                        "model_name": "gpt-local",
+                        "api_base": f"http://127.0.0.1:{port}/a/v1",
+                        "api_key_name": "sk-50",
+                    }
+                ]
+            )
+        )
+        (user / "keys.json").write_text(json.dumps({key: key for key in delays}))
+        processes, prompts = (8, 3) if self.quick else (8, 15)
+        try:
+            server.stdout.readline()  # "serving on ..."
+            for policy in ("roundrobin", "least-busy", "lowest-latency"):
+                subprocess.run(
+                    llm_command(
+                        "lb",
+                        "save",
+                        policy,
+                        *[f"local key={key}" for key in delays],
+                        "--policy",
+                        policy,
+                        "--force",
+                    ),
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
+                self.results.append(self._policy_run(policy, env, processes, prompts))
+        finally:
+            server.terminate()
+            server.wait()
+
+    def _policy_run(self, policy: str, env: dict, processes: int, prompts: int) -> dict:
+        start_at = time.time() + (4 if self.quick else 6)
+        script = textwrap.dedent(
+            f"""
+            import json, time, llm
+            model = llm.get_model("lb:{policy}")
+            time.sleep(max(0.0, {start_at} - time.time()))
+            firsts = []
+            for _ in range({prompts}):
+                start = time.perf_counter()
+                for chunk in model.prompt("hi"):
+                    firsts.append(time.perf_counter() - start)
+                    break
+            print(json.dumps({{"firsts": firsts, "end": time.time()}}))
+            """
+        )
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True
+            )
+            for _ in range(processes)
+        ]
+        firsts, ends = [], []
+        for proc in procs:
+            out, _ = proc.communicate()
+            if proc.returncode:
+                raise SystemExit(f"a {policy} worker failed")
+            data = json.loads(out)
+            firsts += data["firsts"]
+            ends.append(data["end"])
+        median = statistics.median(firsts) * 1000
+        return {
+            "name": f"8. {policy}, members at 50/200/800 ms: median first chunk {median:.0f} ms",
+            "unit": "prompts/s",
+            "runs": len(firsts),
+            "lb": round(len(firsts) / (max(ends) - start_at), 1),
+            "baseline": None,
+            "median_first_chunk_ms": round(median, 1),
+            "ratio": None,
+            "added": None,
+            "target": "least-busy, lowest-latency ahead",
+        }
 
     # 5, 6 ------------------------------------------------------------------------------
     def http(self):
