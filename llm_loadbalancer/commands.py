@@ -102,11 +102,7 @@ def lb():
     metavar="PATH",
     help="Read the definition (YAML or JSON) from a file, - for stdin",
 )
-@click.option(
-    "--policy",
-    type=click.Choice(config.POLICIES),
-    help="How members are chosen (default: roundrobin)",
-)
+@click.option("--policy", help=f"How members are chosen: {', '.join(config.POLICIES)}")
 @click.option(
     "--sticky/--no-sticky",
     default=None,

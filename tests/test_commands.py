@@ -325,8 +325,8 @@ def test_key_must_be_a_stored_key_name_and_is_never_echoed(run_llm, user_path):
 
 
 def test_unknown_policy_lists_the_known_ones(run_llm, user_path):
-    result = run_llm("lb", "save", "p", "echo", "echo", "--policy", "random")
-    assert_clean_error(result, "unknown policy 'random'", "roundrobin", "failover")
+    result = run_llm("lb", "save", "p", "echo", "echo", "--policy", "fastest")
+    assert_clean_error(result, "unknown policy 'fastest'", "roundrobin", "least-busy")
     result = run_llm("lb", "save", "p", "--file", "-", input="policy: fastest\nmembers: [echo]\n")
     assert_clean_error(result, "unknown policy 'fastest'")
     assert folder_snapshot(user_path) == {}

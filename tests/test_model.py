@@ -309,7 +309,8 @@ def test_debug_line_names_member_position_and_key_name(keyed):
     result = invoke("-m", "lb:dbg", "hi", env={"LLM_LOADBALANCER_DEBUG": "1"})
     lines = [line for line in result.stderr.splitlines() if line.startswith("llm-loadbalancer:")]
     assert lines == [
-        "llm-loadbalancer: lb:dbg: member 1 (echo-needs-key, key: k1) at position 1 of 2, key: k1"
+        "llm-loadbalancer: lb:dbg: member 1 (echo-needs-key, key: k1) at position 1 of 2, key: k1; "
+        "chosen: rotation"
     ]
     assert "value-1" not in result.stderr
 
