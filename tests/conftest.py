@@ -9,15 +9,22 @@ from click.testing import CliRunner
 from llm.cli import cli
 
 
+# The plugins that `llm` processes started by a test load (LLM_LOAD_PLUGINS), besides llm's own
+# (its OpenAI plugin): what tests use, and a third of the start-up time of every installed
+# plugin. The local_anthropic fixture adds llm-anthropic. This process loads every plugin.
+LB_AND_ECHO = ("llm-loadbalancer", "llm-echo")
+
+
 @pytest.fixture(autouse=True)
 def user_path(tmp_path, monkeypatch):
-    "Every test gets its own llm directory; the user's real one is never touched."
+    """Every test gets its own llm directory; the user's real one is never touched. Processes
+    it starts load only LB_AND_ECHO."""
     path = tmp_path / "llm-user"
     path.mkdir()
     monkeypatch.setenv("LLM_USER_PATH", str(path))
     monkeypatch.delenv("LLM_LOADBALANCER_DEBUG", raising=False)
     monkeypatch.delenv("LLM_RAISE_ERRORS", raising=False)
-    monkeypatch.delenv("LLM_LOAD_PLUGINS", raising=False)
+    monkeypatch.setenv("LLM_LOAD_PLUGINS", ",".join(LB_AND_ECHO))
     return path
 
 
@@ -52,17 +59,17 @@ def run_llm():
     return invoke
 
 
-# The plugins a new process needs for the lb: balancers of echo and of llm's own OpenAI plugin
-# (always loaded): a third of the start-up time of one that loads every installed plugin.
-LB_AND_ECHO = ("llm-loadbalancer", "llm-echo")
+ALL_PLUGINS = ("every installed plugin",)
 
 
 def process_env(plugins=None, env=None) -> dict:
     """The environment of a new process: this one's, plus ``env``. ``plugins``: load only these
-    (LLM_LOAD_PLUGINS, e.g. LB_AND_ECHO) besides llm's own; None loads every installed plugin,
-    as a user's llm does."""
+    besides llm's own; None: the test's (LB_AND_ECHO, and llm-anthropic with local_anthropic);
+    ALL_PLUGINS: every installed plugin, as a user's llm does."""
     full_env = dict(os.environ)
-    if plugins is not None:
+    if plugins is ALL_PLUGINS:
+        full_env.pop("LLM_LOAD_PLUGINS", None)
+    elif plugins is not None:
         full_env["LLM_LOAD_PLUGINS"] = ",".join(plugins)
     full_env.update(env or {})
     return full_env
@@ -185,9 +192,9 @@ def local_openai(user_path):
 def local_anthropic(user_path, monkeypatch):
     """A local Anthropic Messages API server on 127.0.0.1 (tests/local_anthropic.py), and
     llm-anthropic pointed at it: ANTHROPIC_BASE_URL is its endpoint "anthropic" (set in the
-    environment, so `llm` processes started by the test inherit it). Keys: anthropic (the
-    plugin's default key, sk-ant-default), ant-work (sk-ant-work), ant-personal
-    (sk-ant-personal). Usable together with local_openai.
+    environment, so `llm` processes started by the test inherit it; they load llm-anthropic
+    too). Keys: anthropic (the plugin's default key, sk-ant-default), ant-work (sk-ant-work),
+    ant-personal (sk-ant-personal). Usable together with local_openai.
 
     Every llm-anthropic model goes to this server; a cheap one to use is claude-haiku-4.5
     (anthropic/claude-haiku-4-5-20251001). Its thinking option (-o thinking 1) is sent as
@@ -201,6 +208,9 @@ def local_anthropic(user_path, monkeypatch):
 
     server = LocalAnthropic().start()
     monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url("anthropic"))
+    plugins = os.environ.get("LLM_LOAD_PLUGINS")
+    if plugins is not None and "llm-anthropic" not in plugins.split(","):
+        monkeypatch.setenv("LLM_LOAD_PLUGINS", f"{plugins},llm-anthropic")
     set_keys(
         user_path,
         anthropic="sk-ant-default",

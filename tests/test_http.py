@@ -13,12 +13,10 @@ import llm
 import pytest
 
 from conftest import (
-    LB_AND_ECHO,
     end_cooldowns,
     invoke,
     last_logged,
     llm_process,
-    process_env,
     save_lb,
 )
 
@@ -36,7 +34,7 @@ def prompt(*args):
 
 
 def prompt_in_a_new_process(*args):
-    result = llm_process(*args, plugins=LB_AND_ECHO)
+    result = llm_process(*args)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -168,13 +166,11 @@ def test_parallel_processes_give_exact_counts(save, local_openai):
     # model ("table already exists" in its migrations, then "database is locked"): create it
     # first, and let the parallel prompts not log.
     assert invoke("-m", "echo", "creates logs.db").exit_code == 0
-    env = process_env(LB_AND_ECHO)
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "llm", "--no-log", "-m", "lb:par", "hi"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=env,
         )
         for _ in range(6)
     ]

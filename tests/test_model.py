@@ -14,7 +14,7 @@ import time
 import llm
 import pytest
 
-from conftest import LB_AND_ECHO, invoke, last_logged, llm_process, process_env, set_keys
+from conftest import invoke, last_logged, llm_process, set_keys
 
 KEYS = {"k1": "value-1", "k2": "value-2", "k3": "value-3", "k4": "value-4"}
 
@@ -41,7 +41,7 @@ def test_consecutive_processes_take_turns(keyed):
     keyed("fast", 3)
     answered = []
     for _ in range(4):
-        result = llm_process("-m", "lb:fast", "hi", plugins=LB_AND_ECHO)
+        result = llm_process("-m", "lb:fast", "hi")
         assert result.returncode == 0, result.stderr
         answered.append(member_of(result.stdout))
     assert answered == [1, 2, 3, 1]
@@ -59,9 +59,8 @@ def test_eight_processes_share_the_rotation_exactly(keyed, tmp_path):
         print(json.dumps(counts))
         """
     )
-    env = process_env(LB_AND_ECHO)
     procs = [
-        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
         for _ in range(8)
     ]
     total = {}
