@@ -327,8 +327,17 @@ class Run:
             return None
 
     def close(self, attempt: Attempt) -> None:
-        "After an attempt, however it ended: one the caller stopped reading is no longer in flight."
-        if attempt.ticket is not None and not attempt.recorded and self.use_state:
+        """After an attempt, however it ended. One that the caller stopped reading (or Ctrl-C)
+        is no longer in flight; if its first chunk had come, it counts as answered."""
+        if attempt.recorded or not self.use_state:
+            return
+        if attempt.first_chunk is not None:
+            self._record(
+                attempt,
+                first_chunk=attempt.first_chunk - attempt.started,
+                total=time.monotonic() - attempt.started,
+            )
+        elif attempt.ticket is not None:
             attempt.recorded = True
             try:
                 state.finish(attempt.ticket)

@@ -71,9 +71,12 @@ create index if not exists affinity_updated on affinity (updated);
 update cooldowns set until = 0 where until is null or until != until;
 update cooldowns set until = min(until, strftime('%s', 'now') + {max_seconds});
 """
-# 1 -> 2: limits, known and escalating cooldowns, tokens and timings (issue 10). One row per
-# request sent: its time and tokens count against the member's limits; its timings feed the
-# statistics. Rows older than the longest window (a day) are pruned as new ones are recorded.
+# 1 -> 2: limits, known and escalating cooldowns, tokens and timings (issues 10, 11). One row
+# per request sent, with its timings (statistics, lowest-latency) and, for a member with limits
+# or under least-busy, made when it is chosen (in flight until it ends); ``seq`` numbers a
+# member's requests, so that a window's count is two index look-ups, not a scan. ``spent``
+# records the tokens a member reported, with their running total (``cum``) for the same
+# reason. Rows older than the longest window (a day) are pruned as new ones are recorded.
 SCHEMA_V2 = """
 alter table cooldowns add column known integer not null default 0;
 alter table cooldowns add column length real not null default 0;
@@ -88,11 +91,22 @@ create table requests (
     first_chunk real,
     total real,
     pid integer,
-    streamed integer
+    streamed integer,
+    seq integer
 );
-create index requests_member_at on requests (balancer, member, at, tokens);
+create index requests_member_at on requests (balancer, member, at);
 create index requests_at on requests (at);
 create index requests_in_flight on requests (balancer) where total is null;
+create table spent (
+    id integer primary key,
+    balancer text not null,
+    member integer not null,
+    at real not null,
+    tokens integer not null,
+    cum integer not null
+);
+create index spent_member_at on spent (balancer, member, at);
+create index spent_at on spent (at);
 """
 MIGRATIONS = (SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)), SCHEMA_V2)
 VERSION = len(MIGRATIONS)
@@ -212,7 +226,7 @@ def _sync_signature(db, balancer: Balancer) -> int:
 
 
 def _clear(db, name: str) -> None:
-    for table in ("rotation", "cooldowns", "stats", "affinity", "requests"):
+    for table in ("rotation", "cooldowns", "stats", "affinity", "requests", "spent"):
         db.execute(f"delete from {table} where balancer = ?", [name])
 
 
@@ -244,8 +258,6 @@ def select(
     with transaction() as db:
         position = _sync_signature(db, balancer)
         cooling, blocked, cooled = _cooldowns(db, balancer, now)
-        for index in range(len(balancer.members)):
-            _block_at_limit(db, balancer, index, now, blocked)
         pinned = preferred = None
         if conversation and (tool_turn or balancer.sticky):
             row = db.execute(
@@ -262,21 +274,32 @@ def select(
         policy = balancer.policy
         busy = _in_flight(db, balancer, now) if policy == "least-busy" else None
         latency = _latencies(db, balancer, now, stream) if policy == "lowest-latency" else None
-        result = plan(
-            balancer.policy,
-            len(balancer.members),
-            position,
-            cooling,
-            now,
-            pinned=pinned,
-            preferred=preferred,
-            unavailable=unavailable,
-            weights=weights if any(weight != 1 for weight in weights) else None,
-            blocked=blocked,
-            busy=busy,
-            latency=latency,
-            rng=rng,
-        )
+        checked = set()
+        while True:
+            result = plan(
+                balancer.policy,
+                len(balancer.members),
+                position,
+                cooling,
+                now,
+                pinned=pinned,
+                preferred=preferred,
+                unavailable=unavailable,
+                weights=weights if any(weight != 1 for weight in weights) else None,
+                blocked=blocked,
+                busy=busy,
+                latency=latency,
+                rng=rng,
+            )
+            # only the member chosen first has its limits looked at (the others, if the
+            # prompt fails over to them, by claim()): one at a limit is left out, and the
+            # choice made again
+            first = result.order[0] if result.order else None
+            if first is None or first in checked:
+                break
+            checked.add(first)
+            if not _block_at_limit(db, balancer, first, now, blocked):
+                break
         if result.position != position:
             db.execute(
                 "update rotation set position = ? where balancer = ?",
@@ -367,36 +390,86 @@ def _cooldowns(db, balancer: Balancer, now: float, member: int | None = None):
     return cooling, blocked, frozenset(cooled)
 
 
-def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: dict) -> None:
+def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: dict) -> bool:
     "Add ``member`` to ``blocked`` (until it has room) when it is at one of its limits."
     member_limits = balancer.members[member].limits
     if not member_limits:
-        return
-    # the common case, room under every limit, costs one aggregate per window length (on a
-    # covering index); only a member at a limit has its requests read, to tell until when
-    totals = {}
-    for window in {limits.WINDOWS[name] for name in member_limits}:
-        count, tokens = db.execute(
-            "select count(*), total(tokens) from requests "
-            "where balancer = ? and member = ? and at > ?",
-            [balancer.name, member, now - window],
+        return False
+    # the common case, room under every limit, costs a few index look-ups per window (the
+    # running numbers at its two ends); only a member at a limit has its rows read, to tell
+    # until when
+    name = balancer.name
+    tables = [("requests", "seq")]
+    if any(limit.startswith("t") for limit in member_limits):
+        tables.append(("spent", "cum"))
+    lasts = {
+        table: db.execute(
+            f"select {running} from {table} where balancer = ? and member = ? "
+            "order by at desc limit 1",
+            [name, member],
         ).fetchone()
-        totals[window] = (count, int(tokens))
+        for table, running in tables
+    }
+    totals = {}
+    for window in {limits.WINDOWS[limit] for limit in member_limits}:
+        spans = [
+            _span(db, table, running, name, member, now - window, lasts[table])
+            for table, running in tables
+        ]
+        totals[window] = (spans[0], spans[1] if len(spans) > 1 else 0)
     if not limits.full(member_limits, totals):
-        return
-    events = db.execute(
-        "select at, tokens from requests where balancer = ? and member = ? and at > ?",
-        [balancer.name, member, now - max(totals)],
+        return False
+    requests, spent = _events(db, name, member, now - max(totals))
+    by_requests = {k: v for k, v in member_limits.items() if k.startswith("r")}
+    by_tokens = {k: v for k, v in member_limits.items() if k.startswith("t")}
+    frees = [
+        limits.free_at(by_requests, requests, now),
+        limits.free_at(by_tokens, spent, now),
+    ]
+    frees = [free for free in frees if free is not None]
+    if not frees:
+        return False
+    free = max(frees)
+    blocked[member] = max(blocked.get(member, free), free)
+    return True
+
+
+def _span(db, table: str, running: str, name: str, member: int, since: float, last) -> int:
+    """How much of a running number (``seq``: requests, ``cum``: tokens) a member's rows add up
+    to after ``since``: the newest row's value (``last``), less the value before the oldest
+    in the window."""
+    if last is None or last[0] is None:
+        return 0
+    added = "1" if running == "seq" else "tokens"
+    first = db.execute(
+        f"select {running} - {added} from {table} where balancer = ? and member = ? and at > ? "
+        "order by at limit 1",
+        [name, member, since],
+    ).fetchone()
+    return 0 if first is None or first[0] is None else last[0] - first[0]
+
+
+def _events(db, name: str, member: int, since: float):
+    "(time, 0) of each request, and (time, tokens) of each report, of a member since ``since``."
+    requests = db.execute(
+        "select at, 0 from requests where balancer = ? and member = ? and at > ? "
+        "and seq is not null",
+        [name, member, since],
     ).fetchall()
-    free = limits.free_at(member_limits, events, now)
-    if free is not None:
-        blocked[member] = max(blocked.get(member, free), free)
+    spent = db.execute(
+        "select at, tokens from spent where balancer = ? and member = ? and at > ?",
+        [name, member, since],
+    ).fetchall()
+    return requests, spent
 
 
 def _sent(db, balancer: Balancer, member: int, now: float) -> int:
+    "A request, chosen now, numbered after the member's last."
     return db.execute(
-        "insert into requests (balancer, member, at, pid) values (?, ?, ?, ?)",
-        [balancer.name, member, now, os.getpid()],
+        "insert into requests (balancer, member, at, pid, seq) values (?, ?, ?, ?, coalesce(("
+        "select seq from requests where balancer = ? and member = ? and seq is not null "
+        "order by at desc limit 1), 0) + 1)",
+        [balancer.name, member, now, os.getpid(), balancer.name, member],
     ).lastrowid
 
 
@@ -466,8 +539,17 @@ def record(
                 "streamed) values (?, ?, ?, ?, ?, ?, ?)",
                 [name, member, now, tokens_in + tokens_out, first_chunk, total, int(streamed)],
             ).lastrowid
+        spent = tokens_in + tokens_out
+        if spent and any(limit.startswith("t") for limit in balancer.members[member].limits):
+            db.execute(
+                "insert into spent (balancer, member, at, tokens, cum) values (?, ?, ?, ?, "
+                "coalesce((select cum from spent where balancer = ? and member = ? "
+                "order by at desc limit 1), 0) + ?)",
+                [name, member, now, spent, name, member, spent],
+            )
         if ticket % PRUNE_EVERY == 0:  # rows older than the longest window serve no one
-            db.execute("delete from requests where at < ?", [now - limits.LONGEST])
+            for table in ("requests", "spent"):
+                db.execute(f"delete from {table} where at < ?", [now - limits.LONGEST])
         if cooldown:
             row = db.execute(
                 "select length from cooldowns where balancer = ? and member = ?", [name, member]
@@ -531,11 +613,7 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
             }
             for index, member in enumerate(balancer.members):
                 if member.limits:
-                    events[index] = db.execute(
-                        "select at, tokens from requests where balancer = ? and member = ? "
-                        "and at > ?",
-                        [name, index, now - limits.LONGEST],
-                    ).fetchall()
+                    events[index] = _events(db, name, index, now - limits.LONGEST)
                 timings[index] = db.execute(
                     "select first_chunk, total from requests where balancer = ? and member = ? "
                     "and total is not null order by at desc limit ?",
@@ -562,10 +640,7 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
                 "output_tokens": tokens_out,
                 "first_chunk": _spread([first for first, _ in recent if first is not None]),
                 "total_time": _spread([whole for _, whole in recent]),
-                "limits": {
-                    use.name: {"used": use.used, "limit": use.limit}
-                    for use in limits.usage(member.limits, events.get(index, []), now)
-                },
+                "limits": _limits_now(member.limits, events.get(index, ([], [])), now),
                 "last_used": last_used,
                 "last_error": last_error,
                 "cooling_down_until": until,
@@ -573,6 +648,15 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
             }
         )
     return result
+
+
+def _limits_now(member_limits: dict, events, now: float) -> dict:
+    requests, spent = events
+    uses = limits.usage(
+        {k: v for k, v in member_limits.items() if k.startswith("r")}, requests, now
+    ) + limits.usage({k: v for k, v in member_limits.items() if k.startswith("t")}, spent, now)
+    by_name = {use.name: {"used": use.used, "limit": use.limit} for use in uses}
+    return {name: by_name[name] for name in member_limits}
 
 
 def _spread(values: list[float]) -> dict | None:
