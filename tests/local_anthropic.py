@@ -65,6 +65,14 @@ class Handler(local_server.Handler):
         if behaviour.split(":")[0].isdigit():
             self._error(behaviour)
             return
+        if behaviour == "quota":  # Anthropic's answer when the account has no credit left
+            message = (
+                "Your credit balance is too low to access the Anthropic API. Please go to "
+                "Plans & Billing to upgrade or purchase credits."
+            )
+            error = {"type": "invalid_request_error", "message": message}
+            self._json(400, {"type": "error", "error": error}, self.fault_headers(""))
+            return
         if route == ["v1", "messages", "count_tokens"]:
             self._json(200, {"input_tokens": self._input_tokens(body)})
             return

@@ -40,6 +40,14 @@ class Handler(local_server.Handler):
         if behaviour.split(":")[0] in STATUSES:
             self._error(behaviour)
             return
+        if behaviour == "quota":  # OpenAI's answer when the account's quota is spent
+            error = {
+                "message": "You exceeded your current quota, please check your plan",
+                "type": "insufficient_quota",
+                "code": "insufficient_quota",
+            }
+            self.send_json(429, {"error": error}, self.fault_headers(""))
+            return
         if behaviour == "malformed":
             self._malformed(stream=bool(body.get("stream")))
             return

@@ -14,6 +14,7 @@ The behaviours every protocol has:
 - ``hang``: no answer at all until ``release()``, then the normal answer;
 - ``stall``: the stream's first chunk of text, then nothing more until ``release()``, then the
   rest: a test can read the first chunk while the server provably still holds the last;
+- ``quota``: the provider's own answer when the account's quota or credit is spent;
 - ``slow:SECONDS``: the normal answer, after that delay (a slower provider, for benchmarks;
   ``--slow KEY=SECONDS`` when run by hand).
 

@@ -368,3 +368,20 @@ def test_a_limit_is_full_when_its_window_holds_as_many_requests_or_tokens():
     assert not limits.full({"rpm": 4, "tpm": 100}, totals)
     assert limits.full({"tpm": 90}, totals)
     assert limits.full({"rpm": 4, "tpd": 500}, totals)
+
+
+def test_quota_exhausted_through_each_plugin_cools_the_member_down_for_an_hour(
+    local_openai, local_anthropic
+):
+    save_lb("q", "local-a key=work", "claude-haiku-4.5", "local-b")
+    local_openai.fail("quota", key="sk-work")
+    local_anthropic.fail("quota")
+    answers = [invoke("-m", "lb:q", "hi").stdout.strip() for _ in range(3)]
+    assert answers == ["answer from b with sk-b"] * 3
+    # each was asked once: an exhausted quota is not asked again for an hour
+    assert (len(local_anthropic.requests), local_openai.seen("key").count("sk-work")) == (1, 1)
+    members = json.loads(invoke("lb", "stats", "q", "--json").stdout)[0]["members"]
+    for member in members[:2]:
+        assert member["cooling_down_for"].endswith("quota exhausted")
+        assert member["cooling_down_until"] > time.time() + 3500
+    assert "(429 quota exhausted)" in invoke("lb", "stats", "q").stdout
