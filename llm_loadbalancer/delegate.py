@@ -55,13 +55,26 @@ def _warn_state(problem: Exception) -> None:
         )
 
 
+_defaults: dict = {}  # path: ((modification time, size), parsed file)
+
+
 def _model_defaults(model_id: str) -> dict:
-    "Options set with 'llm models options set MODEL ...'."
+    "Options set with 'llm models options set MODEL ...' (the file is read again if it changed)."
+    path = str(state.path().parent / "model_options.json")
     try:
-        data = json.loads((state.path().parent / "model_options.json").read_text())
-    except (OSError, ValueError):
+        info = os.stat(path)
+    except OSError:
         return {}
-    options = data.get(model_id) if isinstance(data, dict) else None
+    stamp = (info.st_mtime_ns, info.st_size)
+    cached = _defaults.get(path)
+    if cached is None or cached[0] != stamp:
+        try:
+            with open(path) as handle:
+                data = json.load(handle)
+        except (OSError, ValueError):
+            data = {}
+        cached = _defaults[path] = (stamp, data if isinstance(data, dict) else {})
+    options = cached[1].get(model_id)
     return dict(options) if isinstance(options, dict) else {}
 
 

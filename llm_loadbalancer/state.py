@@ -565,9 +565,9 @@ def record(
             )
         elif error is None and cooled:
             db.execute("delete from cooldowns where balancer = ? and member = ?", [name, member])
-        if error is None and conversation:
-            # Ties older than AFFINITY_DAYS are forgotten as new ones are made (indexed).
+        if ticket % PRUNE_EVERY == 0:  # ties older than AFFINITY_DAYS are forgotten (indexed)
             db.execute("delete from affinity where updated < ?", [now - AFFINITY_DAYS * 86400])
+        if error is None and conversation:
             db.execute(
                 "insert into affinity (balancer, conversation, first_member, last_member, "
                 "updated) values (?, ?, ?, ?, ?) on conflict do update set "

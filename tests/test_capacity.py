@@ -385,3 +385,11 @@ def test_quota_exhausted_through_each_plugin_cools_the_member_down_for_an_hour(
         assert member["cooling_down_for"].endswith("quota exhausted")
         assert member["cooling_down_until"] > time.time() + 3500
     assert "(429 quota exhausted)" in invoke("lb", "stats", "q").stdout
+
+
+def test_model_option_defaults_are_read_again_when_they_change(run_llm, user_path):
+    save_lb("d", "echo", "echo")
+    run_llm("models", "options", "set", "echo", "example_bool", "true")
+    assert "example_bool" in run_llm("-m", "lb:d", "hi").stdout
+    run_llm("models", "options", "clear", "echo")
+    assert "example_bool" not in run_llm("-m", "lb:d", "hi").stdout

@@ -428,7 +428,8 @@ def test_conversation_ties_older_than_30_days_are_forgotten(keyed, user_path):
     balancer = config.load("old")
     long_ago = time.time() - 31 * 86400
     state.record(balancer, 1, conversation="ancient", now=long_ago)
-    state.record(balancer, 0, conversation="recent")
+    for _ in range(state.PRUNE_EVERY):  # old ties are forgotten as requests are recorded
+        state.record(balancer, 0, conversation="recent")
     db = sqlite3.connect(user_path / "loadbalancers.db")
     rows = db.execute("select conversation, first_member from affinity order by conversation")
     assert rows.fetchall() == [("recent", 0)]
