@@ -95,7 +95,6 @@ create table requests (
     seq integer
 );
 create index requests_member_at on requests (balancer, member, at);
-create index requests_at on requests (at);
 create index requests_in_flight on requests (balancer) where total is null;
 create table spent (
     id integer primary key,
@@ -106,7 +105,6 @@ create table spent (
     cum integer not null
 );
 create index spent_member_at on spent (balancer, member, at);
-create index spent_at on spent (at);
 """
 MIGRATIONS = (SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)), SCHEMA_V2)
 VERSION = len(MIGRATIONS)
@@ -399,24 +397,29 @@ def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: di
     # running numbers at its two ends); only a member at a limit has its rows read, to tell
     # until when
     name = balancer.name
-    tables = [("requests", "seq")]
+    windows = sorted({limits.WINDOWS[limit] for limit in member_limits})
+    tables = [("requests", "seq", "1")]
     if any(limit.startswith("t") for limit in member_limits):
-        tables.append(("spent", "cum"))
-    lasts = {
-        table: db.execute(
-            f"select {running} from {table} where balancer = ? and member = ? "
-            "order by at desc limit 1",
-            [name, member],
-        ).fetchone()
-        for table, running in tables
+        tables.append(("spent", "cum", "tokens"))
+    # one statement: for each table, the newest row's running number, and for each window the
+    # running number just before the oldest row inside it
+    parts, args = [], []
+    for table, running, added in tables:
+        where = f"from {table} where balancer = ? and member = ?"
+        parts.append(f"(select {running} {where} order by at desc limit 1)")
+        args += [name, member]
+        for window in windows:
+            parts.append(f"(select {running} - {added} {where} and at > ? order by at limit 1)")
+            args += [name, member, now - window]
+    row = db.execute("select " + ", ".join(parts), args).fetchone()
+    spans = []
+    for number in range(len(tables)):
+        last, *befores = row[number * (len(windows) + 1) : (number + 1) * (len(windows) + 1)]
+        spans.append([0 if last is None or before is None else last - before for before in befores])
+    totals = {
+        window: (spans[0][i], spans[1][i] if len(spans) > 1 else 0)
+        for i, window in enumerate(windows)
     }
-    totals = {}
-    for window in {limits.WINDOWS[limit] for limit in member_limits}:
-        spans = [
-            _span(db, table, running, name, member, now - window, lasts[table])
-            for table, running in tables
-        ]
-        totals[window] = (spans[0], spans[1] if len(spans) > 1 else 0)
     if not limits.full(member_limits, totals):
         return False
     requests, spent = _events(db, name, member, now - max(totals))
@@ -432,21 +435,6 @@ def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: di
     free = max(frees)
     blocked[member] = max(blocked.get(member, free), free)
     return True
-
-
-def _span(db, table: str, running: str, name: str, member: int, since: float, last) -> int:
-    """How much of a running number (``seq``: requests, ``cum``: tokens) a member's rows add up
-    to after ``since``: the newest row's value (``last``), less the value before the oldest
-    in the window."""
-    if last is None or last[0] is None:
-        return 0
-    added = "1" if running == "seq" else "tokens"
-    first = db.execute(
-        f"select {running} - {added} from {table} where balancer = ? and member = ? and at > ? "
-        "order by at limit 1",
-        [name, member, since],
-    ).fetchone()
-    return 0 if first is None or first[0] is None else last[0] - first[0]
 
 
 def _events(db, name: str, member: int, since: float):
@@ -547,9 +535,12 @@ def record(
                 "order by at desc limit 1), 0) + ?)",
                 [name, member, now, spent, name, member, spent],
             )
-        if ticket % PRUNE_EVERY == 0:  # rows older than the longest window serve no one
+        if ticket % PRUNE_EVERY == 0:  # this member's rows older than a day serve no one
             for table in ("requests", "spent"):
-                db.execute(f"delete from {table} where at < ?", [now - limits.LONGEST])
+                db.execute(
+                    f"delete from {table} where balancer = ? and member = ? and at < ?",
+                    [name, member, now - limits.LONGEST],
+                )
         if cooldown:
             row = db.execute(
                 "select length from cooldowns where balancer = ? and member = ?", [name, member]
