@@ -120,7 +120,6 @@ def typed_options(member: Member, catalog: Catalog) -> Member:
 
 
 def _typed(options_class, name: str, text: str):
-
     for candidate in (parse_value(text), text):
         try:
             return options_class(**{name: candidate}).model_dump(mode="json")[name]

@@ -10,7 +10,6 @@ import sys
 import threading
 
 import llm
-import pytest
 
 from conftest import invoke, save_lb
 from llm_loadbalancer import config, delegate, state
