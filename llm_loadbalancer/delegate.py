@@ -320,10 +320,13 @@ class Run:
             )
 
     def succeeded(self, attempt: Attempt, response) -> None:
-        "Record a success: the tokens the member reported, its timings, the conversation tie."
+        """Record a success: the tokens the member reported, its timings, and the conversation
+        tie where one will be needed: with sticky, or when the member made tool calls (their
+        results go back to it)."""
+        tied = self.balancer.sticky or getattr(response, "_tool_calls", True)
         self._record(
             attempt,
-            conversation=self.conversation_id,
+            conversation=self.conversation_id if tied else None,
             tokens=(response.input_tokens, response.output_tokens),
             first_chunk=attempt.first_chunk and attempt.first_chunk - attempt.started,
             total=time.monotonic() - attempt.started,

@@ -353,7 +353,7 @@ def _latencies(db, balancer: Balancer, now: float, stream: bool) -> dict[int, fl
             row[0]
             for row in db.execute(
                 f"select {column} from requests where balancer = ? and member = ? "
-                f"and streamed = ? and {column} is not null and at > ? order by at desc limit ?",
+                f"and streamed = ? and {column} > 0 and at > ? order by at desc limit ?",
                 [balancer.name, member, int(stream), now - RECENT_HOURS * 3600, RECENT_TIMINGS],
             )
         ]
@@ -452,12 +452,23 @@ def _events(db, name: str, member: int, since: float):
 
 
 def _sent(db, balancer: Balancer, member: int, now: float) -> int:
-    "A request, chosen now, numbered after the member's last."
+    """A request, chosen now, numbered after the member's last. Under least-busy it is in
+    flight (no total yet) until it ends; otherwise its total is 0 until then, which keeps it
+    out of the in-flight index."""
+    in_flight = balancer.policy == "least-busy"
     return db.execute(
-        "insert into requests (balancer, member, at, pid, seq) values (?, ?, ?, ?, coalesce(("
-        "select seq from requests where balancer = ? and member = ? and seq is not null "
-        "order by at desc limit 1), 0) + 1)",
-        [balancer.name, member, now, os.getpid(), balancer.name, member],
+        "insert into requests (balancer, member, at, pid, seq, total) values (?, ?, ?, ?, "
+        "coalesce((select seq from requests where balancer = ? and member = ? "
+        "and seq is not null order by at desc limit 1), 0) + 1, ?)",
+        [
+            balancer.name,
+            member,
+            now,
+            os.getpid(),
+            balancer.name,
+            member,
+            None if in_flight else 0.0,
+        ],
     ).lastrowid
 
 
@@ -466,7 +477,8 @@ def finish(ticket: int, now: float | None = None) -> None:
     now = time.time() if now is None else now
     with transaction() as db:
         db.execute(
-            "update requests set total = ? - at where id = ? and total is null", [now, ticket]
+            "update requests set total = ? - at where id = ? and (total is null or total = 0)",
+            [now, ticket],
         )
 
 
@@ -607,7 +619,7 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
                     events[index] = _events(db, name, index, now - limits.LONGEST)
                 timings[index] = db.execute(
                     "select first_chunk, total from requests where balancer = ? and member = ? "
-                    "and total is not null order by at desc limit ?",
+                    "and total > 0 order by at desc limit ?",
                     [name, index, RECENT],
                 ).fetchall()
     total = sum(r[0] for r in rows.values())
