@@ -122,7 +122,10 @@ def test_async_model_streams_and_fails_over_without_the_sdks_retries(save, local
         # closes its AsyncOpenAI clients, and one collected while a second asyncio.run is
         # running would try to close its connections on the first, closed, loop.
         model = llm.get_async_model("lb:as")
-        return [[chunk async for chunk in model.prompt("hi")] for _ in range(2)]
+        answers = []
+        for _ in range(2):  # (an async comprehension inside another needs Python 3.11)
+            answers.append([chunk async for chunk in model.prompt("hi")])
+        return answers
 
     first, second = asyncio.run(ask_twice())
     assert first == second == ["answer ", "from ", "a ", "with ", "sk-personal"]
