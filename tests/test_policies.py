@@ -10,6 +10,7 @@ import sys
 import threading
 
 import llm
+import pytest
 
 from conftest import invoke, save_lb
 from llm_loadbalancer import config, delegate, state
@@ -160,3 +161,15 @@ def test_random_keeps_cooldowns_failover_and_tool_turns(fake_models):
     assert answers <= {"answer from b", "answer from c"} and answers
     stats = json.loads(invoke("lb", "stats", "r", "--json").stdout)[0]["members"]
     assert stats[0]["requests"] == 1  # asked once, then cooling down: never again
+
+
+@pytest.mark.parametrize("policy", ["least-busy", "lowest-latency", "random"])
+def test_every_policy_keeps_tool_turns_and_sticky_conversations_on_their_member(policy):
+    rng = random.Random(1)
+    busy, latency = {2: 5}, {0: 0.01, 1: 0.02, 2: 0.9}
+    kwargs = {"busy": busy, "latency": latency, "rng": rng}
+    assert plan(policy, 3, 0, {}, NOW, pinned=2, **kwargs).order == (2,)
+    assert plan(policy, 3, 0, {}, NOW, preferred=2, **kwargs).order[0] == 2
+    # and limits and cooldowns: a member at its limit is never first, one cooling down is last
+    result = plan(policy, 3, 0, {0: NOW + 5}, NOW, blocked={1: NOW + 9}, **kwargs)
+    assert result.order == (2,) and result.skipped == (0,)
