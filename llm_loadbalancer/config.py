@@ -143,6 +143,12 @@ class Balancer:
         return data
 
     @functools.cached_property
+    def weights(self) -> tuple[int, ...] | None:
+        "Each member's weight, or None when all are 1 (plain rotation)."
+        weights = tuple(member.weight for member in self.members)
+        return weights if any(weight != 1 for weight in weights) else None
+
+    @functools.cached_property
     def signature(self) -> str:
         "Identifies the member list: the rotation starts again when it changes."
         return repr([member.to_dict() for member in self.members])

@@ -97,6 +97,14 @@ class Attempt:
         self.started = time.monotonic()
         self.first_chunk: float | None = None  # when its first chunk came
 
+    def timings(self) -> dict:
+        "Seconds from its start to its first chunk (None without one) and to now."
+        first = self.first_chunk
+        return {
+            "first_chunk": None if first is None else first - self.started,
+            "total": time.monotonic() - self.started,
+        }
+
     def start(self, stream, response, conversation):
         """The member's chunks (a sync or async generator), driven with its SDK's retries off
         while another member can answer, and within the balancer's timeout."""
@@ -178,7 +186,6 @@ class Run:
             self.use_state = False
             count = len(self.balancer.members)
             position = 0 if self.balancer.policy == "failover" else RNG.randrange(count)
-            weights = tuple(member.weight for member in self.balancer.members)
             self.plan = plan(
                 self.balancer.policy,
                 count,
@@ -186,7 +193,7 @@ class Run:
                 {},
                 now,
                 unavailable=unavailable,
-                weights=weights,
+                weights=self.balancer.weights,
                 rng=RNG,
             )
         if self.plan.wait is None:
@@ -301,7 +308,7 @@ class Run:
             error=f"{failure.reason}: {message}",
             cooldown=cooldown,
             known=failure.known,
-            total=time.monotonic() - attempt.started,
+            **attempt.timings(),
         )
         if started or not failure.failover or not self.balancer.failover:
             shown = failures.one_line(ex, secrets=secrets, limit=1000)
@@ -328,8 +335,7 @@ class Run:
             attempt,
             conversation=self.conversation_id if tied else None,
             tokens=(response.input_tokens, response.output_tokens),
-            first_chunk=attempt.first_chunk and attempt.first_chunk - attempt.started,
-            total=time.monotonic() - attempt.started,
+            **attempt.timings(),
         )
 
     def _claim(self, index: int) -> int | None:
@@ -348,11 +354,7 @@ class Run:
         if attempt.recorded or not self.use_state:
             return
         if attempt.first_chunk is not None:
-            self._record(
-                attempt,
-                first_chunk=attempt.first_chunk - attempt.started,
-                total=time.monotonic() - attempt.started,
-            )
+            self._record(attempt, **attempt.timings())
         elif attempt.ticket is not None:
             attempt.recorded = True
             try:

@@ -268,7 +268,6 @@ def select(
                     pinned = row[1]
                 else:
                     preferred = row[0]
-        weights = tuple(member.weight for member in balancer.members)
         policy = balancer.policy
         busy = _in_flight(db, balancer, now) if policy == "least-busy" else None
         latency = _latencies(db, balancer, now, stream) if policy == "lowest-latency" else None
@@ -283,7 +282,7 @@ def select(
                 pinned=pinned,
                 preferred=preferred,
                 unavailable=unavailable,
-                weights=weights if any(weight != 1 for weight in weights) else None,
+                weights=balancer.weights,
                 blocked=blocked,
                 busy=busy,
                 latency=latency,
