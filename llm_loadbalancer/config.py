@@ -66,7 +66,7 @@ class Member:
     tpm: int | None = None
     tpd: int | None = None
 
-    @property
+    @functools.cached_property
     def limits(self) -> dict:
         "{name: number} of the limits this member has (rpm, rpd, tpm, tpd)."
         return {name: getattr(self, name) for name in LIMITS if getattr(self, name)}

@@ -7,6 +7,7 @@ response, so that everything it writes (chunks, stream events, usage, tool calls
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -85,7 +86,6 @@ class Attempt:
         self.run = run
         self.index = index
         self.member: Member = run.balancer.members[index]
-        self.label = self.member.describe(index + 1, run.keys)
         self.model = run.member_model(index)
         self.prompt = copy.copy(run.prompt)
         self.prompt.model = self.model
@@ -96,6 +96,11 @@ class Attempt:
         self.streamed = True
         self.started = time.monotonic()
         self.first_chunk: float | None = None  # when its first chunk came
+
+    @functools.cached_property
+    def label(self) -> str:
+        "How messages name it: ``member 2 (gpt-4o-mini, key: work)``."
+        return self.member.describe(self.index + 1, self.run.keys)
 
     def timings(self) -> dict:
         "Seconds from its start to its first chunk (None without one) and to now."

@@ -8,6 +8,7 @@ without it (``model.py`` warns once).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sqlite3
@@ -393,27 +394,14 @@ def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: di
     if not member_limits:
         return False
     # the common case, room under every limit, costs a few index look-ups per window (the
-    # running numbers at its two ends); only a member at a limit has its rows read, to tell
-    # until when
+    # running numbers at its two ends), in one statement; only a member at a limit has its
+    # rows read, to tell until when
     name = balancer.name
-    windows = sorted({limits.WINDOWS[limit] for limit in member_limits})
-    tables = [("requests", "seq", "1")]
-    if any(limit.startswith("t") for limit in member_limits):
-        tables.append(("spent", "cum", "tokens"))
-    # one statement: for each table, the newest row's running number, and for each window the
-    # running number just before the oldest row inside it
-    parts, args = [], []
-    for table, running, added in tables:
-        where = f"from {table} where balancer = ? and member = ?"
-        parts.append(f"(select {running} {where} order by at desc limit 1)")
-        args += [name, member]
-        for window in windows:
-            parts.append(f"(select {running} - {added} {where} and at > ? order by at limit 1)")
-            args += [name, member, now - window]
-    row = db.execute("select " + ", ".join(parts), args).fetchone()
-    spans = []
-    for number in range(len(tables)):
-        last, *befores = row[number * (len(windows) + 1) : (number + 1) * (len(windows) + 1)]
+    windows, sql = _window_query(tuple(member_limits))
+    row = db.execute(sql, [name, member] + [now - window for window in windows]).fetchone()
+    spans, width = [], len(windows) + 1
+    for start in range(0, len(row), width):
+        last, *befores = row[start : start + width]
         spans.append([0 if last is None or before is None else last - before for before in befores])
     totals = {
         window: (spans[0][i], spans[1][i] if len(spans) > 1 else 0)
@@ -422,11 +410,9 @@ def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: di
     if not limits.full(member_limits, totals):
         return False
     requests, spent = _events(db, name, member, now - max(totals))
-    by_requests = {k: v for k, v in member_limits.items() if k.startswith("r")}
-    by_tokens = {k: v for k, v in member_limits.items() if k.startswith("t")}
     frees = [
-        limits.free_at(by_requests, requests, now),
-        limits.free_at(by_tokens, spent, now),
+        limits.free_at(_of_kind(member_limits, "r"), requests, now),
+        limits.free_at(_of_kind(member_limits, "t"), spent, now),
     ]
     frees = [free for free in frees if free is not None]
     if not frees:
@@ -434,6 +420,31 @@ def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: di
     free = max(frees)
     blocked[member] = max(blocked.get(member, free), free)
     return True
+
+
+def _of_kind(member_limits: dict, kind: str) -> dict:
+    "The request limits (kind ``r``) or the token limits (``t``) of a member."
+    return {name: value for name, value in member_limits.items() if name.startswith(kind)}
+
+
+@functools.lru_cache(maxsize=32)
+def _window_query(names: tuple[str, ...]) -> tuple[list[float], str]:
+    """The windows of these limits, and one statement giving, for requests (and tokens, with a
+    token limit), the newest row's running number and, per window, the running number just
+    before the oldest row inside it. Parameters: balancer, member, each window's start."""
+    windows = sorted({limits.WINDOWS[name] for name in names})
+    tables = [("requests", "seq", "1")]
+    if any(name.startswith("t") for name in names):
+        tables.append(("spent", "cum", "tokens"))
+    parts = []
+    for table, running, added in tables:
+        where = f"from {table} where balancer = ?1 and member = ?2"
+        parts.append(f"(select {running} {where} order by at desc limit 1)")
+        for number in range(len(windows)):
+            parts.append(
+                f"(select {running} - {added} {where} and at > ?{number + 3} order by at limit 1)"
+            )
+    return windows, "select " + ", ".join(parts)
 
 
 def _events(db, name: str, member: int, since: float):
@@ -539,7 +550,7 @@ def record(
                 [name, member, now, tokens_in + tokens_out, first_chunk, total, int(streamed)],
             ).lastrowid
         spent = tokens_in + tokens_out
-        if spent and any(limit.startswith("t") for limit in balancer.members[member].limits):
+        if spent and _of_kind(balancer.members[member].limits, "t"):
             db.execute(
                 "insert into spent (balancer, member, at, tokens, cum) values (?, ?, ?, ?, "
                 "coalesce((select cum from spent where balancer = ? and member = ? "
@@ -654,9 +665,9 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
 
 def _limits_now(member_limits: dict, events, now: float) -> dict:
     requests, spent = events
-    uses = limits.usage(
-        {k: v for k, v in member_limits.items() if k.startswith("r")}, requests, now
-    ) + limits.usage({k: v for k, v in member_limits.items() if k.startswith("t")}, spent, now)
+    uses = limits.usage(_of_kind(member_limits, "r"), requests, now) + limits.usage(
+        _of_kind(member_limits, "t"), spent, now
+    )
     by_name = {use.name: {"used": use.used, "limit": use.limit} for use in uses}
     return {name: by_name[name] for name in member_limits}
 
