@@ -363,7 +363,7 @@ class Run:
         elif attempt.ticket is not None:
             attempt.recorded = True
             try:
-                state.finish(attempt.ticket)
+                state.finish(self.balancer, attempt.index, attempt.ticket)
             except state.StateUnavailable:
                 pass
 

@@ -22,15 +22,23 @@ import llm
 
 from . import limits
 from .config import MAX_SECONDS, Balancer
-from .policy import Plan, plan
+from .policy import Plan
+from .selection import (
+    IN_FLIGHT_HOURS,
+    RECENT_HOURS,
+    RECENT_TIMINGS,
+    choose,
+    counted_ahead,
+    free_at,
+    in_flight,
+    of_kind,
+    spread,
+)
 
 FILENAME = "loadbalancers.db"
 TIMEOUT_ENV = "LLM_LOADBALANCER_STATE_TIMEOUT"
 DEFAULT_TIMEOUT = 10.0
 AFFINITY_DAYS = 30
-IN_FLIGHT_HOURS = 1  # least-busy: a prompt in flight longer than this stops counting
-RECENT_TIMINGS = 20  # lowest-latency: the median of each member's last 20 timings ...
-RECENT_HOURS = 1  # ... within the last hour
 PRUNE_EVERY = 100
 
 # Each step takes the file from version N to N + 1 (``pragma user_version``); a file made before
@@ -231,8 +239,37 @@ def _clear(db, name: str) -> None:
 
 class Choice(NamedTuple):
     plan: Plan
-    ticket: int | None  # the first member's request, counted against its limits in advance
+    ticket: int | str | None  # the first member's request, counted against its limits in advance
     cooled: frozenset[int]  # members with a cooldown on record (ended or not)
+
+
+class _FileKnown:
+    "What the state file knows of a balancer (``selection.Known``), read in one transaction."
+
+    def __init__(self, db, balancer: Balancer, now: float, member: int | None = None):
+        self.db, self.balancer, self.now = db, balancer, now
+        self.cooling, self.blocked, self.cooled = _cooldowns(db, balancer, now, member)
+        self.tie = self.busy = self.latency = None
+        self.position = 0
+
+    def totals(self, member: int) -> dict[float, tuple[int, int]]:
+        windows, sql = _window_query(tuple(self.balancer.members[member].limits))
+        row = self.db.execute(
+            sql, [self.balancer.name, member] + [self.now - window for window in windows]
+        ).fetchone()
+        spans, width = [], len(windows) + 1
+        for start in range(0, len(row), width):
+            last, *befores = row[start : start + width]
+            spans.append(
+                [0 if last is None or before is None else last - before for before in befores]
+            )
+        return {
+            window: (spans[0][i], spans[1][i] if len(spans) > 1 else 0)
+            for i, window in enumerate(windows)
+        }
+
+    def events(self, member: int, since: float):
+        return _events(self.db, self.balancer.name, member, since)
 
 
 def select(
@@ -255,49 +292,21 @@ def select(
     """
     now = time.time() if now is None else now
     with transaction() as db:
-        position = _sync_signature(db, balancer)
-        cooling, blocked, cooled = _cooldowns(db, balancer, now)
-        pinned = preferred = None
+        known = _FileKnown(db, balancer, now)
+        known.position = position = _sync_signature(db, balancer)
         if conversation and (tool_turn or balancer.sticky):
-            row = db.execute(
+            known.tie = db.execute(
                 "select first_member, last_member from affinity "
                 "where balancer = ? and conversation = ?",
                 [balancer.name, conversation],
             ).fetchone()
-            if row is not None:
-                if tool_turn:
-                    pinned = row[1]
-                else:
-                    preferred = row[0]
-        policy = balancer.policy
-        busy = _in_flight(db, balancer, now) if policy == "least-busy" else None
-        latency = _latencies(db, balancer, now, stream) if policy == "lowest-latency" else None
-        checked = set()
-        while True:
-            result = plan(
-                balancer.policy,
-                len(balancer.members),
-                position,
-                cooling,
-                now,
-                pinned=pinned,
-                preferred=preferred,
-                unavailable=unavailable,
-                weights=balancer.weights,
-                blocked=blocked,
-                busy=busy,
-                latency=latency,
-                rng=rng,
-            )
-            # only the member chosen first has its limits looked at (the others, if the
-            # prompt fails over to them, by claim()): one at a limit is left out, and the
-            # choice made again
-            first = result.order[0] if result.order else None
-            if first is None or first in checked:
-                break
-            checked.add(first)
-            if not _block_at_limit(db, balancer, first, now, blocked):
-                break
+        if balancer.policy == "least-busy":
+            known.busy = _in_flight(db, balancer, now)
+        elif balancer.policy == "lowest-latency":
+            known.latency = _latencies(db, balancer, now, stream)
+        result = choose(
+            balancer, known, tool_turn=tool_turn, unavailable=unavailable, rng=rng, now=now
+        )
         if result.position != position:
             db.execute(
                 "update rotation set position = ? where balancer = ?",
@@ -306,32 +315,21 @@ def select(
         ticket = None
         if result.order and counted_ahead(balancer, result.order[0]):
             ticket = _sent(db, balancer, result.order[0], now)
-        return Choice(result, ticket, cooled)
-
-
-def counted_ahead(balancer: Balancer, member: int) -> bool:
-    """Whether a request of this member is recorded when it is chosen, not only when it ends:
-    for its limits, and for least-busy, which counts the prompts in flight."""
-    return bool(balancer.members[member].limits) or balancer.policy == "least-busy"
+        return Choice(result, ticket, known.cooled)
 
 
 def _in_flight(db, balancer: Balancer, now: float) -> dict[int, int]:
     """Prompts in flight per member, across processes: chosen, not ended, younger than
     IN_FLIGHT_HOURS, of a process that is still running (a killed one's stop counting)."""
-    counts: dict[int, int] = {}
-    alive: dict[int, bool] = {}
-    for member, pid in db.execute(
-        "select member, pid from requests where balancer = ? and total is null and at > ?",
+    rows = db.execute(
+        "select member, at, pid from requests where balancer = ? and total is null and at > ?",
         [balancer.name, now - IN_FLIGHT_HOURS * 3600],
-    ):
-        if pid not in alive:
-            alive[pid] = _alive(pid)
-        if alive[pid]:
-            counts[member] = counts.get(member, 0) + 1
-    return counts
+    )
+    return in_flight(rows, now, alive)
 
 
-def _alive(pid) -> bool:
+def alive(pid) -> bool:
+    "Whether the process of this machine with that id still runs."
     if pid is None or pid == os.getpid():
         return pid is not None
     try:
@@ -358,7 +356,7 @@ def _latencies(db, balancer: Balancer, now: float, stream: bool) -> dict[int, fl
             )
         ]
         if values:
-            found[member] = _spread(values)["median"]
+            found[member] = spread(values)["median"]
     return found
 
 
@@ -367,9 +365,10 @@ def claim(balancer: Balancer, member: int, now: float | None = None) -> int | No
     them and is not inside a provider's Retry-After; its ticket, or None (skip it)."""
     now = time.time() if now is None else now
     with transaction() as db:
-        _, blocked, _ = _cooldowns(db, balancer, now, member)
-        _block_at_limit(db, balancer, member, now, blocked)
-        return None if member in blocked else _sent(db, balancer, member, now)
+        known = _FileKnown(db, balancer, now, member)
+        if member in known.blocked or free_at(balancer, known, member, now) is not None:
+            return None
+        return _sent(db, balancer, member, now)
 
 
 def _cooldowns(db, balancer: Balancer, now: float, member: int | None = None):
@@ -386,45 +385,6 @@ def _cooldowns(db, balancer: Balancer, now: float, member: int | None = None):
         if until > now:
             (blocked if known else cooling)[index] = min(until, now + MAX_SECONDS)
     return cooling, blocked, frozenset(cooled)
-
-
-def _block_at_limit(db, balancer: Balancer, member: int, now: float, blocked: dict) -> bool:
-    "Add ``member`` to ``blocked`` (until it has room) when it is at one of its limits."
-    member_limits = balancer.members[member].limits
-    if not member_limits:
-        return False
-    # the common case, room under every limit, costs a few index look-ups per window (the
-    # running numbers at its two ends), in one statement; only a member at a limit has its
-    # rows read, to tell until when
-    name = balancer.name
-    windows, sql = _window_query(tuple(member_limits))
-    row = db.execute(sql, [name, member] + [now - window for window in windows]).fetchone()
-    spans, width = [], len(windows) + 1
-    for start in range(0, len(row), width):
-        last, *befores = row[start : start + width]
-        spans.append([0 if last is None or before is None else last - before for before in befores])
-    totals = {
-        window: (spans[0][i], spans[1][i] if len(spans) > 1 else 0)
-        for i, window in enumerate(windows)
-    }
-    if not limits.full(member_limits, totals):
-        return False
-    requests, spent = _events(db, name, member, now - max(totals))
-    frees = [
-        limits.free_at(_of_kind(member_limits, "r"), requests, now),
-        limits.free_at(_of_kind(member_limits, "t"), spent, now),
-    ]
-    frees = [free for free in frees if free is not None]
-    if not frees:
-        return False
-    free = max(frees)
-    blocked[member] = max(blocked.get(member, free), free)
-    return True
-
-
-def _of_kind(member_limits: dict, kind: str) -> dict:
-    "The request limits (kind ``r``) or the token limits (``t``) of a member."
-    return {name: value for name, value in member_limits.items() if name.startswith(kind)}
 
 
 @functools.lru_cache(maxsize=32)
@@ -482,7 +442,7 @@ def _sent(db, balancer: Balancer, member: int, now: float) -> int:
     ).lastrowid
 
 
-def finish(ticket: int, now: float | None = None) -> None:
+def finish(balancer: Balancer, member: int, ticket: int, now: float | None = None) -> None:
     "A request that ended without a record (the caller stopped reading): no longer in flight."
     now = time.time() if now is None else now
     with transaction() as db:
@@ -550,7 +510,7 @@ def record(
                 [name, member, now, tokens_in + tokens_out, first_chunk, total, int(streamed)],
             ).lastrowid
         spent = tokens_in + tokens_out
-        if spent and _of_kind(balancer.members[member].limits, "t"):
+        if spent and of_kind(balancer.members[member].limits, "t"):
             db.execute(
                 "insert into spent (balancer, member, at, tokens, cum) values (?, ?, ?, ?, "
                 "coalesce((select cum from spent where balancer = ? and member = ? "
@@ -651,8 +611,8 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
                 "share": (requests / total) if total else 0.0,
                 "input_tokens": tokens_in,
                 "output_tokens": tokens_out,
-                "first_chunk": _spread([first for first, _ in recent if first is not None]),
-                "total_time": _spread([whole for _, whole in recent]),
+                "first_chunk": spread([first for first, _ in recent if first is not None]),
+                "total_time": spread([whole for _, whole in recent]),
                 "limits": _limits_now(member.limits, events.get(index, ([], [])), now),
                 "last_used": last_used,
                 "last_error": last_error,
@@ -665,19 +625,8 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
 
 def _limits_now(member_limits: dict, events, now: float) -> dict:
     requests, spent = events
-    uses = limits.usage(_of_kind(member_limits, "r"), requests, now) + limits.usage(
-        _of_kind(member_limits, "t"), spent, now
+    uses = limits.usage(of_kind(member_limits, "r"), requests, now) + limits.usage(
+        of_kind(member_limits, "t"), spent, now
     )
     by_name = {use.name: {"used": use.used, "limit": use.limit} for use in uses}
     return {name: by_name[name] for name in member_limits}
-
-
-def _spread(values: list[float]) -> dict | None:
-    "Median and 95th percentile (nearest rank), or None without values."
-    if not values:
-        return None
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, max(0, math.ceil(0.95 * len(ordered)) - 1))]
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-    return {"median": median, "p95": p95}
