@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import importlib.util
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import click
 import llm
 from click_default_group import DefaultGroup
 
-from . import config, state
+from . import config, state, stores
 from .config import Balancer, ConfigError
 from .members import Catalog, check_balancer, check_saved, load_stored_keys, typed_options
 
@@ -137,6 +138,17 @@ def lb():
     metavar="SECONDS",
     help="Skip a member whose quota is exhausted for this long (default: 3600)",
 )
+@click.option(
+    "--state",
+    metavar="URL",
+    help="Keep its state in this Redis server (redis://host:6379/0), shared by every machine "
+    "using it; local for this machine's file (default: $LLM_LOADBALANCER_STATE, else local)",
+)
+@click.option(
+    "--state-key",
+    metavar="NAME",
+    help="The stored key (llm keys set NAME) holding the Redis server's password",
+)
 @click.option("--force", is_flag=True, help="Replace an existing load balancer")
 def lb_save(
     name,
@@ -149,6 +161,8 @@ def lb_save(
     timeout,
     max_wait,
     quota_cooldown,
+    state,
+    state_key,
     force,
 ):
     """
@@ -195,8 +209,11 @@ def lb_save(
             timeout=timeout,
             max_wait=max_wait,
             quota_cooldown=quota_cooldown,
+            state=state,
+            state_key=state_key,
         )
         check_balancer(balancer, catalog)
+        _check_state(balancer)
     except ConfigError as ex:
         _fail(ex)
     path = config.path_for(name)
@@ -206,6 +223,22 @@ def lb_save(
     click.echo(
         f"Saved load balancer lb:{name} with {_count(len(balancer.members), 'member')}", err=True
     )
+
+
+def _check_state(balancer: Balancer) -> None:
+    "A Redis state needs redis-py, and its password key must be stored."
+    if stores.location(balancer)[0] is None:
+        return
+    if balancer.state_key and balancer.state_key not in load_stored_keys():
+        raise ConfigError(
+            f"state_key {config.shown(balancer.state_key)} is not the name of a stored key: "
+            f"store the password with 'llm keys set {config.cut(balancer.state_key)}'"
+        )
+    if importlib.util.find_spec("redis") is None:
+        raise ConfigError(
+            "a Redis state needs redis-py: pip install 'llm-loadbalancer[redis]' "
+            "(or llm install 'llm-loadbalancer[redis]')"
+        )
 
 
 def _count(number: int, noun: str) -> str:
@@ -295,6 +328,7 @@ def _printed_json_or_nothing(rows: list, json_: bool) -> bool:
 def _summary(balancer: Balancer) -> dict:
     data = {"name": balancer.name, "model_id": balancer.model_id}
     data.update(balancer.to_dict())
+    data["state_lives"] = stores.describe(balancer)
     return data
 
 
@@ -334,6 +368,8 @@ def lb_list(json_):
             continue
         labels = ", ".join(member.label() for member in balancer.members)
         click.echo(f"{row['model_id']:<{width}}  {balancer.policy}  {labels}")
+        if stores.location(balancer)[0] is not None:
+            click.echo(f"{'':<{width}}  state: {stores.describe(balancer)}")
         for warning in row.get("warnings", ()):
             click.echo(f"{'':<{width}}  warning: {warning}")
 
@@ -388,11 +424,20 @@ def lb_remove(name):
     path = config.path_for(_name(name))
     if not path.exists():
         raise click.ClickException(f"no load balancer named {name!r}: 'llm lb list' shows them")
+    try:
+        balancer = config.load(name)
+    except ConfigError:
+        balancer = None
     path.unlink()
     try:
         state.reset(name)
     except state.StateUnavailable:
         pass  # a new balancer of that name starts afresh anyway: its members differ
+    if balancer is not None:
+        try:
+            _reset_shared(balancer)
+        except ConfigError as ex:
+            click.echo(f"Warning: lb:{name}: {ex}", err=True)
     click.echo(f"Removed load balancer lb:{name}", err=True)
 
 
@@ -501,8 +546,12 @@ def lb_reset(name):
     Example:
         llm lb reset fast
     """
-    _load(name)
+    balancer = _load(name)
     _reset_state(name)
+    try:
+        _reset_shared(balancer)
+    except ConfigError as ex:
+        raise click.ClickException(f"cannot reset lb:{name}: {ex}")
     click.echo(f"Reset lb:{name}", err=True)
 
 
@@ -511,6 +560,73 @@ def _reset_state(name: str) -> None:
         state.reset(name)
     except state.StateUnavailable as ex:
         raise click.ClickException(f"cannot reset lb:{name}: {ex}")
+
+
+def _reset_shared(balancer: Balancer) -> None:
+    "Reset its state in Redis, for every machine; ConfigError when the server cannot be used."
+    from_redis(balancer, lambda shared: shared.reset(balancer))
+
+
+def from_redis(balancer: Balancer, action):
+    """``action(RedisState)`` for a balancer whose state is in Redis (None when it is local);
+    a server that cannot be used is a ConfigError naming it."""
+    if stores.location(balancer)[0] is None:
+        return None
+    from .redis_state import Unreachable
+
+    try:
+        return action(stores.shared(balancer))
+    except Unreachable as ex:
+        raise ConfigError(f"its Redis state cannot be used: {ex}") from None
+
+
+@lb.command(name="state")
+@click.argument("name")
+@click.option("json_", "--json", is_flag=True, help="Output as JSON")
+def lb_state(name, json_):
+    """
+    Where a load balancer's state lives, and what is found there
+
+    For a Redis server: connects, and reports the round trip, the server's version and what
+    it holds for this definition of the balancer (its rotation, requests, cooldowns).
+
+    \b
+    Example:
+        llm lb state team
+    """
+    balancer = _load(name)
+
+    def look(shared):
+        return {**shared.check(), **shared.found(balancer)}
+
+    try:
+        found = from_redis(balancer, look)
+    except ConfigError as ex:
+        _fail(ConfigError(f"lb:{name}: {ex}"))
+    report = {"name": name, "state": stores.describe(balancer)}
+    if found is None:
+        report["file"] = str(state.path())
+    else:
+        report.update(found)
+    if json_:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"lb:{name}: {report['state']}")
+    if found is None:
+        click.echo(f"  file: {report['file']}")
+        return
+    click.echo(
+        f"  reachable: Redis {found['redis_version']}, round trip "
+        f"{found['round_trip'] * 1000:.2f} ms"
+    )
+    if not found["known"]:
+        click.echo(f"  nothing stored yet for this definition (keys {found['prefix']}*)")
+        return
+    click.echo(
+        f"  keys {found['prefix']}*: rotation at {found['position']}, "
+        f"{_count(found['requests'], 'request')} recorded, "
+        f"{_count(found['cooldowns'], 'cooldown')} on record"
+    )
 
 
 @lb.command(name="stats")
@@ -536,18 +652,30 @@ def lb_stats(name, json_):
                 _fail(ex)
             continue
         try:
-            members = state.stats(balancer)
+            members = from_redis(balancer, lambda shared: shared.stats(balancer))
+            if members is None:
+                members = state.stats(balancer)
         except state.StateUnavailable as ex:
             raise click.ClickException(f"cannot read statistics: {ex}")
+        except ConfigError as ex:
+            raise click.ClickException(f"cannot read statistics of lb:{each}: {ex}")
         for member, row in zip(balancer.members, members):
             row["label"] = member.label(keys)
-        result.append({"name": each, "model_id": balancer.model_id, "members": members})
+        result.append(
+            {
+                "name": each,
+                "model_id": balancer.model_id,
+                "state": stores.describe(balancer),
+                "members": members,
+            }
+        )
     if _printed_json_or_nothing(result, json_):
         return
     for number, entry in enumerate(result):
         if number:
             click.echo()
-        click.echo(entry["model_id"])
+        shared = entry["state"] != stores.LOCAL
+        click.echo(entry["model_id"] + (f"  (state: {entry['state']})" if shared else ""))
         for member in entry["members"]:
             click.echo(_stats_line(member))
 

@@ -41,6 +41,8 @@ TOP_FIELDS = (
     "timeout",
     "max_wait",
     "quota_cooldown",
+    "state",
+    "state_key",
 )
 # A member's own settings beside its model, key and options: its share of the rotation, and at
 # most that many requests (rpm, rpd) or tokens (tpm, tpd) in any 60 s / 24 h window.
@@ -119,6 +121,8 @@ class Balancer:
     timeout: float | None = None  # seconds a member has for its first chunk; None: no limit
     max_wait: float = DEFAULT_MAX_WAIT  # seconds to wait when every member is at its limit
     quota_cooldown: float = DEFAULT_QUOTA_COOLDOWN  # after "quota exhausted"
+    state: str | None = None  # where its state lives: a redis:// URL, or "local"; None: default
+    state_key: str | None = None  # the stored key holding the Redis password
 
     @property
     def model_id(self) -> str:
@@ -139,6 +143,10 @@ class Balancer:
             data["max_wait"] = self.max_wait
         if self.quota_cooldown != DEFAULT_QUOTA_COOLDOWN:
             data["quota_cooldown"] = self.quota_cooldown
+        if self.state is not None:
+            data["state"] = self.state
+        if self.state_key is not None:
+            data["state_key"] = self.state_key
         data["members"] = [member.to_dict() for member in self.members]
         return data
 
@@ -365,6 +373,14 @@ def from_dict(name: str, data) -> Balancer:
     quota_cooldown = seconds(
         data.get("quota_cooldown", DEFAULT_QUOTA_COOLDOWN), "quota_cooldown", minimum=0
     )
+    state = data.get("state")
+    if state is not None:
+        state = state_url(state, "state")
+    state_key = data.get("state_key")
+    if state_key is not None and (not isinstance(state_key, str) or not state_key.strip()):
+        raise ConfigError(
+            f"state_key must be the name of a stored key (llm keys set NAME), not {shown(state_key)}"
+        )
     raw_members = data.get("members")
     if not isinstance(raw_members, list) or not raw_members:
         raise ConfigError("'members' must be a list with at least one member")
@@ -381,7 +397,56 @@ def from_dict(name: str, data) -> Balancer:
         timeout=timeout,
         max_wait=max_wait,
         quota_cooldown=quota_cooldown,
+        state=state,
+        state_key=state_key,
     )
+
+
+STATE_SCHEMES = ("redis", "rediss")
+
+
+def state_url(value, what: str) -> str:
+    """Where a balancer's state lives: ``local`` (this machine's file), or a Redis server's URL
+    (``redis://host:6379/0``, ``rediss://`` for TLS) without a password, which is a stored key's
+    (``state_key``) so that no file holds it."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{what} must be a redis:// URL or local, not {shown(value)}")
+    value = value.strip()
+    if value == "local":
+        return value
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        parts = port = None
+    if parts is None or parts.scheme not in STATE_SCHEMES or not parts.hostname:
+        raise ConfigError(
+            f"{what} must be a Redis URL such as redis://localhost:6379/0 (rediss:// for TLS), "
+            f"or local, not {shown(_without_password(value))}"
+        )
+    if parts.password is not None or "password" in parse_qs(parts.query.lower()):
+        raise ConfigError(
+            f"{what} {shown(_without_password(value))}: a password in the URL is refused, "
+            "because it would be kept in plain text: store it with 'llm keys set NAME' and "
+            "name it with state_key: NAME (llm lb save --state-key NAME)"
+        )
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ConfigError(
+            f"{what} {shown(value)}: the path is the database number (redis://host:6379/0), "
+            f"not {shown(parts.path)}"
+        )
+    if port == 0:
+        raise ConfigError(f"{what} {shown(value)}: port 0 is not a port")
+    return value
+
+
+def _without_password(url: str) -> str:
+    "A URL as it may be shown: a password (after user: and before @) is replaced by ***."
+    url = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def seconds(value, what: str, minimum: float | None = None) -> float:

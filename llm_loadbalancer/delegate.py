@@ -17,7 +17,7 @@ import time
 
 import llm
 
-from . import drive, failures, state
+from . import drive, failures, state, stores
 from .config import Balancer, ConfigError, Member
 from .members import build_options, load_stored_keys
 from .policy import plan
@@ -160,6 +160,7 @@ class Run:
         self.keys = load_stored_keys() if any(m.key for m in self.balancer.members) else {}
         self.debug = _debug_enabled()
         self.use_state = True
+        self.store = stores.for_balancer(self.balancer)
         self.plan = self.ticket = None
         self.cooled = frozenset(range(len(self.balancer.members)))
         for index, problem in lb.missing.items():
@@ -177,7 +178,7 @@ class Run:
         unavailable = frozenset(self.lb.missing)
         now = time.time()
         try:
-            self.plan, self.ticket, self.cooled = state.select(
+            self.plan, self.ticket, self.cooled = self.store.select(
                 self.balancer,
                 conversation=self.conversation_id,
                 tool_turn=bool(self.prompt.tool_results),
@@ -347,7 +348,7 @@ class Run:
         if not self.use_state:
             return None
         try:
-            return state.claim(self.balancer, index)
+            return self.store.claim(self.balancer, index)
         except state.StateUnavailable as ex:
             _warn_state(ex)
             self.use_state = False
@@ -363,7 +364,7 @@ class Run:
         elif attempt.ticket is not None:
             attempt.recorded = True
             try:
-                state.finish(self.balancer, attempt.index, attempt.ticket)
+                self.store.finish(self.balancer, attempt.index, attempt.ticket)
             except state.StateUnavailable:
                 pass
 
@@ -372,7 +373,7 @@ class Run:
         if not self.use_state:
             return
         try:
-            state.record(
+            self.store.record(
                 self.balancer,
                 attempt.index,
                 ticket=attempt.ticket,

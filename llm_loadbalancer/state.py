@@ -592,6 +592,14 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
                     "and total > 0 order by at desc limit ?",
                     [name, index, RECENT],
                 ).fetchall()
+    return shape_stats(balancer, rows, cooling, events, timings, now)
+
+
+def shape_stats(balancer: Balancer, rows, cooling, events, timings, now: float) -> list[dict]:
+    """The statistics of each member as ``stats`` gives them, from what a backend read:
+    ``rows`` {member: (requests, successes, failures, last used, last error, tokens in, tokens
+    out)}, ``cooling`` {member: (until, reason, known)}, ``events`` {member: (requests, token
+    reports)} of the last day, ``timings`` {member: [(first chunk, total)]}, newest first."""
     total = sum(r[0] for r in rows.values())
     result = []
     for index, member in enumerate(balancer.members):

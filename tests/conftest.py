@@ -25,6 +25,15 @@ def user_path(tmp_path, monkeypatch):
     monkeypatch.delenv("LLM_LOADBALANCER_DEBUG", raising=False)
     monkeypatch.delenv("LLM_RAISE_ERRORS", raising=False)
     monkeypatch.setenv("LLM_LOAD_PLUGINS", ",".join(LB_AND_ECHO))
+    monkeypatch.delenv("LLM_LOADBALANCER_STATE", raising=False)
+    monkeypatch.delenv("LLM_LOADBALANCER_STATE_KEY", raising=False)
+    from llm_loadbalancer import stores
+
+    # what one process learns of Redis servers (connections, one found down, warnings given)
+    # is each test's own, as it is each llm command's
+    monkeypatch.setattr(stores, "_connections", {})
+    monkeypatch.setattr(stores, "_down", set())
+    monkeypatch.setattr(stores, "_warned", set())
     return path
 
 
@@ -85,6 +94,39 @@ def llm_process(*args, input=None, env=None, timeout=60, plugins=None):
         env=process_env(plugins, env),
         timeout=timeout,
     )
+
+
+WORKER = """
+import sys, llm
+done = failed = 0
+model = llm.get_model(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    try:
+        model.prompt("hi", stream=False).text()
+        done += 1
+    except Exception as ex:
+        assert "every member is at its limit" in str(ex), str(ex)
+        failed += 1
+print(done, failed)
+"""
+
+
+def run_workers(model_id, processes, prompts, envs=None):
+    """``processes`` processes at once, each sending ``prompts`` prompts to ``model_id`` (with
+    each environment of ``envs`` in turn): [(answered, refused at a limit)] per process."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, model_id, str(prompts)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=process_env(env=(envs or [None])[number % len(envs or [None])]),
+        )
+        for number in range(processes)
+    ]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), results
+    return [tuple(map(int, out.split())) for out, _ in results]
 
 
 @pytest.fixture
@@ -218,3 +260,19 @@ def local_anthropic(user_path, monkeypatch):
     )
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_module_server():
+    from redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_module_server):
+    "A real redis-server on 127.0.0.1, emptied for each test (one per test module)."
+    redis_module_server.client().flushall()
+    return redis_module_server

@@ -6,15 +6,13 @@ server, which counts what reached each key."""
 
 import json
 import re
-import subprocess
-import sys
 import time
 
 import anthropic
 import httpx2
 import openai
 import pytest
-from conftest import invoke, save_lb
+from conftest import invoke, run_workers, save_lb
 
 from llm_loadbalancer import config, limits, state
 from llm_loadbalancer.failures import classify
@@ -233,35 +231,6 @@ def test_max_wait_and_quota_cooldown_are_saved(user_path):
 
 
 # --- through llm's OpenAI plugin and a local server, across processes ------------------------
-
-WORKER = """
-import sys, llm
-done = failed = 0
-model = llm.get_model(sys.argv[1])
-for _ in range(int(sys.argv[2])):
-    try:
-        model.prompt("hi", stream=False).text()
-        done += 1
-    except Exception as ex:
-        assert "every member is at its limit" in str(ex), str(ex)
-        failed += 1
-print(done, failed)
-"""
-
-
-def run_workers(model_id, processes, prompts):
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, model_id, str(prompts)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(processes)
-    ]
-    results = [proc.communicate(timeout=120) for proc in procs]
-    assert all(proc.returncode == 0 for proc in procs), results
-    return [tuple(map(int, out.split())) for out, _ in results]
 
 
 def test_rpm_is_exact_across_eight_processes(local_openai):

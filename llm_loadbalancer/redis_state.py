@@ -1,0 +1,555 @@
+"""The state of balancers kept in a Redis server, shared by every machine that uses it.
+
+The same operations as ``state.py`` (select, claim, finish, record, reset, stats), with the same
+meaning; the choice itself is ``selection.choose``, in Python, for both. A selection is two round
+trips: one script reads everything the choice needs (and the server's clock: every machine
+uses the server's time, so their own clocks need not agree), Python chooses, and a second
+script stores the choice only if nothing changed since the read (its ``version``); when
+something did, another process chose in between, and the selection is made again from a new
+read. Recording an attempt is one script: one round trip.
+
+Every key of a balancer starts with ``llm-lb:<digest>:``, the digest of its name and member
+list: two definitions under one name never share a rotation or a limit. Keys expire after
+KEEP_DAYS without use. redis-py is imported only here, when a balancer uses Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+from .config import MAX_SECONDS, Balancer
+from .limits import WINDOWS
+from .selection import choose, counted_ahead, free_at, in_flight, median_latency, of_kind
+
+CONNECT_TIMEOUT = 0.25  # seconds to connect, at most
+TIMEOUT = 0.5  # seconds for one reply, at most
+KEEP_DAYS = 30  # a balancer's keys expire after this long without use (as ties do in SQLite)
+RECENT = 100  # the timings kept per member (statistics, lowest-latency)
+DAY = 86400
+RETRIES = 100  # selections made again because another process chose in between
+
+# ARGV: prefix, members, conversation or '', want in flight (0/1), want timings (0/1), then
+# for each member with limits: its index, its windows (seconds, comma-separated), tokens (0/1).
+# Returns version, position, cooldowns (flat hash), tie, in flight (flat hash), timings per
+# member, per limited member and window its requests and tokens, the server's time.
+READ = """
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local out = {}
+out[1] = redis.call('GET', p .. 'version') or '0'
+out[2] = redis.call('HGET', p .. 'rotation', 'position') or '0'
+out[3] = redis.call('HGETALL', p .. 'cooldowns')
+out[4] = ''
+if ARGV[3] ~= '' then out[4] = redis.call('HGET', p .. 'ties', ARGV[3]) or '' end
+out[5] = {}
+if ARGV[4] == '1' then out[5] = redis.call('HGETALL', p .. 'flight') end
+local timings = {}
+if ARGV[5] == '1' then
+  for i = 0, tonumber(ARGV[2]) - 1 do
+    timings[#timings + 1] = redis.call('LRANGE', p .. 'timings:' .. i, 0, -1)
+  end
+end
+out[6] = timings
+local totals = {}
+local i = 6
+while i + 2 <= #ARGV do
+  local m, tokens = ARGV[i], ARGV[i + 2] == '1'
+  local newest = 0
+  if tokens then
+    local top = redis.call('ZREVRANGE', p .. 'spent:' .. m, 0, 0)
+    if #top > 0 then newest = tonumber(string.match(top[1], '^(%d+)')) end
+  end
+  for w in string.gmatch(ARGV[i + 1], '[^,]+') do
+    local start = '(' .. string.format('%.6f', now - tonumber(w))
+    totals[#totals + 1] = tostring(redis.call('ZCOUNT', p .. 'requests:' .. m, start, '+inf'))
+    local used = 0
+    if tokens then
+      local first = redis.call('ZRANGEBYSCORE', p .. 'spent:' .. m, start, '+inf', 'LIMIT', 0, 1)
+      if #first > 0 then
+        local cum, spent = string.match(first[1], '^(%d+):(%d+)')
+        used = newest - (tonumber(cum) - tonumber(spent))
+      end
+    end
+    totals[#totals + 1] = string.format('%d', used)
+  end
+  i = i + 3
+end
+out[7] = totals
+out[8] = string.format('%.6f', now)
+return out
+"""
+
+# ARGV: prefix, the version read, new position or '', member to count a request for or '',
+# in flight (0/1), host, pid, time, seconds to keep. Nil when the version changed since the
+# read; otherwise the request's ticket ('' without one).
+COMMIT = """
+local p = ARGV[1]
+if (redis.call('GET', p .. 'version') or '0') ~= ARGV[2] then return nil end
+local keep = tonumber(ARGV[9])
+redis.call('INCR', p .. 'version')
+redis.call('EXPIRE', p .. 'version', keep)
+if ARGV[3] ~= '' then
+  redis.call('HSET', p .. 'rotation', 'position', ARGV[3])
+  redis.call('EXPIRE', p .. 'rotation', keep)
+end
+local ticket = ''
+if ARGV[4] ~= '' then
+  local m, now = ARGV[4], ARGV[8]
+  ticket = tostring(redis.call('INCR', p .. 'ids'))
+  redis.call('EXPIRE', p .. 'ids', keep)
+  local requests = p .. 'requests:' .. m
+  redis.call('ZADD', requests, now, ticket)
+  redis.call('ZREMRANGEBYSCORE', requests, '-inf', string.format('%.6f', tonumber(now) - 86400))
+  redis.call('EXPIRE', requests, keep)
+  if ARGV[5] == '1' then
+    redis.call('HSET', p .. 'flight', ticket, m .. '|' .. ARGV[6] .. '|' .. ARGV[7] .. '|' .. now)
+    redis.call('EXPIRE', p .. 'flight', keep)
+  end
+end
+return ticket
+"""
+
+# ARGV: prefix, member, ticket or '', ok (0/1), error, cooldown, known (0/1), cooled (0/1),
+# conversation or '', tokens in, tokens out, first chunk or '', total or '', streamed (0/1),
+# counts tokens (0/1), time or '' (the server's), seconds to keep, longest cooldown, timings kept
+RECORD = """
+local p, m = ARGV[1], ARGV[2]
+local now = tonumber(ARGV[16])
+if ARGV[16] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local at = string.format('%.6f', now)
+local keep = tonumber(ARGV[17])
+local ok = ARGV[4] == '1'
+local stats = p .. 'stats'
+redis.call('HINCRBY', stats, m .. ':requests', 1)
+if ok then
+  redis.call('HINCRBY', stats, m .. ':successes', 1)
+else
+  redis.call('HINCRBY', stats, m .. ':failures', 1)
+  redis.call('HSET', stats, m .. ':last_error', ARGV[5])
+end
+redis.call('HSET', stats, m .. ':last_used', at)
+redis.call('HINCRBY', stats, m .. ':input_tokens', ARGV[10])
+redis.call('HINCRBY', stats, m .. ':output_tokens', ARGV[11])
+redis.call('EXPIRE', stats, keep)
+local timings = p .. 'timings:' .. m
+redis.call('LPUSH', timings, at .. '|' .. ARGV[12] .. '|' .. ARGV[13] .. '|' .. ARGV[14])
+redis.call('LTRIM', timings, 0, tonumber(ARGV[19]) - 1)
+redis.call('EXPIRE', timings, keep)
+local spent = tonumber(ARGV[10]) + tonumber(ARGV[11])
+if ARGV[15] == '1' and spent > 0 then
+  local key = p .. 'spent:' .. m
+  local top = redis.call('ZREVRANGE', key, 0, 0, 'WITHSCORES')
+  local cum, when = spent, now
+  if #top > 0 then
+    cum = tonumber(string.match(top[1], '^(%d+)')) + spent
+    when = math.max(now, tonumber(top[2]))
+  end
+  redis.call('ZADD', key, string.format('%.6f', when), string.format('%020d:%d', cum, spent))
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.6f', now - 86400))
+  redis.call('EXPIRE', key, keep)
+end
+if ARGV[3] ~= '' then redis.call('HDEL', p .. 'flight', ARGV[3]) end
+local cooldown = tonumber(ARGV[6])
+local cooldowns = p .. 'cooldowns'
+if cooldown > 0 then
+  local row = redis.call('HGET', cooldowns, m)
+  if row then
+    local length = tonumber(string.match(row, '^[^|]*|[^|]*|([^|]*)'))
+    cooldown = math.max(cooldown, 2 * length)
+  end
+  cooldown = math.min(cooldown, tonumber(ARGV[18]))
+  redis.call('HSET', cooldowns, m, string.format('%.6f', now + cooldown) .. '|' .. ARGV[7]
+    .. '|' .. string.format('%.6f', cooldown) .. '|' .. ARGV[5])
+  redis.call('EXPIRE', cooldowns, keep)
+elseif ok and ARGV[8] == '1' then
+  redis.call('HDEL', cooldowns, m)
+end
+if ok and ARGV[9] ~= '' then
+  local ties = p .. 'ties'
+  local first = m
+  local row = redis.call('HGET', ties, ARGV[9])
+  if row then first = string.match(row, '^(%d+)') end
+  redis.call('HSET', ties, ARGV[9], first .. '|' .. m .. '|' .. at)
+  redis.call('EXPIRE', ties, keep)
+end
+redis.call('INCR', p .. 'version')
+redis.call('EXPIRE', p .. 'version', keep)
+return 1
+"""
+
+
+class Unreachable(Exception):
+    "The Redis server cannot be used (down, refused, wrong password, redis-py missing)."
+
+
+def shown_url(url: str) -> str:
+    "The URL with any password replaced by ***, for messages."
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class RedisState:
+    "The state of the balancers that name one Redis server, through one connection."
+
+    def __init__(self, url: str, password: str | None = None):
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise Unreachable(
+                "redis-py is not installed: pip install 'llm-loadbalancer[redis]' "
+                "(or llm install 'llm-loadbalancer[redis]')"
+            ) from None
+        self.url = url
+        self.errors = (redis.exceptions.RedisError, OSError)
+        self.client = redis.Redis.from_url(
+            url,
+            password=password,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=TIMEOUT,
+            retry=Retry(NoBackoff(), 0),  # a server that fails is left for this process
+            decode_responses=True,
+        )
+        self.host = socket.gethostname()
+        self.read = self.client.register_script(READ)
+        self.commit = self.client.register_script(COMMIT)
+        self.recorder = self.client.register_script(RECORD)
+
+    def _call(self, function, *args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except self.errors as ex:
+            raise Unreachable(f"{shown_url(self.url)}: {type(ex).__name__}: {ex}") from ex
+
+    @staticmethod
+    def prefix(balancer: Balancer) -> str:
+        digest = hashlib.sha256(f"{balancer.name}\n{balancer.signature}".encode()).hexdigest()
+        return f"llm-lb:{digest[:24]}:"
+
+    # --- choosing -----------------------------------------------------------------------------
+
+    def _known(self, balancer, conversation="", busy=False, timings=False, only=None):
+        "One read of everything a choice needs (``selection.Known``), and the version read."
+        args = [self.prefix(balancer), len(balancer.members), conversation or "", int(busy)]
+        args.append(int(timings))
+        included = [
+            index
+            for index, member in enumerate(balancer.members)
+            if member.limits and (only is None or index == only)
+        ]
+        for index in included:
+            member = balancer.members[index]
+            windows = ",".join(f"{window:g}" for window in _windows(member))
+            args += [index, windows, int(bool(of_kind(member.limits, "t")))]
+        raw = self._call(self.read, args=args)
+        return _Known(self, balancer, raw, included), raw[0]
+
+    def select(
+        self,
+        balancer: Balancer,
+        *,
+        conversation: str | None = None,
+        tool_turn: bool = False,
+        unavailable: frozenset[int] = frozenset(),
+        stream: bool = True,
+        rng=None,
+        now: float | None = None,
+    ):
+        from .state import Choice
+
+        asks_tie = conversation if conversation and (tool_turn or balancer.sticky) else ""
+        for _ in range(RETRIES):
+            known, version = self._known(
+                balancer,
+                asks_tie,
+                busy=balancer.policy == "least-busy",
+                timings=balancer.policy == "lowest-latency",
+            )
+            at = known.server_now if now is None else now
+            known.now = at
+            if balancer.policy == "lowest-latency":
+                known.latency = known.latencies(stream)
+            result = choose(
+                balancer, known, tool_turn=tool_turn, unavailable=unavailable, rng=rng, now=at
+            )
+            first = result.order[0] if result.order else None
+            counted = first is not None and counted_ahead(balancer, first)
+            ticket = self._commit(
+                balancer,
+                version,
+                position=result.position if result.position != known.position else None,
+                member=first if counted else None,
+                now=at,
+            )
+            if ticket is not None:
+                return Choice(result, ticket or None, known.cooled)
+        raise Unreachable(f"{shown_url(self.url)}: {RETRIES} selections in a row were overtaken")
+
+    def _commit(self, balancer, version, *, position=None, member=None, now):
+        "Store a choice made from the read of ``version``: its ticket ('' without), or None."
+        args = [
+            self.prefix(balancer),
+            version,
+            "" if position is None else position,
+            "" if member is None else member,
+            int(balancer.policy == "least-busy"),
+            self.host,
+            os.getpid(),
+            f"{now:.6f}",
+            KEEP_DAYS * DAY,
+        ]
+        return self._call(self.commit, args=args)
+
+    def claim(self, balancer: Balancer, member: int, now: float | None = None):
+        "As ``state.claim``: the member's ticket when it has room, or None (skip it)."
+        for _ in range(RETRIES):
+            known, version = self._known(balancer, only=member)
+            at = known.server_now if now is None else now
+            known.now = at
+            if member in known.blocked or free_at(balancer, known, member, at) is not None:
+                return None
+            ticket = self._commit(balancer, version, member=member, now=at)
+            if ticket is not None:
+                return ticket
+        raise Unreachable(f"{shown_url(self.url)}: {RETRIES} claims in a row were overtaken")
+
+    # --- recording ----------------------------------------------------------------------------
+
+    def finish(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
+        prefix = self.prefix(balancer)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hdel(prefix + "flight", ticket)
+        pipe.incr(prefix + "version")
+        self._call(pipe.execute)
+
+    def record(
+        self,
+        balancer: Balancer,
+        member: int,
+        *,
+        ticket=None,
+        error: str | None = None,
+        cooldown: float | None = None,
+        known: bool = False,
+        cooled: bool = True,
+        conversation: str | None = None,
+        tokens: tuple[int | None, int | None] = (None, None),
+        first_chunk: float | None = None,
+        total: float | None = None,
+        streamed: bool = True,
+        now: float | None = None,
+    ) -> None:
+        tokens_in, tokens_out = (count or 0 for count in tokens)
+        args = [
+            self.prefix(balancer),
+            member,
+            "" if ticket is None else ticket,
+            int(error is None),
+            error or "",
+            f"{cooldown or 0:.6f}",
+            int(known),
+            int(cooled),
+            conversation or "",
+            tokens_in,
+            tokens_out,
+            "" if first_chunk is None else f"{first_chunk:.6f}",
+            "" if total is None else f"{total:.6f}",
+            int(streamed),
+            int(bool(of_kind(balancer.members[member].limits, "t"))),
+            "" if now is None else f"{now:.6f}",
+            KEEP_DAYS * DAY,
+            f"{MAX_SECONDS:g}",
+            RECENT,
+        ]
+        self._call(self.recorder, args=args)
+
+    def reset(self, balancer: Balancer) -> None:
+        "Forget the rotation, cooldowns, ties, limits and statistics: for every machine."
+        prefix = self.prefix(balancer)
+        keys = [prefix + name for name in ("version", "rotation", "cooldowns", "stats", "ties")]
+        keys += [prefix + "flight", prefix + "ids"]
+        for index in range(len(balancer.members)):
+            keys += [prefix + f"{kind}:{index}" for kind in ("requests", "spent", "timings")]
+        self._call(self.client.delete, *keys)
+
+    # --- looking ------------------------------------------------------------------------------
+
+    def stats(self, balancer: Balancer, now: float | None = None) -> list[dict]:
+        from .state import shape_stats
+
+        prefix = self.prefix(balancer)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.time()
+        pipe.hgetall(prefix + "stats")
+        pipe.hgetall(prefix + "cooldowns")
+        for index in range(len(balancer.members)):
+            pipe.lrange(prefix + f"timings:{index}", 0, -1)
+            pipe.zrangebyscore(prefix + f"requests:{index}", "-inf", "+inf", withscores=True)
+            pipe.zrangebyscore(prefix + f"spent:{index}", "-inf", "+inf", withscores=True)
+        server_time, counters, cooldowns, *per_member = self._call(pipe.execute)
+        now = server_time[0] + server_time[1] / 1e6 if now is None else now
+        rows, cooling, events, timings = {}, {}, {}, {}
+        for index, member in enumerate(balancer.members):
+            got = {
+                name: counters.get(f"{index}:{name}")
+                for name in (
+                    "requests",
+                    "successes",
+                    "failures",
+                    "last_used",
+                    "last_error",
+                    "input_tokens",
+                    "output_tokens",
+                )
+            }
+            if got["requests"] is not None:
+                rows[index] = (
+                    int(got["requests"]),
+                    int(got["successes"] or 0),
+                    int(got["failures"] or 0),
+                    float(got["last_used"]) if got["last_used"] else None,
+                    got["last_error"],
+                    int(got["input_tokens"] or 0),
+                    int(got["output_tokens"] or 0),
+                )
+            row = cooldowns.get(str(index))
+            if row:
+                until, known, _, reason = row.split("|", 3)
+                if float(until) > now:
+                    cooling[index] = (float(until), reason, known == "1")
+            recent, requests, spent = per_member[3 * index : 3 * index + 3]
+            timings[index] = [
+                (timing[1], timing[2]) for timing in map(_timing, recent) if timing[2]
+            ]
+            if member.limits:
+                events[index] = (
+                    [(at, 0) for _, at in requests if at > now - DAY],
+                    [(at, int(entry.split(":")[1])) for entry, at in spent if at > now - DAY],
+                )
+        return shape_stats(balancer, rows, cooling, events, timings, now)
+
+    def check(self) -> dict:
+        "Ping the server: its version and the round trip, in seconds; raises Unreachable."
+        self._call(self.client.ping)  # connects
+        started = time.perf_counter()
+        self._call(self.client.ping)
+        trip = time.perf_counter() - started
+        info = self._call(self.client.info, "server")
+        return {"redis_version": info.get("redis_version"), "round_trip": trip}
+
+    def found(self, balancer: Balancer) -> dict:
+        "What the server holds for this definition of the balancer."
+        prefix = self.prefix(balancer)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.exists(prefix + "version")
+        pipe.hget(prefix + "rotation", "position")
+        pipe.hgetall(prefix + "stats")
+        pipe.hlen(prefix + "cooldowns")
+        exists, position, counters, cooldowns = self._call(pipe.execute)
+        requests = sum(int(v) for k, v in counters.items() if k.endswith(":requests"))
+        return {
+            "prefix": prefix,
+            "known": bool(exists),
+            "position": int(position or 0),
+            "requests": requests,
+            "cooldowns": cooldowns,
+        }
+
+
+def _timing(entry: str):
+    "(at, first chunk, total, streamed) from a stored 'at|first|total|streamed'."
+    at, first, total, streamed = entry.split("|")
+    return (
+        float(at),
+        float(first) if first else None,
+        float(total) if total else None,
+        streamed == "1",
+    )
+
+
+class _Known:
+    "What the server knew at one read (``selection.Known``)."
+
+    def __init__(self, store: RedisState, balancer: Balancer, raw, included: list[int]):
+        _, position, cooldowns, tie, flight, timings, totals, server_now = raw
+        self.store, self.balancer = store, balancer
+        self.position = int(position)
+        self.server_now = float(server_now)
+        self.now = self.server_now
+        self.cooling, self.blocked = {}, {}
+        cooled = set()
+        for index, row in zip(cooldowns[::2], cooldowns[1::2]):
+            until, known, _, _ = row.split("|", 3)
+            cooled.add(int(index))
+            if float(until) > self.server_now:
+                target = self.blocked if known == "1" else self.cooling
+                target[int(index)] = min(float(until), self.server_now + MAX_SECONDS)
+        self.cooled = frozenset(cooled)
+        self.tie = tuple(int(x) for x in tie.split("|")[:2]) if tie else None
+        self.busy = None
+        if balancer.policy == "least-busy":
+            entries = []
+            for value in flight[1::2]:
+                member, host, pid, at = value.split("|")
+                local = host == store.host
+                entries.append((int(member), float(at), (local, int(pid))))
+            self.busy = in_flight(entries, self.server_now, _alive)
+        self.timings = [[_timing(entry) for entry in member] for member in timings]
+        self.latency = None
+        self._totals = {}
+        numbers = iter(int(value) for value in totals)
+        for index in included:
+            windows = _windows(balancer.members[index])
+            self._totals[index] = {window: (next(numbers), next(numbers)) for window in windows}
+
+    def latencies(self, stream: bool) -> dict[int, float]:
+        found = {}
+        for index, timings in enumerate(self.timings):
+            median = median_latency(timings, self.now, stream)
+            if median is not None:
+                found[index] = median
+        return found
+
+    def totals(self, member: int) -> dict[float, tuple[int, int]]:
+        return self._totals[member]
+
+    def events(self, member: int, since: float):
+        prefix = self.store.prefix(self.balancer)
+        pipe = self.store.client.pipeline(transaction=True)
+        pipe.zrangebyscore(prefix + f"requests:{member}", f"({since:.6f}", "+inf", withscores=True)
+        pipe.zrangebyscore(prefix + f"spent:{member}", f"({since:.6f}", "+inf", withscores=True)
+        requests, spent = self.store._call(pipe.execute)
+        return (
+            [(at, 0) for _, at in requests],
+            [(at, int(entry.split(":")[1])) for entry, at in spent],
+        )
+
+
+def _alive(process) -> bool:
+    "A prompt in flight on another machine counts until it is old; on this one, while it runs."
+    local, pid = process
+    if not local:
+        return True
+    from .state import alive
+
+    return alive(pid)
+
+
+def _windows(member) -> list[float]:
+    "The windows of a member's limits, in seconds, shortest first."
+    return sorted({WINDOWS[name] for name in member.limits})

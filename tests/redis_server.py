@@ -1,0 +1,77 @@
+"""A real redis-server on 127.0.0.1 for the tests: a free port, no persistence, stopped
+afterwards; it can be stopped and started again on the same port mid-test."""
+
+import shutil
+import socket
+import subprocess
+import time
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, password: str | None = None):
+        if shutil.which("redis-server") is None:
+            raise RuntimeError(
+                "redis-server is not installed: apt-get install -y redis-server (see README, "
+                "Development)"
+            )
+        self.password = password
+        self.port = _free_port()
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        for _ in range(5):  # another process may take the port between choosing and binding
+            command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+            command += ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
+            if self.password:
+                command += ["--requirepass", self.password]
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            if self._ready():
+                return self
+            self.process.kill()
+            self.process.wait()
+            self.port = _free_port()
+        raise RuntimeError("redis-server did not start")
+
+    def _ready(self) -> bool:
+        "Read its log until it accepts connections (or it exits)."
+        for line in self.process.stdout:
+            if "Ready to accept connections" in line:
+                return True
+        return False
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port, password=self.password, decode_responses=True)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def wait_gone(port: int) -> None:
+    "After stop(): nothing listens on the port (the process has exited, so this is at once)."
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                return
+    raise RuntimeError(f"port {port} still answers")

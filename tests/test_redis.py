@@ -1,0 +1,305 @@
+"""Shared state in a real Redis server (issue 12): several llm user folders ("machines") with
+the same balancer and one redis-server on 127.0.0.1."""
+
+import json
+import subprocess
+import sys
+
+import llm
+import pytest
+
+from conftest import invoke, process_env, run_workers, save_lb, set_keys
+from fake_models import CALLS
+from llm_loadbalancer import config, stores
+from llm_loadbalancer.redis_state import RedisState
+
+PASSWORD = "s3cret-redis-password"
+
+
+@pytest.fixture
+def machines(tmp_path, monkeypatch, redis_server):
+    """Two llm user folders, A and B; ``use(name)`` makes one the folder of this process, as
+    it would be on that machine."""
+    folders = {}
+    for name in ("A", "B"):
+        folders[name] = tmp_path / f"machine-{name}"
+        folders[name].mkdir()
+
+    def use(name):
+        monkeypatch.setenv("LLM_USER_PATH", str(folders[name]))
+        return folders[name]
+
+    use.folders = folders
+    return use
+
+
+def on_both(machines, name, *members, flags=()):
+    "The same balancer saved on both machines."
+    for machine in ("A", "B"):
+        machines(machine)
+        save_lb(name, *members, flags=flags)
+
+
+def members_stats(name):
+    result = invoke("lb", "stats", name, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)[0]["members"]
+
+
+def ask(name):
+    return llm.get_model(f"lb:{name}").prompt("hi").text()
+
+
+def test_the_rotation_continues_from_one_machine_to_the_other(machines, redis_server, fake_models):
+    flags = ("--state", redis_server.url)
+    on_both(machines, "team", "flaky name=a", "flaky name=b", "flaky name=c", flags=flags)
+    answers = []
+    for machine in "ABABAB":
+        machines(machine)
+        answers.append(ask("team"))
+    assert answers == [f"answer from {n}" for n in "abcabc"]
+    # statistics are the server's: both machines see all six prompts
+    for machine in "AB":
+        machines(machine)
+        assert [m["successes"] for m in members_stats("team")] == [2, 2, 2]
+    # and the machines' own state files were never used
+    assert not (machines.folders["A"] / "loadbalancers.db").exists()
+
+
+def run_on_machines(machines, model_id, per_machine, prompts):
+    "Processes on both machines at once, each sending ``prompts``: [(done, failed)]."
+    envs = [{"LLM_USER_PATH": str(machines.folders[machine])} for machine in "AB"]
+    return run_workers(model_id, 2 * per_machine, prompts, envs)
+
+
+def test_weighted_rotation_is_exact_across_two_machines_and_eight_processes(machines, redis_server):
+    on_both(machines, "w", "echo weight=3", "echo", flags=("--state", redis_server.url))
+    assert run_on_machines(machines, "lb:w", 4, 100) == [(100, 0)] * 8
+    stats = members_stats("w")
+    assert [m["requests"] for m in stats] == [600, 200]  # 800 prompts, 3 to 1, exactly
+
+
+def test_a_limit_holds_across_machines(machines, redis_server):
+    flags = ("--state", redis_server.url, "--max-wait", "0")
+    on_both(machines, "capped", "echo rpd=3", "echo rpd=3", flags=flags)
+    counts = run_on_machines(machines, "lb:capped", 3, 4)
+    assert sum(done for done, _ in counts) == 6  # 2 members x 3 a day, from 6 processes
+    assert [m["limits"]["rpd"] for m in members_stats("capped")] == [{"used": 3, "limit": 3}] * 2
+
+
+def test_a_cooldown_set_on_one_machine_is_seen_on_the_other(machines, redis_server, fake_models):
+    flags = ("--state", redis_server.url)
+    on_both(machines, "x", "flaky name=a fail=429:100", "flaky name=b", flags=flags)
+    machines("A")
+    assert ask("x") == "answer from b"  # a failed: 100 s of Retry-After
+    machines("B")
+    CALLS.clear()
+    assert [ask("x") for _ in range(3)] == ["answer from b"] * 3
+    assert CALLS == ["b"] * 3  # B never asked a
+    stats = members_stats("x")
+    assert stats[0]["cooling_down_for"] == "429 rate limited"
+
+
+def test_cooldowns_escalate_and_a_success_resets_them(redis_server):
+    balancer = config.from_dict("esc", {"members": [{"model": "echo"}, {"model": "echo"}]})
+    shared = RedisState(redis_server.url)
+    now = 1_800_000_000.0
+    shared.record(balancer, 0, error="500 server error: x", cooldown=30, now=now)
+    shared.record(balancer, 0, error="500 server error: x", cooldown=30, now=now + 31)
+    until = shared.stats(balancer, now=now + 31)[0]["cooling_down_until"]
+    assert until == pytest.approx(now + 31 + 60)  # failed again right after: twice as long
+    shared.record(balancer, 0, now=now + 100)
+    shared.record(balancer, 0, error="500 server error: x", cooldown=30, now=now + 200)
+    assert shared.stats(balancer, now=now + 200)[0]["cooling_down_until"] == pytest.approx(
+        now + 230
+    )
+
+
+@pytest.mark.parametrize("policy", ["failover", "least-busy", "lowest-latency", "random"])
+def test_every_policy_chooses_through_the_server(machines, redis_server, policy, caplog):
+    on_both(machines, "p", "echo", "echo", flags=("--state", redis_server.url, "--policy", policy))
+    for machine in "ABAB":
+        machines(machine)
+        result = invoke("-m", "lb:p", "hi", env={"LLM_LOADBALANCER_DEBUG": "1"})
+        assert result.exit_code == 0, result.output
+    assert len([m for m in caplog.messages if "chosen:" in m]) == 4
+    assert sum(m["successes"] for m in members_stats("p")) == 4
+    if policy == "failover":
+        assert [m["successes"] for m in members_stats("p")] == [4, 0]
+
+
+def test_different_definitions_of_one_name_never_mix(machines, redis_server):
+    machines("A")
+    save_lb("team", "echo", "echo", flags=("--state", redis_server.url))
+    machines("B")
+    save_lb("team", "echo", "echo", "echo", flags=("--state", redis_server.url))
+    for machine in "ABAB":
+        machines(machine)
+        ask("team")
+    machines("A")
+    assert [m["requests"] for m in members_stats("team")] == [1, 1]
+    assert invoke("lb", "reset", "team").exit_code == 0
+    assert [m["requests"] for m in members_stats("team")] == [0, 0]
+    machines("B")  # A's reset is not B's: B's balancer has other members
+    assert [m["requests"] for m in members_stats("team")] == [1, 1, 0]
+
+
+def test_reset_and_remove_are_for_every_machine(machines, redis_server):
+    on_both(machines, "r", "echo", "echo", flags=("--state", redis_server.url))
+    machines("A")
+    ask("r")
+    machines("B")
+    assert invoke("lb", "reset", "r").exit_code == 0
+    machines("A")
+    assert [m["requests"] for m in members_stats("r")] == [0, 0]
+    ask("r")
+    assert invoke("lb", "remove", "r").exit_code == 0
+    assert redis_server.client().keys("llm-lb:*") == []
+
+
+def test_redis_stopped_mid_run_answers_from_the_local_file(user_path, redis_server):
+    save_lb("down", "echo", "echo", flags=("--state", redis_server.url))
+    assert invoke("-m", "lb:down", "one").exit_code == 0
+    redis_server.stop()
+    try:
+        results = [invoke("-m", "lb:down", text) for text in ("two", "three")]
+        assert [r.exit_code for r in results] == [0, 0]
+        assert '"prompt": "two"' in results[0].stdout
+        warning = results[0].stderr
+        assert warning.startswith("Warning: lb:down: cannot use its Redis state (")
+        assert "Connection refused" in warning and len(warning.splitlines()) == 1
+        assert results[1].stderr == ""  # one warning per process
+        assert (user_path / "loadbalancers.db").exists()
+        # a new llm process tries the server again, warns, and answers
+        proc = subprocess.run(
+            [sys.executable, "-m", "llm", "-m", "lb:down", "four", "--no-log"],
+            capture_output=True,
+            text=True,
+            env=process_env(),
+            timeout=60,
+        )
+        assert proc.returncode == 0 and '"prompt": "four"' in proc.stdout
+        assert "Traceback" not in proc.stderr and "cannot use its Redis state" in proc.stderr
+        assert invoke("lb", "state", "down").exit_code == 1
+    finally:
+        redis_server.start()
+    # once it is back, the next process uses it again (this server keeps nothing on disk, so
+    # it starts afresh: one request, this one)
+    stores._down.clear()
+    stores._connections.clear()
+    assert invoke("-m", "lb:down", "five").stderr == ""
+    assert [m["requests"] for m in members_stats("down")] == [1, 0]
+
+
+def test_a_server_that_never_answers_costs_at_most_its_timeout(user_path):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections, answers nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        save_lb("mute", "echo", "echo", flags=("--state", url))
+        result = invoke("-m", "lb:mute", "hi")
+    assert result.exit_code == 0 and '"prompt": "hi"' in result.stdout
+    assert "cannot use its Redis state" in result.stderr and "Timeout" in result.stderr
+
+
+def test_the_password_comes_from_a_stored_key_and_is_never_shown(user_path):
+    from redis_server import RedisServer
+
+    server = RedisServer(password=PASSWORD).start()
+    try:
+        set_keys(user_path, redispw=PASSWORD)
+        save_lb("pw", "echo", "echo", flags=("--state", server.url, "--state-key", "redispw"))
+        outputs = [invoke("-m", "lb:pw", "hi")]
+        for command in (
+            ("lb", "list"),
+            ("lb", "show", "pw"),
+            ("lb", "stats"),
+            ("lb", "state", "pw"),
+        ):
+            outputs.append(invoke(*command))
+        assert all(r.exit_code == 0 for r in outputs), [r.output for r in outputs]
+        assert "password from key redispw" in outputs[-1].stdout
+        assert server.client().keys("llm-lb:*")  # the state is in the server
+        set_keys(user_path, redispw="wrong")  # a wrong password: warned, answered locally
+        stores._connections.clear()
+        outputs.append(invoke("-m", "lb:pw", "hi"))
+        assert outputs[-1].exit_code == 0 and "cannot use its Redis state" in outputs[-1].stderr
+        for result in outputs:
+            assert PASSWORD not in result.output and "wrong" not in result.stderr
+        assert PASSWORD not in (user_path / "loadbalancers" / "pw.yaml").read_text()
+    finally:
+        server.stop()
+
+
+def test_a_url_with_a_password_is_refused_everywhere(user_path, redis_server):
+    url = f"redis://:{PASSWORD}@127.0.0.1:{redis_server.port}/0"
+    result = invoke("lb", "save", "x", "echo", "echo", "--state", url)
+    assert result.exit_code == 1
+    assert "a password in the URL is refused" in result.output
+    assert PASSWORD not in result.output and "llm keys set" in result.output
+    # in a file
+    (user_path / "loadbalancers").mkdir(exist_ok=True)
+    (user_path / "loadbalancers" / "y.yaml").write_text(
+        f"state: {url}\nmembers:\n- model: echo\n- model: echo\n"
+    )
+    listed = invoke("lb", "list")
+    assert "a password in the URL is refused" in listed.output and PASSWORD not in listed.output
+    prompt = invoke("-m", "lb:y", "hi")
+    assert prompt.exit_code == 1 and PASSWORD not in prompt.output
+    # in the environment: warned, and the prompt answered from the local file
+    save_lb("z", "echo", "echo")
+    result = invoke("-m", "lb:z", "hi", env={"LLM_LOADBALANCER_STATE": url})
+    assert result.exit_code == 0
+    assert "LLM_LOADBALANCER_STATE" in result.stderr and "refused" in result.stderr
+    assert PASSWORD not in result.output
+
+
+def test_the_environment_variable_names_the_server_for_every_balancer(user_path, redis_server):
+    save_lb("e", "echo", "echo")
+    env = {"LLM_LOADBALANCER_STATE": redis_server.url}
+    assert invoke("-m", "lb:e", "hi", env=env).exit_code == 0
+    listed = invoke("lb", "list", env=env).stdout
+    assert f"state: Redis at {redis_server.url} (from LLM_LOADBALANCER_STATE)" in listed
+    assert redis_server.client().keys("llm-lb:*")
+    # state: local in the file keeps a balancer on this machine
+    save_lb("here", "echo", "echo", flags=("--state", "local"))
+    before = set(redis_server.client().keys("llm-lb:*"))
+    assert invoke("-m", "lb:here", "hi", env=env).exit_code == 0
+    assert set(redis_server.client().keys("llm-lb:*")) == before
+
+
+def test_lb_state_reports_the_server_and_what_it_holds(user_path, redis_server):
+    save_lb("s", "echo", "echo", flags=("--state", redis_server.url))
+    save_lb("l", "echo", "echo")
+    result = invoke("lb", "state", "s")
+    assert result.exit_code == 0
+    assert "nothing stored yet" in result.stdout and "reachable: Redis" in result.stdout
+    ask("s")
+    report = json.loads(invoke("lb", "state", "s", "--json").stdout)
+    assert (report["known"], report["requests"], report["position"]) == (True, 1, 1)
+    assert invoke("lb", "state", "l").stdout.startswith("lb:l: this machine's state file")
+    stats = invoke("lb", "stats", "s").stdout
+    assert stats.startswith(f"lb:s  (state: Redis at {redis_server.url})")
+
+
+def test_a_tool_turn_goes_back_to_the_member_that_made_the_calls(machines, redis_server):
+    "Conversation ties are in the server: a sticky conversation keeps its member."
+    on_both(machines, "st", "echo", "echo", flags=("--state", redis_server.url, "--sticky"))
+    machines("A")
+    model = llm.get_model("lb:st")
+    conversation = model.conversation()
+    conversation.prompt("one").text()
+    ask("st")  # another prompt moves the rotation on
+    conversation.prompt("two").text()
+    assert [m["requests"] for m in members_stats("st")] == [2, 1]
+
+
+def test_redis_py_is_not_imported_by_llm_when_no_balancer_uses_it(user_path):
+    save_lb("plain", "echo", "echo")
+    code = "import sys, llm; llm.get_model('lb:plain').prompt('hi').text(); print('redis' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=process_env(), timeout=60
+    )
+    assert out.stdout.strip() == "False", out.stderr
