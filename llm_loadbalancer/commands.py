@@ -15,8 +15,15 @@ import llm
 from click_default_group import DefaultGroup
 
 from . import config, state
-from .config import Balancer, ConfigError
-from .members import Catalog, check_balancer, check_saved, load_stored_keys, typed_options
+from .config import CHAT, EMBEDDING, Balancer, ConfigError
+from .members import (
+    Catalog,
+    check_balancer,
+    check_saved,
+    load_stored_keys,
+    model_of,
+    typed_options,
+)
 
 
 def _fail(ex: Exception):
@@ -137,6 +144,12 @@ def lb():
     metavar="SECONDS",
     help="Skip a member whose quota is exhausted for this long (default: 3600)",
 )
+@click.option(
+    "--embedding",
+    is_flag=True,
+    help="The members are embedding models (one model, several keys): lb:NAME is an "
+    "embedding model, for llm embed and llm embed-multi",
+)
 @click.option("--force", is_flag=True, help="Replace an existing load balancer")
 def lb_save(
     name,
@@ -149,6 +162,7 @@ def lb_save(
     timeout,
     max_wait,
     quota_cooldown,
+    embedding,
     force,
 ):
     """
@@ -167,18 +181,20 @@ def lb_save(
         llm lb save free 'gemini-2.5-flash key=a rpm=10' 'gemini-2.5-flash key=b rpm=10 weight=2'
         llm lb save team --file team.yaml
         llm lb save pick          # on a terminal: choose members from a numbered list
+        llm lb save docs --embedding '3-small key=work' '3-small key=personal'
     """
     _name(name)
     if file_ is not None and members:
         raise click.ClickException("give members on the command line or --file, not both")
-    catalog = Catalog.installed()
+    kind = EMBEDDING if embedding else None  # None: the file's kind, or chat
+    catalog = Catalog.installed(kind or CHAT)
     try:
         if file_ is not None:
             balancer = config.parse(name, _read_file(file_))
             if len(balancer.members) < 2:
                 raise ConfigError("a load balancer needs at least 2 members")
         else:
-            specs = members or _ask_members()
+            specs = members or _ask_members(catalog)
             parsed = [typed_options(config.parse_member_spec(spec), catalog) for spec in specs]
             if len(parsed) < 2:
                 raise ConfigError(
@@ -188,6 +204,7 @@ def lb_save(
             balancer = config.from_dict(name, {"members": [m.to_dict() for m in parsed]})
         balancer = _with_flags(
             balancer,
+            kind=kind,
             policy=policy,
             sticky=sticky,
             failover=failover,
@@ -196,12 +213,13 @@ def lb_save(
             max_wait=max_wait,
             quota_cooldown=quota_cooldown,
         )
-        check_balancer(balancer, catalog)
+        found = check_balancer(balancer, catalog)
+        path = config.path_for(name)
+        if path.exists() and not force:
+            raise click.ClickException(f"lb:{name} already exists: add --force to replace it")
+        _same_model_as_before(balancer, found)
     except ConfigError as ex:
         _fail(ex)
-    path = config.path_for(name)
-    if path.exists() and not force:
-        raise click.ClickException(f"lb:{name} already exists: add --force to replace it")
     config.write(balancer)
     click.echo(
         f"Saved load balancer lb:{name} with {_count(len(balancer.members), 'member')}", err=True
@@ -209,7 +227,28 @@ def lb_save(
 
 
 def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+    return f"{number} {noun}{'' if number == 1 else 'es' if noun.endswith('ch') else 's'}"
+
+
+def _same_model_as_before(balancer: Balancer, found) -> None:
+    """An embedding balancer saved again keeps its model: the collections made with lb:NAME
+    hold that model's vectors, and another model's cannot be compared with them."""
+    if balancer.kind != EMBEDDING or not config.path_for(balancer.name).exists():
+        return
+    try:
+        old = config.load(balancer.name)
+        if old.kind != EMBEDDING:
+            return
+        before = model_of(check_balancer(old, Catalog.installed(EMBEDDING))[0]).model_id
+    except ConfigError:  # a broken file, or one whose model is gone: nothing to compare with
+        return
+    now = model_of(found[0]).model_id
+    if now != before:
+        raise ConfigError(
+            f"lb:{balancer.name} embeds with {before}, and the collections made with it hold "
+            f"its vectors, which vectors of {now} cannot be compared with: save {now} under "
+            f"another name, or remove lb:{balancer.name} first (llm lb remove {balancer.name})"
+        )
 
 
 def _read_file(file_: str) -> str:
@@ -243,20 +282,20 @@ def _stdin_is_terminal() -> bool:
     return sys.stdin.isatty()
 
 
-def _ask_members() -> list[str]:
-    "On a terminal, choose members from the installed models."
+def _ask_members(catalog: Catalog) -> list[str]:
+    "On a terminal, choose members from the installed models (of the catalog's kind)."
     if not _stdin_is_terminal():
         raise ConfigError(
             "no members given: name at least 2 models (llm lb save NAME MODEL MODEL), "
             "or use --file; choosing from a list needs a terminal"
         )
-    import llm
-
-    ids = [
-        mwa.model.model_id
-        for mwa in llm.get_models_with_aliases()
-        if mwa.model and not mwa.model.model_id.startswith(config.PREFIX)
-    ]
+    ids = list(
+        dict.fromkeys(
+            mwa.model.model_id
+            for mwa in catalog.by_name.values()
+            if mwa.model and not mwa.model.model_id.startswith(config.PREFIX)
+        )
+    )
     for number, model_id in enumerate(ids, 1):
         click.echo(f"{number:>3}. {model_id}", err=True)
     answer = click.prompt(
@@ -293,7 +332,7 @@ def _printed_json_or_nothing(rows: list, json_: bool) -> bool:
 
 
 def _summary(balancer: Balancer) -> dict:
-    data = {"name": balancer.name, "model_id": balancer.model_id}
+    data = {"name": balancer.name, "model_id": balancer.model_id, "kind": balancer.kind}
     data.update(balancer.to_dict())
     return data
 
@@ -333,7 +372,8 @@ def lb_list(json_):
             click.echo(f"{row['model_id']:<{width}}  error: {row['error']}")
             continue
         labels = ", ".join(member.label() for member in balancer.members)
-        click.echo(f"{row['model_id']:<{width}}  {balancer.policy}  {labels}")
+        kind = "embeddings, " if balancer.kind == EMBEDDING else ""
+        click.echo(f"{row['model_id']:<{width}}  {kind}{balancer.policy}  {labels}")
         for warning in row.get("warnings", ()):
             click.echo(f"{'':<{width}}  warning: {warning}")
 
@@ -474,7 +514,7 @@ def _edit_in_editor(name: str, text: str) -> str | None:
             return None
         try:
             balancer = config.parse(name, edited)
-            check_balancer(balancer, Catalog.installed())
+            _same_model_as_before(balancer, check_balancer(balancer, Catalog.installed()))
             config.write_text(name, edited)
         except (ConfigError, OSError) as ex:
             problem = _os_problem(ex) if isinstance(ex, OSError) else str(ex)
@@ -520,6 +560,8 @@ def lb_stats(name, json_):
     """
     Requests, successes, failures and cooldowns per member
 
+    For an embedding balancer, each request is one batch.
+
     \b
     Examples:
         llm lb stats
@@ -541,7 +583,14 @@ def lb_stats(name, json_):
             raise click.ClickException(f"cannot read statistics: {ex}")
         for member, row in zip(balancer.members, members):
             row["label"] = member.label(keys)
-        result.append({"name": each, "model_id": balancer.model_id, "members": members})
+        result.append(
+            {
+                "name": each,
+                "model_id": balancer.model_id,
+                "kind": balancer.kind,
+                "members": members,
+            }
+        )
     if _printed_json_or_nothing(result, json_):
         return
     for number, entry in enumerate(result):
@@ -549,7 +598,7 @@ def lb_stats(name, json_):
             click.echo()
         click.echo(entry["model_id"])
         for member in entry["members"]:
-            click.echo(_stats_line(member))
+            click.echo(_stats_line(member, entry["kind"]))
 
 
 def _when(timestamp) -> str:
@@ -568,15 +617,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def _stats_line(member: dict) -> str:
-    "A member's statistics: a line with its share of traffic as a bar, then its details."
+def _stats_line(member: dict, kind: str = CHAT) -> str:
+    """A member's statistics: a line with its share of traffic as a bar, then its details. An
+    embedding balancer's requests are batches, and its members report no tokens."""
     filled = round(member["share"] * BAR)
+    counts = f"{member['successes']} ok, {member['failures']} failed"
+    if kind == EMBEDDING:
+        counts = f"{_count(member['requests'], 'batch')}, {counts}"
+    else:
+        counts = (
+            f"{_count(member['requests'], 'request')}, {counts}; tokens "
+            f"{member['input_tokens']:,} in, {member['output_tokens']:,} out"
+        )
     lines = [
         f"  {member['member']}. {member['label']}  {'█' * filled}{'·' * (BAR - filled)} "
         f"{member['share']:.0%} of traffic",
-        f"{_count(member['requests'], 'request')}, {member['successes']} ok, "
-        f"{member['failures']} failed; tokens {member['input_tokens']:,} in, "
-        f"{member['output_tokens']:,} out; last used {_when(member['last_used'])}",
+        f"{counts}; last used {_when(member['last_used'])}",
     ]
     timings = [
         f"{what} median {_duration(spread['median'])}, p95 {_duration(spread['p95'])}"
