@@ -1,5 +1,5 @@
 """llm-loadbalancer: one ``lb:NAME`` model that spreads prompts over several models, keys
-and option sets.
+and option sets, or (``kind: embedding``) one embedding model that spreads batches over keys.
 
 Every ``llm`` command imports this module and calls both hooks, so they stay cheap: the
 modules that do the work are imported only when there are balancers to register or when
@@ -15,6 +15,13 @@ def register_models(register, model_aliases):
     from .registration import register_balancers
 
     register_balancers(register, model_aliases)
+
+
+@llm.hookimpl
+def register_embedding_models(register):
+    from .registration import register_embedding_balancers
+
+    register_embedding_balancers(register)
 
 
 class _LazyGroup(click.Command):

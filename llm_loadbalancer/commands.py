@@ -16,8 +16,15 @@ import llm
 from click_default_group import DefaultGroup
 
 from . import config, state, stores
-from .config import Balancer, ConfigError
-from .members import Catalog, check_balancer, check_saved, load_stored_keys, typed_options
+from .config import CHAT, EMBEDDING, Balancer, ConfigError
+from .members import (
+    Catalog,
+    check_balancer,
+    check_saved,
+    load_stored_keys,
+    model_of,
+    typed_options,
+)
 
 
 def _fail(ex: Exception):
@@ -149,6 +156,12 @@ def lb():
     metavar="NAME",
     help="The stored key (llm keys set NAME) holding the Redis server's password",
 )
+@click.option(
+    "--embedding",
+    is_flag=True,
+    help="The members are embedding models (one model, several keys): lb:NAME is an "
+    "embedding model, for llm embed and llm embed-multi",
+)
 @click.option("--force", is_flag=True, help="Replace an existing load balancer")
 def lb_save(
     name,
@@ -163,6 +176,7 @@ def lb_save(
     quota_cooldown,
     state,
     state_key,
+    embedding,
     force,
 ):
     """
@@ -181,18 +195,20 @@ def lb_save(
         llm lb save free 'gemini-2.5-flash key=a rpm=10' 'gemini-2.5-flash key=b rpm=10 weight=2'
         llm lb save team --file team.yaml
         llm lb save pick          # on a terminal: choose members from a numbered list
+        llm lb save docs --embedding '3-small key=work' '3-small key=personal'
     """
     _name(name)
     if file_ is not None and members:
         raise click.ClickException("give members on the command line or --file, not both")
-    catalog = Catalog.installed()
+    kind = EMBEDDING if embedding else None  # None: the file's kind, or chat
+    catalog = Catalog.installed(kind or CHAT)
     try:
         if file_ is not None:
             balancer = config.parse(name, _read_file(file_))
             if len(balancer.members) < 2:
                 raise ConfigError("a load balancer needs at least 2 members")
         else:
-            specs = members or _ask_members()
+            specs = members or _ask_members(catalog)
             parsed = [typed_options(config.parse_member_spec(spec), catalog) for spec in specs]
             if len(parsed) < 2:
                 raise ConfigError(
@@ -202,6 +218,7 @@ def lb_save(
             balancer = config.from_dict(name, {"members": [m.to_dict() for m in parsed]})
         balancer = _with_flags(
             balancer,
+            kind=kind,
             policy=policy,
             sticky=sticky,
             failover=failover,
@@ -212,13 +229,14 @@ def lb_save(
             state=state,
             state_key=state_key,
         )
-        check_balancer(balancer, catalog)
+        found = check_balancer(balancer, catalog)
+        path = config.path_for(name)
+        if path.exists() and not force:
+            raise click.ClickException(f"lb:{name} already exists: add --force to replace it")
+        _same_model_as_before(balancer, found)
         _check_state(balancer)
     except ConfigError as ex:
         _fail(ex)
-    path = config.path_for(name)
-    if path.exists() and not force:
-        raise click.ClickException(f"lb:{name} already exists: add --force to replace it")
     config.write(balancer)
     click.echo(
         f"Saved load balancer lb:{name} with {_count(len(balancer.members), 'member')}", err=True
@@ -242,7 +260,28 @@ def _check_state(balancer: Balancer) -> None:
 
 
 def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+    return f"{number} {noun}{'' if number == 1 else 'es' if noun.endswith('ch') else 's'}"
+
+
+def _same_model_as_before(balancer: Balancer, found) -> None:
+    """An embedding balancer saved again keeps its model: the collections made with lb:NAME
+    hold that model's vectors, and another model's cannot be compared with them."""
+    if balancer.kind != EMBEDDING or not config.path_for(balancer.name).exists():
+        return
+    try:
+        old = config.load(balancer.name)
+        if old.kind != EMBEDDING:
+            return
+        before = model_of(check_balancer(old, Catalog.installed(EMBEDDING))[0]).model_id
+    except ConfigError:  # a broken file, or one whose model is gone: nothing to compare with
+        return
+    now = model_of(found[0]).model_id
+    if now != before:
+        raise ConfigError(
+            f"lb:{balancer.name} embeds with {before}, and the collections made with it hold "
+            f"its vectors, which vectors of {now} cannot be compared with: save {now} under "
+            f"another name, or remove lb:{balancer.name} first (llm lb remove {balancer.name})"
+        )
 
 
 def _read_file(file_: str) -> str:
@@ -276,20 +315,20 @@ def _stdin_is_terminal() -> bool:
     return sys.stdin.isatty()
 
 
-def _ask_members() -> list[str]:
-    "On a terminal, choose members from the installed models."
+def _ask_members(catalog: Catalog) -> list[str]:
+    "On a terminal, choose members from the installed models (of the catalog's kind)."
     if not _stdin_is_terminal():
         raise ConfigError(
             "no members given: name at least 2 models (llm lb save NAME MODEL MODEL), "
             "or use --file; choosing from a list needs a terminal"
         )
-    import llm
-
-    ids = [
-        mwa.model.model_id
-        for mwa in llm.get_models_with_aliases()
-        if mwa.model and not mwa.model.model_id.startswith(config.PREFIX)
-    ]
+    ids = list(
+        dict.fromkeys(
+            mwa.model.model_id
+            for mwa in catalog.by_name.values()
+            if mwa.model and not mwa.model.model_id.startswith(config.PREFIX)
+        )
+    )
     for number, model_id in enumerate(ids, 1):
         click.echo(f"{number:>3}. {model_id}", err=True)
     answer = click.prompt(
@@ -326,7 +365,7 @@ def _printed_json_or_nothing(rows: list, json_: bool) -> bool:
 
 
 def _summary(balancer: Balancer) -> dict:
-    data = {"name": balancer.name, "model_id": balancer.model_id}
+    data = {"name": balancer.name, "model_id": balancer.model_id, "kind": balancer.kind}
     data.update(balancer.to_dict())
     data["state_lives"] = stores.describe(balancer)
     return data
@@ -367,7 +406,8 @@ def lb_list(json_):
             click.echo(f"{row['model_id']:<{width}}  error: {row['error']}")
             continue
         labels = ", ".join(member.label() for member in balancer.members)
-        click.echo(f"{row['model_id']:<{width}}  {balancer.policy}  {labels}")
+        kind = "embeddings, " if balancer.kind == EMBEDDING else ""
+        click.echo(f"{row['model_id']:<{width}}  {kind}{balancer.policy}  {labels}")
         if stores.location(balancer)[0] is not None:
             click.echo(f"{'':<{width}}  state: {stores.describe(balancer)}")
         for warning in row.get("warnings", ()):
@@ -519,7 +559,7 @@ def _edit_in_editor(name: str, text: str) -> str | None:
             return None
         try:
             balancer = config.parse(name, edited)
-            check_balancer(balancer, Catalog.installed())
+            _same_model_as_before(balancer, check_balancer(balancer, Catalog.installed()))
             config.write_text(name, edited)
         except (ConfigError, OSError) as ex:
             problem = _os_problem(ex) if isinstance(ex, OSError) else str(ex)
@@ -636,6 +676,8 @@ def lb_stats(name, json_):
     """
     Requests, successes, failures and cooldowns per member
 
+    For an embedding balancer, each request is one batch.
+
     \b
     Examples:
         llm lb stats
@@ -665,6 +707,7 @@ def lb_stats(name, json_):
             {
                 "name": each,
                 "model_id": balancer.model_id,
+                "kind": balancer.kind,
                 "state": stores.describe(balancer),
                 "members": members,
             }
@@ -677,7 +720,7 @@ def lb_stats(name, json_):
         shared = entry["state"] != stores.LOCAL
         click.echo(entry["model_id"] + (f"  (state: {entry['state']})" if shared else ""))
         for member in entry["members"]:
-            click.echo(_stats_line(member))
+            click.echo(_stats_line(member, entry["kind"]))
 
 
 def _when(timestamp) -> str:
@@ -696,15 +739,24 @@ def _duration(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def _stats_line(member: dict) -> str:
-    "A member's statistics: a line with its share of traffic as a bar, then its details."
+def _stats_line(member: dict, kind: str = CHAT) -> str:
+    """A member's statistics: a line with its share of traffic as a bar, then its details. An
+    embedding balancer's requests are batches, and its members report no tokens."""
     filled = round(member["share"] * BAR)
+    counts = f"{member['successes']} ok, {member['failures']} failed"
+    if kind == EMBEDDING:
+        counts = (
+            f"{_count(member['requests'], 'batch')} ({_count(member['items'], 'item')}), {counts}"
+        )
+    else:
+        counts = (
+            f"{_count(member['requests'], 'request')}, {counts}; tokens "
+            f"{member['input_tokens']:,} in, {member['output_tokens']:,} out"
+        )
     lines = [
         f"  {member['member']}. {member['label']}  {'█' * filled}{'·' * (BAR - filled)} "
         f"{member['share']:.0%} of traffic",
-        f"{_count(member['requests'], 'request')}, {member['successes']} ok, "
-        f"{member['failures']} failed; tokens {member['input_tokens']:,} in, "
-        f"{member['output_tokens']:,} out; last used {_when(member['last_used'])}",
+        f"{counts}; last used {_when(member['last_used'])}",
     ]
     timings = [
         f"{what} median {_duration(spread['median'])}, p95 {_duration(spread['p95'])}"

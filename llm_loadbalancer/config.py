@@ -32,7 +32,10 @@ MAX_SECONDS = 86400.0  # the longest cooldown (from any source) and timeout: one
 SHOWN_CHARS = 60  # a value quoted back in a message is cut to this
 DEFAULT_MAX_WAIT = 30.0
 DEFAULT_QUOTA_COOLDOWN = 3600.0
+CHAT, EMBEDDING = "chat", "embedding"
+KINDS = (CHAT, EMBEDDING)  # what lb:NAME is: a chat model, or an embedding model
 TOP_FIELDS = (
+    "kind",
     "policy",
     "members",
     "sticky",
@@ -54,7 +57,12 @@ PREFIX = "lb:"
 
 
 class ConfigError(ValueError):
-    "A balancer definition or name that cannot be used; the message is one line for the user."
+    """A balancer definition or name that cannot be used; the message is one line for the user.
+    ``kind``: the kind of balancer a broken definition declares, where that is known."""
+
+    def __init__(self, message: str = "", kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,7 @@ class Balancer:
     quota_cooldown: float = DEFAULT_QUOTA_COOLDOWN  # after "quota exhausted"
     state: str | None = None  # where its state lives: a redis:// URL, or "local"; None: default
     state_key: str | None = None  # the stored key holding the Redis password
+    kind: str = CHAT
 
     @property
     def model_id(self) -> str:
@@ -130,7 +139,8 @@ class Balancer:
 
     def to_dict(self) -> dict:
         "The file form: defaults are left out so that files stay short."
-        data: dict = {"policy": self.policy}
+        data: dict = {} if self.kind == CHAT else {"kind": self.kind}
+        data["policy"] = self.policy
         if self.sticky:
             data["sticky"] = True
         if not self.failover:
@@ -360,6 +370,11 @@ def from_dict(name: str, data) -> Balancer:
             f"a load balancer definition is a mapping with 'policy' and 'members', not {kind(data)}"
         )
     _unknown("", data, TOP_FIELDS)
+    balancer_kind = data.get("kind", CHAT)
+    if balancer_kind not in KINDS:
+        raise ConfigError(
+            f"unknown kind {shown(balancer_kind)}: use chat (the default) or embedding"
+        )
     policy = data.get("policy", DEFAULT_POLICY)
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {shown(policy)}: use one of {', '.join(POLICIES)}")
@@ -387,6 +402,8 @@ def from_dict(name: str, data) -> Balancer:
     if len(raw_members) > MAX_MEMBERS:
         raise ConfigError(f"{len(raw_members)} members: a load balancer has at most {MAX_MEMBERS}")
     members = tuple(_member(i, raw) for i, raw in enumerate(raw_members, 1))
+    if balancer_kind == EMBEDDING:
+        _check_embedding(sticky, members)
     return Balancer(
         name=name,
         members=members,
@@ -399,6 +416,7 @@ def from_dict(name: str, data) -> Balancer:
         quota_cooldown=quota_cooldown,
         state=state,
         state_key=state_key,
+        kind=balancer_kind,
     )
 
 
@@ -447,6 +465,36 @@ def _without_password(url: str) -> str:
     "A URL as it may be shown: a password (after user: and before @) is replaced by ***."
     url = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
     return re.sub(r"(password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+
+
+def _check_embedding(sticky: bool, members: tuple[Member, ...]) -> None:
+    "What an embedding balancer cannot have: conversations, options, token limits."
+    if sticky:
+        raise ConfigError(
+            "sticky keeps a conversation on one member, and an embedding balancer has no "
+            "conversations: remove sticky"
+        )
+    for position, member in enumerate(members, 1):
+        where = f"member {position} ({member.model})"
+        if member.options:
+            raise ConfigError(
+                f"{where}: embedding models take no options in llm (a model's dimensions are "
+                f"part of its id, e.g. text-embedding-3-small-512): remove "
+                f"{', '.join(cut(name, 30) for name in member.options)}"
+            )
+        token_limits = [name for name in ("tpm", "tpd") if getattr(member, name)]
+        if token_limits:
+            raise ConfigError(
+                f"{where}: {' and '.join(token_limits)}: embedding models do not tell llm how "
+                "many tokens they used, so a token limit cannot be kept; limit requests "
+                "(one per batch) with rpm or rpd"
+            )
+
+
+def declared_kind(data) -> str | None:
+    "The kind a definition declares (chat when it does not say), or None when that is unclear."
+    value = data.get("kind", CHAT) if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value in KINDS else None
 
 
 def seconds(value, what: str, minimum: float | None = None) -> float:
@@ -513,8 +561,13 @@ def _member(position: int, raw) -> Member:
 
 
 def parse(name: str, text: str) -> Balancer:
-    "Parse a YAML (or JSON) definition."
-    return from_dict(name, load_yaml(text))
+    "Parse a YAML (or JSON) definition; an error says which kind it declares, where it does."
+    data = load_yaml(text)
+    try:
+        return from_dict(name, data)
+    except ConfigError as ex:
+        ex.kind = declared_kind(data)
+        raise
 
 
 def load_yaml(text: str):
@@ -606,7 +659,7 @@ def load(name: str, path: Path | None = None) -> Balancer:
             ) from None
         return parse(name, text)
     except ConfigError as ex:
-        raise ConfigError(f"{path}: {ex}") from None
+        raise ConfigError(f"{path}: {ex}", ex.kind) from None
 
 
 def dump(balancer: Balancer) -> str:

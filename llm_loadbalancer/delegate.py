@@ -87,13 +87,11 @@ class Attempt:
         self.index = index
         self.member: Member = run.balancer.members[index]
         self.model = run.member_model(index)
-        self.prompt = copy.copy(run.prompt)
-        self.prompt.model = self.model
-        self.prompt.options = run.member_options(self, self.model)
         self.secret = None
         self.ticket: int | None = None  # its request, recorded when it was chosen
         self.recorded = False
         self.streamed = True
+        self.prepare()
         self.started = time.monotonic()
         self.first_chunk: float | None = None  # when its first chunk came
 
@@ -101,6 +99,12 @@ class Attempt:
     def label(self) -> str:
         "How messages name it: ``member 2 (gpt-4o-mini, key: work)``."
         return self.member.describe(self.index + 1, self.run.keys)
+
+    def prepare(self) -> None:
+        "The member's own copy of the prompt, with its model and its options."
+        self.prompt = copy.copy(self.run.prompt)
+        self.prompt.model = self.model
+        self.prompt.options = self.run.member_options(self, self.model)
 
     def timings(self) -> dict:
         "Seconds from its start to its first chunk (None without one) and to now."
@@ -144,7 +148,10 @@ class Attempt:
 class Run:
     """The decisions for one prompt to a balancer, shared by the sync and async models, which
     drive it: ``wait()`` until it returns None (sleeping what it says), then each of
-    ``attempts()``, reporting ``failed`` or ``succeeded``."""
+    ``attempts()``, reporting ``failed`` or ``succeeded``. ``batch.py`` drives it for a batch
+    of an embedding balancer, with no prompt and attempts of its own."""
+
+    attempt_class = Attempt
 
     def __init__(self, lb, prompt, conversation, key, stream=True):
         if lb.problem:
@@ -181,7 +188,7 @@ class Run:
             self.plan, self.ticket, self.cooled = self.store.select(
                 self.balancer,
                 conversation=self.conversation_id,
-                tool_turn=bool(self.prompt.tool_results),
+                tool_turn=bool(self.prompt and self.prompt.tool_results),
                 unavailable=unavailable,
                 stream=self.stream,
                 rng=RNG,
@@ -229,7 +236,7 @@ class Run:
             if number and ahead and ticket is None and self.use_state:
                 at_limit.append(index)
                 continue
-            attempt = Attempt(self, index)
+            attempt = self.attempt_class(self, index)
             attempt.ticket = ticket
             if self.debug:
                 key = f"key: {attempt.member.key}" if attempt.member.key else "no key of its own"

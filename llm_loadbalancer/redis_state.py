@@ -116,7 +116,8 @@ return ticket
 
 # ARGV: prefix, member, ticket or '', ok (0/1), error, cooldown, known (0/1), cooled (0/1),
 # conversation or '', tokens in, tokens out, first chunk or '', total or '', streamed (0/1),
-# counts tokens (0/1), time or '' (the server's), seconds to keep, longest cooldown, timings kept
+# counts tokens (0/1), time or '' (the server's), seconds to keep, longest cooldown, timings kept,
+# items (of an embedding batch)
 RECORD = """
 local p, m = ARGV[1], ARGV[2]
 local now = tonumber(ARGV[16])
@@ -138,6 +139,7 @@ end
 redis.call('HSET', stats, m .. ':last_used', at)
 redis.call('HINCRBY', stats, m .. ':input_tokens', ARGV[10])
 redis.call('HINCRBY', stats, m .. ':output_tokens', ARGV[11])
+redis.call('HINCRBY', stats, m .. ':items', ARGV[20])
 redis.call('EXPIRE', stats, keep)
 local timings = p .. 'timings:' .. m
 redis.call('LPUSH', timings, at .. '|' .. ARGV[12] .. '|' .. ARGV[13] .. '|' .. ARGV[14])
@@ -352,6 +354,7 @@ class RedisState:
         first_chunk: float | None = None,
         total: float | None = None,
         streamed: bool = True,
+        items: int = 0,
         now: float | None = None,
     ) -> None:
         tokens_in, tokens_out = (count or 0 for count in tokens)
@@ -375,6 +378,7 @@ class RedisState:
             KEEP_DAYS * DAY,
             f"{MAX_SECONDS:g}",
             RECENT,
+            items,
         ]
         self._call(self.recorder, args=args)
 
@@ -415,6 +419,7 @@ class RedisState:
                     "last_error",
                     "input_tokens",
                     "output_tokens",
+                    "items",
                 )
             }
             if got["requests"] is not None:
@@ -426,6 +431,7 @@ class RedisState:
                     got["last_error"],
                     int(got["input_tokens"] or 0),
                     int(got["output_tokens"] or 0),
+                    int(got["items"] or 0),
                 )
             row = cooldowns.get(str(index))
             if row:

@@ -1,9 +1,11 @@
-"""Registering every saved balancer as an ``lb:NAME`` model (and its async twin).
+"""Registering every saved balancer as an ``lb:NAME`` model (and its async twin), or, for
+``kind: embedding``, as an ``lb:NAME`` embedding model.
 
-llm calls ``register_models`` on every ``get_model()``, so this stays cheap: each file is
-parsed once per process (cached by modification time and size), and the Options class of a
-set of members is built once. A broken file or a missing member never stops registration:
-the balancer is registered with its problem, which prompting it reports.
+llm calls ``register_models`` on every ``get_model()`` (``register_embedding_models`` on every
+``get_embedding_model()``), so this stays cheap: each file is parsed once per process (cached
+by modification time and size), and the Options class of a set of members is built once. A
+broken file or a missing member never stops registration: the balancer is registered with its
+problem, which prompting it reports. A file too broken to say its kind is registered as both.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import click
 import llm
 
 from . import config
-from .config import ConfigError
+from .config import CHAT, EMBEDDING, ConfigError
+from .embedding import EmbeddingBalancer
 from .members import Catalog, check_saved, load_stored_keys
 from .model import AsyncLoadBalancerModel, LoadBalancerModel
 
@@ -91,6 +94,8 @@ def register_balancers(register, model_aliases) -> None:
     keys = None
     for name, entry in entries:
         balancer = _load_cached(name, entry)
+        if balancer.kind == EMBEDDING:  # a broken file's kind is None when it is unclear
+            continue
         if isinstance(balancer, ConfigError):
             _register(register, name, None, None, llm.Options, str(balancer))
             continue
@@ -107,6 +112,19 @@ def register_balancers(register, model_aliases) -> None:
         classes = tuple((pair[0] or pair[1]).Options for pair in members if pair is not None)
         options = partial(shared_options, name, classes)
         _register(register, name, balancer, members, options, None, missing)
+
+
+def register_embedding_balancers(register) -> None:
+    """Embedding balancers, with nothing but their files read: their members are looked up when
+    one is used (a lookup here would run this hook again)."""
+    for name, entry in config.entries():
+        loaded = _load_cached(name, entry)
+        if loaded.kind == CHAT:
+            continue
+        if isinstance(loaded, ConfigError):
+            register(EmbeddingBalancer(name, None, str(loaded)))
+        else:
+            register(EmbeddingBalancer(name, loaded, None, entry.path))
 
 
 def _classes(name: str) -> tuple[type, type]:

@@ -115,7 +115,11 @@ create table spent (
 );
 create index spent_member_at on spent (balancer, member, at);
 """
-MIGRATIONS = (SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)), SCHEMA_V2)
+# 2 -> 3: the items of an embedding balancer's batches (issue 13)
+SCHEMA_V3 = """
+alter table stats add column items integer not null default 0;
+"""
+MIGRATIONS = (SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)), SCHEMA_V2, SCHEMA_V3)
 VERSION = len(MIGRATIONS)
 
 
@@ -466,26 +470,28 @@ def record(
     first_chunk: float | None = None,
     total: float | None = None,
     streamed: bool = True,
+    items: int = 0,
     now: float | None = None,
 ) -> None:
     """Record one attempt: its outcome, tokens and timings in the statistics and against its
     limits; after a failure a cooldown (twice the last one when the member fails again right
     after a cooldown, up to the cap; a success resets that); for a success the member now
     tied to the conversation. ``ticket``: its request's row, made in advance (limits);
-    ``cooled``: whether it had a cooldown on record, which a success clears."""
+    ``cooled``: whether it had a cooldown on record, which a success clears; ``items``: the
+    items of an embedding batch."""
     now = time.time() if now is None else now
     name = balancer.name
     tokens_in, tokens_out = (count or 0 for count in tokens)
     with transaction() as db:
         db.execute(
             "insert into stats (balancer, member, requests, successes, failures, last_used, "
-            "last_error, input_tokens, output_tokens) values (?, ?, 1, ?, ?, ?, ?, ?, ?) "
+            "last_error, input_tokens, output_tokens, items) values (?, ?, 1, ?, ?, ?, ?, ?, ?, ?) "
             "on conflict do update set "
             "requests = requests + 1, successes = successes + excluded.successes, "
             "failures = failures + excluded.failures, last_used = excluded.last_used, "
             "last_error = coalesce(excluded.last_error, last_error), "
             "input_tokens = input_tokens + excluded.input_tokens, "
-            "output_tokens = output_tokens + excluded.output_tokens",
+            "output_tokens = output_tokens + excluded.output_tokens, items = items + excluded.items",
             [
                 name,
                 member,
@@ -495,6 +501,7 @@ def record(
                 error,
                 tokens_in,
                 tokens_out,
+                items,
             ],
         )
         if ticket is not None:
@@ -572,7 +579,7 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
                 r[0]: r[1:]
                 for r in db.execute(
                     "select member, requests, successes, failures, last_used, last_error, "
-                    "input_tokens, output_tokens from stats where balancer = ?",
+                    "input_tokens, output_tokens, items from stats where balancer = ?",
                     [name],
                 )
             }
@@ -598,13 +605,13 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
 def shape_stats(balancer: Balancer, rows, cooling, events, timings, now: float) -> list[dict]:
     """The statistics of each member as ``stats`` gives them, from what a backend read:
     ``rows`` {member: (requests, successes, failures, last used, last error, tokens in, tokens
-    out)}, ``cooling`` {member: (until, reason, known)}, ``events`` {member: (requests, token
+    out, items)}, ``cooling`` {member: (until, reason, known)}, ``events`` {member: (requests, token
     reports)} of the last day, ``timings`` {member: [(first chunk, total)]}, newest first."""
     total = sum(r[0] for r in rows.values())
     result = []
     for index, member in enumerate(balancer.members):
-        requests, successes, failures, last_used, last_error, tokens_in, tokens_out = rows.get(
-            index, (0, 0, 0, None, None, 0, 0)
+        requests, successes, failures, last_used, last_error, tokens_in, tokens_out, items = (
+            rows.get(index, (0, 0, 0, None, None, 0, 0, 0))
         )
         until, reason, _ = cooling.get(index, (None, None, None))
         if until is not None and not math.isfinite(until):
@@ -619,6 +626,7 @@ def shape_stats(balancer: Balancer, rows, cooling, events, timings, now: float) 
                 "share": (requests / total) if total else 0.0,
                 "input_tokens": tokens_in,
                 "output_tokens": tokens_out,
+                "items": items,
                 "first_chunk": spread([first for first, _ in recent if first is not None]),
                 "total_time": spread([whole for _, whole in recent]),
                 "limits": _limits_now(member.limits, events.get(index, ([], [])), now),

@@ -1,7 +1,9 @@
 """A small OpenAI-compatible server on 127.0.0.1 for tests and benchmarks.
 
 It serves ``POST /<endpoint>/v1/chat/completions`` (any endpoint name, so that two models on
-"different providers" are told apart), streaming or not, records every request, and can be
+"different providers" are told apart), streaming or not, and ``POST /<endpoint>/v1/embeddings``
+(deterministic vectors, see ``vector``; the answer names the key that served it, and
+``embedded`` lists each item of every batch answered whole), records every request, and can be
 told to fail: per key or endpoint, the next N requests (or all) answer 429 (optionally with
 Retry-After), 500, 503, 400, 401, 403 or 404, close the connection without answering, stream one
 chunk and then cut the connection, answer 200 with something that is not JSON (malformed),
@@ -16,14 +18,28 @@ rules, hang and release, recording) is in local_server.py.
 
 from __future__ import annotations
 
+import array
+import base64
 import json
 import time
+import zlib
 
 import local_server
 from local_server import Recorded  # noqa: F401 (part of this module's API)
 
 TOOL_MARKER = "CALL_TOOL"
 STATUSES = ("429", "500", "503", "401", "403", "404", "400")
+DIMENSIONS = 32  # of a vector, unless the request asks for other dimensions
+
+
+def vector(text: str, dimensions: int = DIMENSIONS) -> list[float]:
+    """The vector of a text, the same on every call: a 1, then how many of its words fall in
+    each bucket (by their CRC-32); texts that share words are close."""
+    values = [0.0] * dimensions
+    values[0] = 1.0
+    for word in text.lower().split():
+        values[1 + zlib.crc32(word.encode()) % (dimensions - 1)] += 1.0
+    return values
 
 
 class Handler(local_server.Handler):
@@ -48,6 +64,9 @@ class Handler(local_server.Handler):
             }
             self.send_json(429, {"error": error}, self.fault_headers(""))
             return
+        if route[-1:] == ["embeddings"]:
+            self._embeddings(body, key, behaviour)
+            return
         if behaviour == "malformed":
             self._malformed(stream=bool(body.get("stream")))
             return
@@ -66,6 +85,31 @@ class Handler(local_server.Handler):
         }.get(int(status), "Failure")
         error = {"error": {"message": message, "type": "test"}}
         self.send_json(int(status), error, self.fault_headers(retry_after))
+
+    def _embeddings(self, body, key, behaviour):
+        "A vector per input, as floats or (as the openai SDK asks by default) base64 float32."
+        if behaviour == "malformed":
+            self.send_body(200, b'{"object": "list", "data": [ not JSON')
+            return
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        dimensions = body.get("dimensions") or DIMENSIONS
+        data = []
+        for index, text in enumerate(inputs):
+            values = vector(text, dimensions)
+            if body.get("encoding_format") == "base64":
+                values = base64.b64encode(array.array("f", values).tobytes()).decode()
+            data.append({"object": "embedding", "index": index, "embedding": values})
+        tokens = sum(len(text.split()) for text in inputs)
+        answer = {
+            "object": "list",
+            "data": data,
+            "model": body.get("model"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "served_by": key,
+        }
+        if behaviour != "cut":  # recorded before it is sent: a client that has it sees it here
+            self.server.owner._embedded(key, inputs)
+        self.send_json(200, answer, cut=behaviour == "cut")
 
     def _malformed(self, stream: bool):
         "HTTP 200, but what follows is not JSON: a whole body, or the first data: line."
@@ -153,6 +197,14 @@ class LocalOpenAI(local_server.LocalServer):
     "Start with ``start()``; ``url`` is http://127.0.0.1:PORT; ``stop()`` when done."
 
     handler = Handler
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embedded: list[tuple[str, str]] = []  # (key, item): each item of a whole answer
+
+    def _embedded(self, key: str, inputs: list) -> None:
+        with self._lock:
+            self.embedded.extend((key, text) for text in inputs)
 
     def api_base(self, endpoint: str) -> str:
         return f"{self.url}/{endpoint}/v1"

@@ -3,8 +3,8 @@
 protocol's handler completes with its routes, bodies, streaming format and error shapes.
 
 Faults are rules per endpoint (the first part of the path) and/or key: ``fail(behaviour,
-endpoint=, key=, times=)`` answers the next ``times`` matching requests (or all of them) with
-``behaviour``; a key named ``fail-BEHAVIOUR`` (fail-429, fail-429:1) always gets that fault.
+endpoint=, key=, times=, after=)`` answers the next ``times`` matching requests (or all of
+them) with ``behaviour``, once ``after`` of them have been answered normally; a key named ``fail-BEHAVIOUR`` (fail-429, fail-429:1) always gets that fault.
 The behaviours every protocol has:
 
 - an HTTP status, optionally with Retry-After in seconds: ``429``, ``429:7``, ``429:0.001``;
@@ -180,7 +180,8 @@ class LocalServer:
         self.released_and_answered = threading.Event()
         self.released_answers = 0
         self.released_broken = 0
-        self._rules: list[list] = []  # [endpoint or None, key or None, behaviour, times left]
+        # [endpoint or None, key or None, behaviour, times left, normal answers left before]
+        self._rules: list[list] = []
         self._lock = threading.Lock()
         self._hang = threading.Condition()
         self._hung = 0
@@ -208,11 +209,12 @@ class LocalServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def fail(self, behaviour: str, *, endpoint=None, key=None, times=None) -> None:
+    def fail(self, behaviour: str, *, endpoint=None, key=None, times=None, after=0) -> None:
         """Answer matching requests with ``behaviour`` (an HTTP status, STATUS:RETRY_AFTER,
-        close, cut, malformed, hang or stall); ``times`` requests, or all of them when None."""
+        close, cut, malformed, hang or stall); ``times`` requests, or all of them when None;
+        the first ``after`` matching requests are answered normally (a fault mid-job)."""
         with self._lock:
-            self._rules.append([endpoint, key, behaviour, times])
+            self._rules.append([endpoint, key, behaviour, times, after])
 
     def heal(self) -> None:
         with self._lock:
@@ -278,6 +280,9 @@ class LocalServer:
         with self._lock:
             for rule in self._rules:
                 if rule[0] not in (None, endpoint) or rule[1] not in (None, key):
+                    continue
+                if rule[4] > 0:
+                    rule[4] -= 1
                     continue
                 if rule[3] is not None:
                     if rule[3] <= 0:

@@ -108,7 +108,8 @@ def test_cooldowns_escalate_and_a_success_resets_them(redis_server):
     shared.record(balancer, 0, error="500 server error: x", cooldown=30, now=now + 31)
     until = shared.stats(balancer, now=now + 31)[0]["cooling_down_until"]
     assert until == pytest.approx(now + 31 + 60)  # failed again right after: twice as long
-    shared.record(balancer, 0, now=now + 100)
+    shared.record(balancer, 0, items=7, now=now + 100)  # an embedding batch of 7 items
+    assert shared.stats(balancer, now=now + 100)[0]["items"] == 7
     shared.record(balancer, 0, error="500 server error: x", cooldown=30, now=now + 200)
     assert shared.stats(balancer, now=now + 200)[0]["cooling_down_until"] == pytest.approx(
         now + 230
