@@ -207,13 +207,15 @@ class Bench:
                 )
             )
 
-    def _in_process_times(self, balancer: str, prompts: int, conversation: bool) -> dict:
+    def _in_process_times(
+        self, balancer: str, prompts: int, conversation: bool, baseline: str = "echo"
+    ) -> dict:
         ask = "model.conversation().prompt" if conversation else "model.prompt"
         script = textwrap.dedent(
             f"""
             import json, time, llm
             lb = llm.get_model("lb:{balancer}")
-            echo = llm.get_model("echo")
+            echo = llm.get_model("{baseline}")
             def ask(model):
                 {ask}("hi").text()
             for model in (lb, echo):  # warm up: imports, state file, caches
@@ -244,10 +246,11 @@ class Bench:
     def weighted(self):
         self._concurrency("weighted", "4b. weights 3, 1: {} processes x {} prompts", 2)
 
-    def _concurrency(self, balancer: str, title: str, members: int):
+    def _concurrency(self, balancer: str, title: str, members: int, envs=None):
         processes, prompts = (8, 20) if self.quick else (8, 200)
+        envs = envs or [self.env]
         self.llm("lb", "reset", balancer)
-        weights = [3, 1] if balancer == "weighted" else [1] * members
+        weights = [3, 1] if balancer.startswith("weighted") else [1] * members
         # Every worker imports llm first, then all start prompting at the same moment, so
         # that the selections really overlap and process start-up is not counted.
         start_at = time.time() + (4 if self.quick else 6)
@@ -264,9 +267,12 @@ class Bench:
         )
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", script], env=self.env, stdout=subprocess.PIPE, text=True
+                [sys.executable, "-c", script],
+                env=envs[number % len(envs)],
+                stdout=subprocess.PIPE,
+                text=True,
             )
-            for _ in range(processes)
+            for number in range(processes)
         ]
         totals: dict = {}
         ends = []
@@ -307,11 +313,71 @@ class Bench:
             self.weighted,
         ]
         steps += self.http_steps()
+        steps.append(self.redis)
         for step in steps:
             if only and step.__name__ not in only:
                 continue
             print(f"... {step.__name__}", file=sys.stderr, flush=True)
             step()
+
+    # 9 ---------------------------------------------------------------------------------
+    def redis(self):
+        """The same balancers with their state in a local redis-server: the added time per
+        prompt against the SQLite file, and the weighted rotation's exactness with two llm
+        user folders ("machines") sharing the server."""
+        if shutil.which("redis-server") is None:
+            print("    (skipped: redis-server is not installed)", file=sys.stderr)
+            return
+        port = free_port()
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            + ["--appendonly", "no"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            for line in server.stdout:
+                if "Ready to accept connections" in line:
+                    break
+            url = f"redis://127.0.0.1:{port}/0"
+            self.llm("lb", "save", "bench-redis", "echo", "echo", "--state", url)
+            prompts = 200 if self.quick else 5000
+            times = self._in_process_times("bench-redis", prompts, False, baseline="lb:bench")
+            self.results.append(
+                comparison(
+                    f"9. in-process, {prompts} prompts: Redis state vs SQLite file, per prompt",
+                    "us",
+                    times["lb"],
+                    times["echo"],
+                    "added < 1000 us",
+                    scale=1e6,
+                )
+            )
+            machine_b = self.dir / "machine-b"
+            (machine_b / "loadbalancers").mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.dir / "user" / "keys.json", machine_b / "keys.json")
+            self.llm(
+                "lb",
+                "save",
+                "weighted-redis",
+                "echo-needs-key key=k1 weight=3",
+                "echo-needs-key key=k2",
+                "--state",
+                url,
+            )
+            shutil.copy(
+                self.dir / "user" / "loadbalancers" / "weighted-redis.yaml",
+                machine_b / "loadbalancers" / "weighted-redis.yaml",
+            )
+            self._concurrency(
+                "weighted-redis",
+                "9b. Redis, 2 machines, weights 3, 1: {} processes x {} prompts",
+                2,
+                envs=[self.env, dict(self.env, LLM_USER_PATH=str(machine_b))],
+            )
+        finally:
+            server.terminate()
+            server.wait()
 
     def http_steps(self):
         return [self.http, self.policies]
