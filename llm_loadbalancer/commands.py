@@ -248,9 +248,10 @@ def _check_state(balancer: Balancer) -> None:
     if stores.location(balancer)[0] is None:
         return
     if balancer.state_key and balancer.state_key not in load_stored_keys():
+        # the value is not repeated: it may be the password itself
         raise ConfigError(
-            f"state_key {config.shown(balancer.state_key)} is not the name of a stored key: "
-            f"store the password with 'llm keys set {config.cut(balancer.state_key)}'"
+            "state_key is not the name of a stored key: store the Redis password with "
+            "'llm keys set NAME' and give that NAME"
         )
     if importlib.util.find_spec("redis") is None:
         raise ConfigError(
@@ -368,6 +369,8 @@ def _summary(balancer: Balancer) -> dict:
     data = {"name": balancer.name, "model_id": balancer.model_id, "kind": balancer.kind}
     data.update(balancer.to_dict())
     data["state_lives"] = stores.describe(balancer)
+    if balancer.state:
+        data["state"] = config.shown_url(balancer.state)
     return data
 
 
@@ -394,7 +397,7 @@ def lb_list(json_):
         except ConfigError as ex:
             rows.append(({"name": name, "model_id": f"lb:{name}", "error": str(ex)}, None))
         else:
-            row = _summary(balancer)
+            row = _summary(_without_unstored_keys(balancer, keys))
             if warnings:
                 row["warnings"] = warnings
             rows.append((row, balancer))
@@ -448,7 +451,12 @@ def _without_unstored_keys(balancer: Balancer, keys: dict) -> Balancer:
         else member
         for member in balancer.members
     )
-    return dataclasses.replace(balancer, members=members)
+    shared = {}
+    if balancer.state_key and balancer.state_key not in keys:
+        shared["state_key"] = "(not a stored key name)"
+    if balancer.state and balancer.state != config.shown_url(balancer.state):
+        shared["state"] = config.shown_url(balancer.state)
+    return dataclasses.replace(balancer, members=members, **shared)
 
 
 @lb.command(name="remove")
@@ -700,7 +708,12 @@ def lb_stats(name, json_):
         except state.StateUnavailable as ex:
             raise click.ClickException(f"cannot read statistics: {ex}")
         except ConfigError as ex:
-            raise click.ClickException(f"cannot read statistics of lb:{each}: {ex}")
+            problem = f"cannot read statistics of lb:{each}: {ex}"
+            if name:
+                raise click.ClickException(problem)
+            # the others are still worth showing
+            result.append({"name": each, "model_id": balancer.model_id, "error": problem})
+            continue
         for member, row in zip(balancer.members, members):
             row["label"] = member.label(keys)
         result.append(
@@ -708,7 +721,7 @@ def lb_stats(name, json_):
                 "name": each,
                 "model_id": balancer.model_id,
                 "kind": balancer.kind,
-                "state": stores.describe(balancer),
+                "state": stores.describe(balancer, keys),
                 "members": members,
             }
         )
@@ -717,6 +730,9 @@ def lb_stats(name, json_):
     for number, entry in enumerate(result):
         if number:
             click.echo()
+        if "error" in entry:
+            click.echo(f"{entry['model_id']}  error: {entry['error']}")
+            continue
         shared = entry["state"] != stores.LOCAL
         click.echo(entry["model_id"] + (f"  (state: {entry['state']})" if shared else ""))
         for member in entry["members"]:

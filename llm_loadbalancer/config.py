@@ -442,13 +442,19 @@ def state_url(value, what: str) -> str:
     if parts is None or parts.scheme not in STATE_SCHEMES or not parts.hostname:
         raise ConfigError(
             f"{what} must be a Redis URL such as redis://localhost:6379/0 (rediss:// for TLS), "
-            f"or local, not {shown(_without_password(value))}"
+            f"or local, not {shown(shown_url(value))}"
         )
     if parts.password is not None or "password" in parse_qs(parts.query.lower()):
         raise ConfigError(
-            f"{what} {shown(_without_password(value))}: a password in the URL is refused, "
+            f"{what} {shown(shown_url(value))}: a password in the URL is refused, "
             "because it would be kept in plain text: store it with 'llm keys set NAME' and "
             "name it with state_key: NAME (llm lb save --state-key NAME)"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(
+            f"{what} {shown(shown_url(value))}: options after ? are refused (the plugin sets "
+            "its own timeouts, so that a server that does not answer never holds llm up): "
+            "give scheme://host:port/database only"
         )
     database = parts.path.strip("/")
     if database and not database.isdigit():
@@ -461,10 +467,19 @@ def state_url(value, what: str) -> str:
     return value
 
 
-def _without_password(url: str) -> str:
-    "A URL as it may be shown: a password (after user: and before @) is replaced by ***."
-    url = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
-    return re.sub(r"(password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+def shown_url(url: str) -> str:
+    """A URL as it may be shown: whatever precedes the last @ (a user name, a password, or a
+    password written where the user name goes, even one holding / or @) is ***, and so is what
+    follows a ? or # (options, which may hold one too)."""
+    scheme, sep, rest = url.partition("//")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    cut_at = min((rest.find(mark) for mark in "?#" if mark in rest), default=-1)
+    if cut_at >= 0:
+        rest = rest[:cut_at] + rest[cut_at] + "***"
+    return f"{scheme}{sep}{rest}"
 
 
 def _check_embedding(sticky: bool, members: tuple[Member, ...]) -> None:

@@ -50,18 +50,22 @@ def _warn_state(problem: Exception) -> None:
     if not _warned:
         _warned = True
         print(
-            f"Warning: llm-loadbalancer cannot use its state file ({problem}); "
+            f"Warning: llm-loadbalancer cannot use its {problem.what} ({problem}); "
             "choosing members without it",
             file=sys.stderr,
         )
 
 
 _defaults: dict = {}  # path: ((modification time, size), parsed file)
+_options_files: dict = {}  # LLM_USER_PATH: the path of its model_options.json
 
 
 def _model_defaults(model_id: str) -> dict:
     "Options set with 'llm models options set MODEL ...' (the file is read again if it changed)."
-    path = str(state.path().parent / "model_options.json")
+    user_path = os.environ.get("LLM_USER_PATH")
+    path = _options_files.get(user_path)
+    if path is None:
+        path = _options_files[user_path] = str(state.path().parent / "model_options.json")
     try:
         info = os.stat(path)
     except OSError:
@@ -183,18 +187,18 @@ class Run:
         Retry-After and the first to free up does so within the balancer's max_wait (one
         line on stderr says so). Longer than that, the prompt fails at once."""
         unavailable = frozenset(self.lb.missing)
-        now = time.time()
         try:
-            self.plan, self.ticket, self.cooled = self.store.select(
+            # the time is the backend's (a Redis server's clock, for every machine alike)
+            self.plan, self.ticket, self.cooled, now = self.store.select(
                 self.balancer,
                 conversation=self.conversation_id,
                 tool_turn=bool(self.prompt and self.prompt.tool_results),
                 unavailable=unavailable,
                 stream=self.stream,
                 rng=RNG,
-                now=now,
             )
         except state.StateUnavailable as ex:
+            now = time.time()
             _warn_state(ex)
             self.use_state = False
             count = len(self.balancer.members)

@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import time
-from urllib.parse import urlsplit, urlunsplit
 
-from .config import MAX_SECONDS, Balancer
+from .config import MAX_SECONDS, Balancer, shown_url
 from .limits import WINDOWS
 from .selection import choose, counted_ahead, free_at, in_flight, median_latency, of_kind
+from .state import StateUnavailable
 
 CONNECT_TIMEOUT = 0.25  # seconds to connect, at most
 TIMEOUT = 0.5  # seconds for one reply, at most
 KEEP_DAYS = 30  # a balancer's keys expire after this long without use (as ties do in SQLite)
 RECENT = 100  # the timings kept per member (statistics, lowest-latency)
 DAY = 86400
-RETRIES = 100  # selections made again because another process chose in between
 
 # ARGV: prefix, members, conversation or '', want in flight (0/1), want timings (0/1), then
 # for each member with limits: its index, its windows (seconds, comma-separated), tokens (0/1).
@@ -84,10 +84,29 @@ out[8] = string.format('%.6f', now)
 return out
 """
 
+# A field of a hash, with the time it was set in the sorted set KEY_at, so that the fields set
+# before ``older`` can be deleted, a hundred at a time (a hash has no expiry per field).
+PUT_DATED = """
+local function put_dated(key, field, value, at, older, keep)
+  local dates = key .. '_at'
+  redis.call('HSET', key, field, value)
+  redis.call('ZADD', dates, at, field)
+  local old = string.format('%.6f', older)
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', dates, '-inf', old, 'LIMIT', 0, 100)) do
+    redis.call('HDEL', key, gone)
+    redis.call('ZREM', dates, gone)
+  end
+  redis.call('EXPIRE', key, keep)
+  redis.call('EXPIRE', dates, keep)
+end
+"""
+
 # ARGV: prefix, the version read, new position or '', member to count a request for or '',
 # in flight (0/1), host, pid, time, seconds to keep. Nil when the version changed since the
 # read; otherwise the request's ticket ('' without one).
-COMMIT = """
+COMMIT = (
+    PUT_DATED
+    + """
 local p = ARGV[1]
 if (redis.call('GET', p .. 'version') or '0') ~= ARGV[2] then return nil end
 local keep = tonumber(ARGV[9])
@@ -107,18 +126,22 @@ if ARGV[4] ~= '' then
   redis.call('ZREMRANGEBYSCORE', requests, '-inf', string.format('%.6f', tonumber(now) - 86400))
   redis.call('EXPIRE', requests, keep)
   if ARGV[5] == '1' then
-    redis.call('HSET', p .. 'flight', ticket, m .. '|' .. ARGV[6] .. '|' .. ARGV[7] .. '|' .. now)
-    redis.call('EXPIRE', p .. 'flight', keep)
+    -- prompts in flight for longer than an hour no longer count: their processes were killed
+    local entry = m .. '|' .. ARGV[6] .. '|' .. ARGV[7] .. '|' .. now
+    put_dated(p .. 'flight', ticket, entry, now, tonumber(now) - 3600, keep)
   end
 end
 return ticket
 """
+)
 
 # ARGV: prefix, member, ticket or '', ok (0/1), error, cooldown, known (0/1), cooled (0/1),
 # conversation or '', tokens in, tokens out, first chunk or '', total or '', streamed (0/1),
 # counts tokens (0/1), time or '' (the server's), seconds to keep, longest cooldown, timings kept,
 # items (of an embedding batch)
-RECORD = """
+RECORD = (
+    PUT_DATED
+    + """
 local p, m = ARGV[1], ARGV[2]
 local now = tonumber(ARGV[16])
 if ARGV[16] == '' then
@@ -146,7 +169,9 @@ redis.call('LPUSH', timings, at .. '|' .. ARGV[12] .. '|' .. ARGV[13] .. '|' .. 
 redis.call('LTRIM', timings, 0, tonumber(ARGV[19]) - 1)
 redis.call('EXPIRE', timings, keep)
 local spent = tonumber(ARGV[10]) + tonumber(ARGV[11])
+local changed = false  -- what a choice depends on: tokens against a limit, cooldowns, ties
 if ARGV[15] == '1' and spent > 0 then
+  changed = true
   local key = p .. 'spent:' .. m
   local top = redis.call('ZREVRANGE', key, 0, 0, 'WITHSCORES')
   local cum, when = spent, now
@@ -158,7 +183,10 @@ if ARGV[15] == '1' and spent > 0 then
   redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.6f', now - 86400))
   redis.call('EXPIRE', key, keep)
 end
-if ARGV[3] ~= '' then redis.call('HDEL', p .. 'flight', ARGV[3]) end
+if ARGV[3] ~= '' and redis.call('HDEL', p .. 'flight', ARGV[3]) == 1 then
+  redis.call('ZREM', p .. 'flight_at', ARGV[3])
+  changed = true
+end
 local cooldown = tonumber(ARGV[6])
 local cooldowns = p .. 'cooldowns'
 if cooldown > 0 then
@@ -171,37 +199,48 @@ if cooldown > 0 then
   redis.call('HSET', cooldowns, m, string.format('%.6f', now + cooldown) .. '|' .. ARGV[7]
     .. '|' .. string.format('%.6f', cooldown) .. '|' .. ARGV[5])
   redis.call('EXPIRE', cooldowns, keep)
+  changed = true
 elseif ok and ARGV[8] == '1' then
-  redis.call('HDEL', cooldowns, m)
+  if redis.call('HDEL', cooldowns, m) == 1 then changed = true end
 end
 if ok and ARGV[9] ~= '' then
   local ties = p .. 'ties'
   local first = m
   local row = redis.call('HGET', ties, ARGV[9])
   if row then first = string.match(row, '^(%d+)') end
-  redis.call('HSET', ties, ARGV[9], first .. '|' .. m .. '|' .. at)
-  redis.call('EXPIRE', ties, keep)
+  -- ties not used for 30 days are forgotten
+  put_dated(ties, ARGV[9], first .. '|' .. m .. '|' .. at, at, now - keep, keep)
+  changed = true
 end
-redis.call('INCR', p .. 'version')
-redis.call('EXPIRE', p .. 'version', keep)
+if changed then
+  redis.call('INCR', p .. 'version')
+  redis.call('EXPIRE', p .. 'version', keep)
+end
+return 1
+"""
+)
+
+
+# ARGV: prefix, ticket, seconds to keep. A prompt no longer in flight.
+FINISH = """
+local p = ARGV[1]
+if redis.call('HDEL', p .. 'flight', ARGV[2]) == 1 then
+  redis.call('ZREM', p .. 'flight_at', ARGV[2])
+  redis.call('INCR', p .. 'version')
+  redis.call('EXPIRE', p .. 'version', tonumber(ARGV[3]))
+end
 return 1
 """
 
 
+class Busy(StateUnavailable):
+    "Every try to store a choice was overtaken by another process's, for too long."
+
+    what = "Redis state"
+
+
 class Unreachable(Exception):
     "The Redis server cannot be used (down, refused, wrong password, redis-py missing)."
-
-
-def shown_url(url: str) -> str:
-    "The URL with any password replaced by ***, for messages."
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class RedisState:
@@ -231,6 +270,7 @@ class RedisState:
         self.read = self.client.register_script(READ)
         self.commit = self.client.register_script(COMMIT)
         self.recorder = self.client.register_script(RECORD)
+        self.finisher = self.client.register_script(FINISH)
 
     def _call(self, function, *args, **kwargs):
         try:
@@ -275,7 +315,7 @@ class RedisState:
         from .state import Choice
 
         asks_tie = conversation if conversation and (tool_turn or balancer.sticky) else ""
-        for _ in range(RETRIES):
+        for _ in self._attempts("selection"):
             known, version = self._known(
                 balancer,
                 asks_tie,
@@ -291,16 +331,37 @@ class RedisState:
             )
             first = result.order[0] if result.order else None
             counted = first is not None and counted_ahead(balancer, first)
+            moved = result.position != known.position
+            if not moved and not counted:  # nothing to store: the read was the choice
+                return Choice(result, None, known.cooled, at)
             ticket = self._commit(
                 balancer,
                 version,
-                position=result.position if result.position != known.position else None,
+                position=result.position if moved else None,
                 member=first if counted else None,
                 now=at,
             )
             if ticket is not None:
-                return Choice(result, ticket or None, known.cooled)
-        raise Unreachable(f"{shown_url(self.url)}: {RETRIES} selections in a row were overtaken")
+                return Choice(result, ticket or None, known.cooled, at)
+
+    def _attempts(self, what: str):
+        """Each try of a compare-and-set: when another process stored its choice between this
+        one's read and its store, try again after a short random pause (growing to 50 ms); for
+        as long as the state file would wait for its lock (LLM_LOADBALANCER_STATE_TIMEOUT), then
+        StateUnavailable: the prompt is chosen without the shared state, with a warning."""
+        from .state import timeout
+
+        deadline = time.monotonic() + timeout()
+        pause = 0.0005
+        while True:
+            yield
+            if time.monotonic() > deadline:
+                raise Busy(
+                    f"{shown_url(self.url)}: too busy: every {what} was overtaken by another "
+                    f"process's for {timeout():g} s"
+                )
+            time.sleep(random.uniform(0, pause))
+            pause = min(pause * 2, 0.05)
 
     def _commit(self, balancer, version, *, position=None, member=None, now):
         "Store a choice made from the read of ``version``: its ticket ('' without), or None."
@@ -319,7 +380,7 @@ class RedisState:
 
     def claim(self, balancer: Balancer, member: int, now: float | None = None):
         "As ``state.claim``: the member's ticket when it has room, or None (skip it)."
-        for _ in range(RETRIES):
+        for _ in self._attempts("claim"):
             known, version = self._known(balancer, only=member)
             at = known.server_now if now is None else now
             known.now = at
@@ -328,16 +389,12 @@ class RedisState:
             ticket = self._commit(balancer, version, member=member, now=at)
             if ticket is not None:
                 return ticket
-        raise Unreachable(f"{shown_url(self.url)}: {RETRIES} claims in a row were overtaken")
 
     # --- recording ----------------------------------------------------------------------------
 
     def finish(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
-        prefix = self.prefix(balancer)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hdel(prefix + "flight", ticket)
-        pipe.incr(prefix + "version")
-        self._call(pipe.execute)
+        "A prompt that ended without a record (the caller stopped reading): not in flight."
+        self._call(self.finisher, args=[self.prefix(balancer), ticket, KEEP_DAYS * DAY])
 
     def record(
         self,
@@ -357,7 +414,7 @@ class RedisState:
         items: int = 0,
         now: float | None = None,
     ) -> None:
-        tokens_in, tokens_out = (count or 0 for count in tokens)
+        tokens_in, tokens_out = (int(count or 0) for count in tokens)
         args = [
             self.prefix(balancer),
             member,
@@ -378,7 +435,7 @@ class RedisState:
             KEEP_DAYS * DAY,
             f"{MAX_SECONDS:g}",
             RECENT,
-            items,
+            int(items or 0),
         ]
         self._call(self.recorder, args=args)
 
@@ -386,7 +443,7 @@ class RedisState:
         "Forget the rotation, cooldowns, ties, limits and statistics: for every machine."
         prefix = self.prefix(balancer)
         keys = [prefix + name for name in ("version", "rotation", "cooldowns", "stats", "ties")]
-        keys += [prefix + "flight", prefix + "ids"]
+        keys += [prefix + name for name in ("ties_at", "flight", "flight_at", "ids")]
         for index in range(len(balancer.members)):
             keys += [prefix + f"{kind}:{index}" for kind in ("requests", "spent", "timings")]
         self._call(self.client.delete, *keys)

@@ -126,6 +126,8 @@ VERSION = len(MIGRATIONS)
 class StateUnavailable(Exception):
     "The state file cannot be used (corrupt, read-only, locked past the timeout, too new)."
 
+    what = "state file"  # how the warning names it
+
 
 _paths: dict = {}
 
@@ -245,6 +247,7 @@ class Choice(NamedTuple):
     plan: Plan
     ticket: int | str | None  # the first member's request, counted against its limits in advance
     cooled: frozenset[int]  # members with a cooldown on record (ended or not)
+    now: float  # the time of the choice, by the backend's clock (a Redis server's: its own)
 
 
 class _FileKnown:
@@ -319,7 +322,7 @@ def select(
         ticket = None
         if result.order and counted_ahead(balancer, result.order[0]):
             ticket = _sent(db, balancer, result.order[0], now)
-        return Choice(result, ticket, known.cooled)
+        return Choice(result, ticket, known.cooled, now)
 
 
 def _in_flight(db, balancer: Balancer, now: float) -> dict[int, int]:

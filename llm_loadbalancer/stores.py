@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from . import state
-from .config import Balancer, ConfigError, state_url
+from .config import Balancer, ConfigError, shown_url, state_url
 
 ENV = "LLM_LOADBALANCER_STATE"
 KEY_ENV = "LLM_LOADBALANCER_STATE_KEY"  # the stored key holding the password of ENV's server
 LOCAL = "this machine's state file"
 
 _connections: dict = {}  # (url, password key name): RedisState
-_down: set = set()  # URLs found unusable in this process
+_down: dict = {}  # URL: when it was found unusable in this process (time.monotonic())
 _warned: set = set()
+TRY_AGAIN = 30.0  # seconds after which a process tries a server it found unusable again
 
 
 def location(balancer: Balancer) -> tuple[str | None, str | None]:
@@ -41,13 +43,20 @@ def location(balancer: Balancer) -> tuple[str | None, str | None]:
     return value, balancer.state_key or os.environ.get(KEY_ENV) or None
 
 
-def describe(balancer: Balancer) -> str:
-    "Where its state lives, as ``llm lb list`` and ``stats`` say it."
+def describe(balancer: Balancer, stored_keys=None) -> str:
+    """Where its state lives, as ``llm lb list``, ``stats`` and ``state`` say it. A password
+    key that is not a stored key's name is not repeated: it may be the password itself."""
     url, key = location(balancer)
     if url is None:
         return LOCAL
     source = "" if balancer.state else f" (from {ENV})"
-    return f"Redis at {url}{source}" + (f", password from key {key}" if key else "")
+    if key:
+        if stored_keys is None:
+            from .members import load_stored_keys
+
+            stored_keys = load_stored_keys()
+        key = f"key {key}" if key in stored_keys else "a key that is not stored (llm keys set)"
+    return f"Redis at {shown_url(url)}{source}" + (f", password from {key}" if key else "")
 
 
 def shared(balancer: Balancer):
@@ -65,9 +74,10 @@ def shared(balancer: Balancer):
             from .members import load_stored_keys
 
             password = load_stored_keys().get(key)
-            if password is None:
+            if password is None:  # the name is not repeated: it may be the password itself
                 raise Unreachable(
-                    f"state_key {key!r} is not the name of a stored key: llm keys set {key}"
+                    "its state_key is not the name of a stored key: store the password with "
+                    "'llm keys set NAME' and put state_key: NAME in the balancer"
                 )
         found = _connections[(url, key)] = RedisState(url, password)
     return found
@@ -76,7 +86,7 @@ def shared(balancer: Balancer):
 def for_balancer(balancer: Balancer):
     "Where a prompt's state goes: the Redis server, falling back to this machine's file."
     url, _ = location(balancer)
-    if url is None or url in _down:
+    if url is None or _is_down(url):
         return state
     from .redis_state import Unreachable
 
@@ -87,8 +97,14 @@ def for_balancer(balancer: Balancer):
         return state
 
 
+def _is_down(url: str) -> bool:
+    "Whether the server was found unusable in this process less than TRY_AGAIN seconds ago."
+    since = _down.get(url)
+    return since is not None and time.monotonic() - since < TRY_AGAIN
+
+
 def _fall_back(balancer: Balancer, url: str, problem: Exception) -> None:
-    _down.add(url)
+    _down[url] = time.monotonic()
     _warn_once(
         url,
         f"Warning: {balancer.model_id}: cannot use its Redis state ({problem}); using {LOCAL} "
@@ -112,7 +128,7 @@ class _WithFallback:
     def _either(self, name: str, *args, **kwargs):
         from .redis_state import Unreachable
 
-        if self.shared.url not in _down:
+        if not _is_down(self.shared.url):
             try:
                 return getattr(self.shared, name)(*args, **kwargs)
             except Unreachable as ex:
@@ -131,6 +147,12 @@ class _WithFallback:
         return self._either("record", *args, **kwargs)
 
     def finish(self, balancer, member, ticket, now=None):
-        if self.shared.url in _down:
-            return None
-        return self._either("finish", balancer, member, ticket, now)
+        "A ticket of the server means nothing to the file: when the server fails, nothing."
+        from .redis_state import Unreachable
+
+        if _is_down(self.shared.url):
+            return
+        try:
+            self.shared.finish(balancer, member, ticket, now)
+        except Unreachable as ex:
+            _fall_back(self.balancer, self.shared.url, ex)

@@ -32,7 +32,7 @@ def user_path(tmp_path, monkeypatch):
     # what one process learns of Redis servers (connections, one found down, warnings given)
     # is each test's own, as it is each llm command's
     monkeypatch.setattr(stores, "_connections", {})
-    monkeypatch.setattr(stores, "_down", set())
+    monkeypatch.setattr(stores, "_down", {})
     monkeypatch.setattr(stores, "_warned", set())
     return path
 

@@ -143,7 +143,7 @@ def test_a_plain_rate_limit_is_not_a_quota():
 
 
 def chosen(balancer, now):
-    result, ticket, _ = state.select(balancer, now=now)
+    result, ticket, *_ = state.select(balancer, now=now)
     if ticket is not None:
         state.record(balancer, result.order[0], ticket=ticket, now=now)
     return result
@@ -161,7 +161,7 @@ def test_rpm_is_never_exceeded_and_the_member_is_used_again_when_its_window_has_
 def test_token_limits_count_what_members_reported():
     save_lb("tok", "echo tpm=100", "echo example_bool=true")
     balancer = config.load("tok")
-    result, ticket, _ = state.select(balancer, now=NOW)
+    result, ticket, *_ = state.select(balancer, now=NOW)
     state.record(balancer, 0, ticket=ticket, tokens=(70, 40), now=NOW)
     for step in range(1, 4):
         assert chosen(balancer, NOW + step).order[0] == 1  # 110 tokens: a has no room

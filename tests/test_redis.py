@@ -4,6 +4,7 @@ the same balancer and one redis-server on 127.0.0.1."""
 import json
 import subprocess
 import sys
+import time
 
 import llm
 import pytest
@@ -304,3 +305,66 @@ def test_redis_py_is_not_imported_by_llm_when_no_balancer_uses_it(user_path):
         [sys.executable, "-c", code], capture_output=True, text=True, env=process_env(), timeout=60
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_selections_keep_the_servers_clock_not_the_machines(user_path, redis_server, monkeypatch):
+    save_lb(
+        "skew", "echo rpm=1", "echo rpm=1", flags=("--state", redis_server.url, "--max-wait", "0")
+    )
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 120)  # this machine is 2 minutes behind
+    assert [invoke("-m", "lb:skew", "hi").exit_code for _ in range(3)] == [0, 0, 1]
+    assert [m["limits"]["rpm"]["used"] for m in members_stats("skew")] == [1, 1]
+
+
+def test_a_state_key_that_is_not_stored_is_never_repeated(user_path, redis_server):
+    (user_path / "loadbalancers").mkdir()
+    (user_path / "loadbalancers" / "k.yaml").write_text(
+        f"state: {redis_server.url}\nstate_key: {PASSWORD}\nmembers:\n- model: echo\n- model: echo\n"
+    )
+    results = [invoke("-m", "lb:k", "hi")]
+    results += [invoke(*c) for c in (("lb", "list"), ("lb", "list", "--json"), ("lb", "show", "k"))]
+    results += [invoke("lb", "stats"), invoke("lb", "state", "k")]
+    assert results[0].exit_code == 0 and "its state_key is not the name of a stored key" in (
+        results[0].stderr
+    )
+    assert "(not a stored key name)" in results[3].stdout
+    for result in results:
+        assert PASSWORD not in result.output
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pa/ss@host:6379/0",  # a password holding / or @
+        f"redis://:{PASSWORD}@host",
+        f"redis://host/0?pass%77ord={PASSWORD}",
+        "redis://host/0?socket_connect_timeout=30",  # options would override the timeouts
+    ],
+)
+def test_urls_with_passwords_or_options_are_refused_without_showing_them(user_path, url):
+    result = invoke("lb", "save", "x", "echo", "echo", "--state", url)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and len(result.output.splitlines()) == 1
+    for secret in (PASSWORD, "pa/ss", "ss@host"):
+        assert secret not in result.output
+
+
+def test_stats_of_every_balancer_go_on_past_one_whose_server_is_down(user_path):
+    save_lb("gone", "echo", "echo", flags=("--state", "redis://127.0.0.1:9/0"))
+    save_lb("here", "echo", "echo")
+    result = invoke("lb", "stats")
+    assert result.exit_code == 0
+    assert "lb:gone  error: cannot read statistics of lb:gone" in result.stdout
+    assert "lb:here\n  1. echo" in result.stdout
+
+
+def test_ties_unused_for_30_days_are_forgotten_and_float_token_counts_are_fine(redis_server):
+    balancer = config.from_dict("t", {"sticky": True, "members": [{"model": "echo"}] * 2})
+    shared = RedisState(redis_server.url)
+    day = 86400.0
+    shared.record(balancer, 1, conversation="old", tokens=(12.0, 3), now=1e9)
+    shared.record(balancer, 0, conversation="new", now=1e9 + 31 * day)
+    ties = redis_server.client().hkeys(shared.prefix(balancer) + "ties")
+    assert ties == ["new"]
+    assert shared.stats(balancer, now=1e9 + 31 * day)[1]["input_tokens"] == 12
