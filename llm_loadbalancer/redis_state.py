@@ -32,56 +32,81 @@ KEEP_DAYS = 30  # a balancer's keys expire after this long without use (as ties 
 RECENT = 100  # the timings kept per member (statistics, lowest-latency)
 DAY = 86400
 
-# ARGV: prefix, members, conversation or '', want in flight (0/1), want timings (0/1), then
-# for each member with limits: its index, its windows (seconds, comma-separated), tokens (0/1).
-# Returns version, position, cooldowns (flat hash), tie, in flight (flat hash), timings per
-# member, per limited member and window its requests and tokens, the server's time.
-READ = """
-local p = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local out = {}
-out[1] = redis.call('GET', p .. 'version') or '0'
-out[2] = redis.call('HGET', p .. 'rotation', 'position') or '0'
-out[3] = redis.call('HGETALL', p .. 'cooldowns')
-out[4] = ''
-if ARGV[3] ~= '' then out[4] = redis.call('HGET', p .. 'ties', ARGV[3]) or '' end
-out[5] = {}
-if ARGV[4] == '1' then out[5] = redis.call('HGETALL', p .. 'flight') end
-local timings = {}
-if ARGV[5] == '1' then
-  for i = 0, tonumber(ARGV[2]) - 1 do
-    timings[#timings + 1] = redis.call('LRANGE', p .. 'timings:' .. i, 0, -1)
-  end
-end
-out[6] = timings
-local totals = {}
-local i = 6
-while i + 2 <= #ARGV do
-  local m, tokens = ARGV[i], ARGV[i + 2] == '1'
-  local newest = 0
-  if tokens then
-    local top = redis.call('ZREVRANGE', p .. 'spent:' .. m, 0, 0)
-    if #top > 0 then newest = tonumber(string.match(top[1], '^(%d+)')) end
-  end
-  for w in string.gmatch(ARGV[i + 1], '[^,]+') do
-    local start = '(' .. string.format('%.6f', now - tonumber(w))
-    totals[#totals + 1] = tostring(redis.call('ZCOUNT', p .. 'requests:' .. m, start, '+inf'))
-    local used = 0
-    if tokens then
-      local first = redis.call('ZRANGEBYSCORE', p .. 'spent:' .. m, start, '+inf', 'LIMIT', 0, 1)
-      if #first > 0 then
-        local cum, spent = string.match(first[1], '^(%d+):(%d+)')
-        used = newest - (tonumber(cum) - tonumber(spent))
-      end
+# What a choice needs, read in one go: ``a[o]`` members, ``a[o + 1]`` conversation or '',
+# ``a[o + 2]`` want in flight (0/1), ``a[o + 3]`` want timings (0/1), then for each member with
+# limits: its index, its windows (seconds, comma-separated), tokens (0/1). Gives version,
+# position, cooldowns (flat hash), tie, in flight (flat hash), timings per member, per limited
+# member and window its requests and tokens, and the server's time.
+SNAPSHOT = """
+local function snapshot(p, a, o)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local out = {}
+  out[1] = redis.call('GET', p .. 'version') or '0'
+  out[2] = redis.call('HGET', p .. 'rotation', 'position') or '0'
+  out[3] = redis.call('HGETALL', p .. 'cooldowns')
+  out[4] = ''
+  if a[o + 1] ~= '' then out[4] = redis.call('HGET', p .. 'ties', a[o + 1]) or '' end
+  out[5] = {}
+  if a[o + 2] == '1' then out[5] = redis.call('HGETALL', p .. 'flight') end
+  local timings = {}
+  if a[o + 3] == '1' then
+    for i = 0, tonumber(a[o]) - 1 do
+      timings[#timings + 1] = redis.call('LRANGE', p .. 'timings:' .. i, 0, -1)
     end
-    totals[#totals + 1] = string.format('%d', used)
   end
-  i = i + 3
+  out[6] = timings
+  local totals = {}
+  local i = o + 4
+  while i + 2 <= #a do
+    local m, tokens = a[i], a[i + 2] == '1'
+    local newest = 0
+    if tokens then
+      local top = redis.call('ZREVRANGE', p .. 'spent:' .. m, 0, 0)
+      if #top > 0 then newest = tonumber(string.match(top[1], '^(%d+)')) end
+    end
+    for w in string.gmatch(a[i + 1], '[^,]+') do
+      local start = '(' .. string.format('%.6f', now - tonumber(w))
+      totals[#totals + 1] = tostring(redis.call('ZCOUNT', p .. 'requests:' .. m, start, '+inf'))
+      local used = 0
+      if tokens then
+        local first = redis.call('ZRANGEBYSCORE', p .. 'spent:' .. m, start, '+inf', 'LIMIT', 0, 1)
+        if #first > 0 then
+          local cum, spent = string.match(first[1], '^(%d+):(%d+)')
+          used = newest - (tonumber(cum) - tonumber(spent))
+        end
+      end
+      totals[#totals + 1] = string.format('%d', used)
+    end
+    i = i + 3
+  end
+  out[7] = totals
+  out[8] = string.format('%.6f', now)
+  return out
 end
-out[7] = totals
-out[8] = string.format('%.6f', now)
-return out
+"""
+
+# ARGV: prefix, then what SNAPSHOT reads.
+READ = (
+    SNAPSHOT
+    + """
+return snapshot(ARGV[1], ARGV, 2)
+"""
+)
+
+# A change that a choice depends on. The version never takes a value it had before, even after
+# a reset deleted it: a new one starts at the server's time in microseconds, so that a choice
+# made from an old snapshot is always refused.
+BUMP = """
+local function bump(p, keep)
+  local key = p .. 'version'
+  if redis.call('EXISTS', key) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', key, t[1] .. string.format('%06d', tonumber(t[2])))
+  end
+  redis.call('INCR', key)
+  redis.call('EXPIRE', key, keep)
+end
 """
 
 # A field of a hash, with the time it was set in the sorted set KEY_at, so that the fields set
@@ -102,16 +127,20 @@ end
 """
 
 # ARGV: prefix, the version read, new position or '', member to count a request for or '',
-# in flight (0/1), host, pid, time, seconds to keep. Nil when the version changed since the
-# read; otherwise the request's ticket ('' without one).
+# in flight (0/1), host, pid, time, seconds to keep, then what SNAPSHOT reads. When the version
+# changed since the read: {0, a new snapshot}; otherwise {1, the request's ticket ('' without
+# one), the snapshot after it}.
 COMMIT = (
-    PUT_DATED
+    SNAPSHOT
+    + PUT_DATED
+    + BUMP
     + """
 local p = ARGV[1]
-if (redis.call('GET', p .. 'version') or '0') ~= ARGV[2] then return nil end
+if (redis.call('GET', p .. 'version') or '0') ~= ARGV[2] then
+  return {0, snapshot(p, ARGV, 10)}
+end
 local keep = tonumber(ARGV[9])
-redis.call('INCR', p .. 'version')
-redis.call('EXPIRE', p .. 'version', keep)
+bump(p, keep)
 if ARGV[3] ~= '' then
   redis.call('HSET', p .. 'rotation', 'position', ARGV[3])
   redis.call('EXPIRE', p .. 'rotation', keep)
@@ -131,16 +160,19 @@ if ARGV[4] ~= '' then
     put_dated(p .. 'flight', ticket, entry, now, tonumber(now) - 3600, keep)
   end
 end
-return ticket
+return {1, ticket, snapshot(p, ARGV, 10)}
 """
 )
 
 # ARGV: prefix, member, ticket or '', ok (0/1), error, cooldown, known (0/1), cooled (0/1),
 # conversation or '', tokens in, tokens out, first chunk or '', total or '', streamed (0/1),
 # counts tokens (0/1), time or '' (the server's), seconds to keep, longest cooldown, timings kept,
-# items (of an embedding batch)
+# items (of an embedding batch), then what SNAPSHOT reads, or nothing. The snapshot after it
+# (or 1 without).
 RECORD = (
-    PUT_DATED
+    SNAPSHOT
+    + PUT_DATED
+    + BUMP
     + """
 local p, m = ARGV[1], ARGV[2]
 local now = tonumber(ARGV[16])
@@ -213,24 +245,26 @@ if ok and ARGV[9] ~= '' then
   changed = true
 end
 if changed then
-  redis.call('INCR', p .. 'version')
-  redis.call('EXPIRE', p .. 'version', keep)
+  bump(p, keep)
 end
+if #ARGV > 20 then return snapshot(p, ARGV, 21) end
 return 1
 """
 )
 
 
 # ARGV: prefix, ticket, seconds to keep. A prompt no longer in flight.
-FINISH = """
+FINISH = (
+    BUMP
+    + """
 local p = ARGV[1]
 if redis.call('HDEL', p .. 'flight', ARGV[2]) == 1 then
   redis.call('ZREM', p .. 'flight_at', ARGV[2])
-  redis.call('INCR', p .. 'version')
-  redis.call('EXPIRE', p .. 'version', tonumber(ARGV[3]))
+  bump(p, tonumber(ARGV[3]))
 end
 return 1
 """
+)
 
 
 class Busy(StateUnavailable):
@@ -271,6 +305,8 @@ class RedisState:
         self.commit = self.client.register_script(COMMIT)
         self.recorder = self.client.register_script(RECORD)
         self.finisher = self.client.register_script(FINISH)
+        # prefix: (the last snapshot this process received, when, by time.monotonic())
+        self._snapshots: dict = {}
 
     def _call(self, function, *args, **kwargs):
         try:
@@ -285,10 +321,12 @@ class RedisState:
 
     # --- choosing -----------------------------------------------------------------------------
 
-    def _known(self, balancer, conversation="", busy=False, timings=False, only=None):
-        "One read of everything a choice needs (``selection.Known``), and the version read."
-        args = [self.prefix(balancer), len(balancer.members), conversation or "", int(busy)]
-        args.append(int(timings))
+    def _read_args(self, balancer, conversation="", only=None) -> tuple[list, list[int]]:
+        """What SNAPSHOT reads for a choice (in flight and timings as the policy needs them; the
+        window totals of the members with limits, or of ``only``), and those members."""
+        policy = balancer.policy
+        args = [len(balancer.members), conversation or "", int(policy == "least-busy")]
+        args.append(int(policy == "lowest-latency"))
         included = [
             index
             for index, member in enumerate(balancer.members)
@@ -298,8 +336,14 @@ class RedisState:
             member = balancer.members[index]
             windows = ",".join(f"{window:g}" for window in _windows(member))
             args += [index, windows, int(bool(of_kind(member.limits, "t")))]
-        raw = self._call(self.read, args=args)
-        return _Known(self, balancer, raw, included), raw[0]
+        return args, included
+
+    def _speculates(self, balancer, conversation) -> bool:
+        """Whether a choice may start from the snapshot this process last received, instead of
+        a read: when it needs no conversation tie (which differs from prompt to prompt) and no
+        member has limits (whose window totals are taken at the snapshot's time). The time is
+        then the snapshot's, plus what passed since on this machine's monotonic clock."""
+        return not conversation and not any(member.limits for member in balancer.members)
 
     def select(
         self,
@@ -314,57 +358,48 @@ class RedisState:
     ):
         from .state import Choice
 
+        prefix = self.prefix(balancer)
         asks_tie = conversation if conversation and (tool_turn or balancer.sticky) else ""
-        for _ in self._attempts("selection"):
-            known, version = self._known(
-                balancer,
-                asks_tie,
-                busy=balancer.policy == "least-busy",
-                timings=balancer.policy == "lowest-latency",
-            )
-            at = known.server_now if now is None else now
-            known.now = at
+        read_args, included = self._read_args(balancer, asks_tie)
+        speculates = self._speculates(balancer, asks_tie)
+        raw = self._snapshots.get(prefix) if speculates else None
+        overtaken = _Overtaken(self.url, "selection")
+        while True:
+            if raw is None:
+                raw = (self._call(self.read, args=[prefix, *read_args]), time.monotonic())
+            known = _Known(self, balancer, raw, included, now)
             if balancer.policy == "lowest-latency":
                 known.latency = known.latencies(stream)
             result = choose(
-                balancer, known, tool_turn=tool_turn, unavailable=unavailable, rng=rng, now=at
+                balancer,
+                known,
+                tool_turn=tool_turn,
+                unavailable=unavailable,
+                rng=rng,
+                now=known.now,
             )
             first = result.order[0] if result.order else None
             counted = first is not None and counted_ahead(balancer, first)
             moved = result.position != known.position
             if not moved and not counted:  # nothing to store: the read was the choice
-                return Choice(result, None, known.cooled, at)
-            ticket = self._commit(
+                return Choice(result, None, known.cooled, known.now)
+            reply = self._commit(
                 balancer,
-                version,
+                known.version,
+                read_args,
                 position=result.position if moved else None,
                 member=first if counted else None,
-                now=at,
+                now=known.now,
             )
-            if ticket is not None:
-                return Choice(result, ticket or None, known.cooled, at)
+            if reply[0] == 1:
+                if speculates:
+                    self._snapshots[prefix] = (reply[2], time.monotonic())
+                return Choice(result, reply[1] or None, known.cooled, known.now)
+            raw = overtaken.again(reply[1])
 
-    def _attempts(self, what: str):
-        """Each try of a compare-and-set: when another process stored its choice between this
-        one's read and its store, try again after a short random pause (growing to 50 ms); for
-        as long as the state file would wait for its lock (LLM_LOADBALANCER_STATE_TIMEOUT), then
-        StateUnavailable: the prompt is chosen without the shared state, with a warning."""
-        from .state import timeout
-
-        deadline = time.monotonic() + timeout()
-        pause = 0.0005
-        while True:
-            yield
-            if time.monotonic() > deadline:
-                raise Busy(
-                    f"{shown_url(self.url)}: too busy: every {what} was overtaken by another "
-                    f"process's for {timeout():g} s"
-                )
-            time.sleep(random.uniform(0, pause))
-            pause = min(pause * 2, 0.05)
-
-    def _commit(self, balancer, version, *, position=None, member=None, now):
-        "Store a choice made from the read of ``version``: its ticket ('' without), or None."
+    def _commit(self, balancer, version, read_args, *, position=None, member=None, now):
+        """Store a choice made from the snapshot of ``version``: [1, its ticket ('' without),
+        the snapshot after it], or [0, a new snapshot] when the version moved since."""
         args = [
             self.prefix(balancer),
             version,
@@ -375,20 +410,26 @@ class RedisState:
             os.getpid(),
             f"{now:.6f}",
             KEEP_DAYS * DAY,
+            *read_args,
         ]
         return self._call(self.commit, args=args)
 
     def claim(self, balancer: Balancer, member: int, now: float | None = None):
         "As ``state.claim``: the member's ticket when it has room, or None (skip it)."
-        for _ in self._attempts("claim"):
-            known, version = self._known(balancer, only=member)
-            at = known.server_now if now is None else now
-            known.now = at
-            if member in known.blocked or free_at(balancer, known, member, at) is not None:
+        prefix = self.prefix(balancer)
+        read_args, included = self._read_args(balancer, only=member)
+        overtaken = _Overtaken(self.url, "claim")
+        raw = None
+        while True:
+            if raw is None:
+                raw = (self._call(self.read, args=[prefix, *read_args]), time.monotonic())
+            known = _Known(self, balancer, raw, included, now)
+            if member in known.blocked or free_at(balancer, known, member, known.now) is not None:
                 return None
-            ticket = self._commit(balancer, version, member=member, now=at)
-            if ticket is not None:
-                return ticket
+            reply = self._commit(balancer, known.version, read_args, member=member, now=known.now)
+            if reply[0] == 1:
+                return reply[1]
+            raw = overtaken.again(reply[1])
 
     # --- recording ----------------------------------------------------------------------------
 
@@ -437,7 +478,12 @@ class RedisState:
             RECENT,
             int(items or 0),
         ]
-        self._call(self.recorder, args=args)
+        speculates = self._speculates(balancer, "")
+        if speculates:
+            args += self._read_args(balancer)[0]
+        reply = self._call(self.recorder, args=args)
+        if speculates:
+            self._snapshots[args[0]] = (reply, time.monotonic())
 
     def reset(self, balancer: Balancer) -> None:
         "Forget the rotation, cooldowns, ties, limits and statistics: for every machine."
@@ -545,23 +591,53 @@ def _timing(entry: str):
     )
 
 
+class _Overtaken:
+    """What to do when another process stored its choice between this one's snapshot and its
+    store (or the snapshot kept from this process's last prompt was not the latest): the first
+    time, choose again at once from the fresh snapshot that came with the refusal; after that,
+    after a short random pause (growing to 50 ms), from a new read; for as long as the state
+    file would wait for its lock (LLM_LOADBALANCER_STATE_TIMEOUT), then ``Busy``: the prompt is
+    chosen without the shared state, with a warning."""
+
+    def __init__(self, url: str, what: str):
+        from .state import timeout
+
+        self.url, self.what, self.times = url, what, 0
+        self.limit = timeout()
+        self.deadline = time.monotonic() + self.limit
+
+    def again(self, snapshot):
+        "The snapshot to choose from next ((reply, when it came), or None: read again)."
+        self.times += 1
+        if self.times == 1:
+            return (snapshot, time.monotonic())
+        if time.monotonic() > self.deadline:
+            raise Busy(
+                f"{shown_url(self.url)}: too busy: every {self.what} was overtaken by another "
+                f"process's for {self.limit:g} s"
+            )
+        time.sleep(random.uniform(0, min(0.0005 * 2**self.times, 0.05)))
+        return None
+
+
 class _Known:
     "What the server knew at one read (``selection.Known``)."
 
-    def __init__(self, store: RedisState, balancer: Balancer, raw, included: list[int]):
-        _, position, cooldowns, tie, flight, timings, totals, server_now = raw
+    def __init__(self, store: RedisState, balancer: Balancer, raw, included: list[int], now):
+        (version, position, cooldowns, tie, flight, timings, totals, server_now), arrived = raw
         self.store, self.balancer = store, balancer
+        self.version = version
         self.position = int(position)
-        self.server_now = float(server_now)
-        self.now = self.server_now
+        # the server's time, moved on by what passed since the snapshot came (``now``: a test's)
+        self.now = float(server_now) + (time.monotonic() - arrived) if now is None else now
         self.cooling, self.blocked = {}, {}
         cooled = set()
         for index, row in zip(cooldowns[::2], cooldowns[1::2]):
             until, known, _, _ = row.split("|", 3)
             cooled.add(int(index))
-            if float(until) > self.server_now:
+            if float(until) > self.now:
                 target = self.blocked if known == "1" else self.cooling
-                target[int(index)] = min(float(until), self.server_now + MAX_SECONDS)
+                target[int(index)] = min(float(until), self.now + MAX_SECONDS)
         self.cooled = frozenset(cooled)
         self.tie = tuple(int(x) for x in tie.split("|")[:2]) if tie else None
         self.busy = None
@@ -571,7 +647,7 @@ class _Known:
                 member, host, pid, at = value.split("|")
                 local = host == store.host
                 entries.append((int(member), float(at), (local, int(pid))))
-            self.busy = in_flight(entries, self.server_now, _alive)
+            self.busy = in_flight(entries, self.now, _alive)
         self.timings = [[_timing(entry) for entry in member] for member in timings]
         self.latency = None
         self._totals = {}

@@ -368,3 +368,24 @@ def test_ties_unused_for_30_days_are_forgotten_and_float_token_counts_are_fine(r
     ties = redis_server.client().hkeys(shared.prefix(balancer) + "ties")
     assert ties == ["new"]
     assert shared.stats(balancer, now=1e9 + 31 * day)[1]["input_tokens"] == 12
+
+
+def test_a_process_chooses_from_its_last_snapshot_in_one_round_trip(redis_server):
+    "After its first prompt a process needs no separate read: the store is the round trip."
+    balancer = config.from_dict("one", {"members": [{"model": "echo"}] * 3})
+    mine, other = RedisState(redis_server.url), RedisState(redis_server.url)
+    reads = []
+    read = mine.read
+    mine.read = lambda **kwargs: reads.append(1) or read(**kwargs)
+
+    def prompt(store):
+        choice = store.select(balancer)
+        store.record(balancer, choice.plan.order[0], ticket=choice.ticket)
+        return choice.plan.order[0]
+
+    firsts = [prompt(mine)]  # the first needs a read
+    firsts += [prompt(mine), prompt(other), prompt(mine), prompt(mine)]
+    # another process's prompt made this one's snapshot old: its store was refused, with the
+    # fresh snapshot, from which it chose again; no read was needed after the first
+    assert firsts == [0, 1, 2, 0, 1]
+    assert reads == [1]
