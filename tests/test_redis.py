@@ -389,3 +389,18 @@ def test_a_process_chooses_from_its_last_snapshot_in_one_round_trip(redis_server
     # fresh snapshot, from which it chose again; no read was needed after the first
     assert firsts == [0, 1, 2, 0, 1]
     assert reads == [1]
+
+
+def test_prompts_in_flight_on_one_machine_count_for_least_busy_on_the_other(redis_server):
+    balancer = config.from_dict(
+        "busy", {"policy": "least-busy", "members": [{"model": "echo"}] * 2}
+    )
+    a, b = RedisState(redis_server.url), RedisState(redis_server.url)
+    a.host = "machine-a"  # another machine: its process cannot be looked up from here
+    first = a.select(balancer)  # member 1, in flight on machine A
+    assert first.plan.order[0] == 0
+    seen_from_b = b.select(balancer)
+    assert seen_from_b.plan.order[0] == 1 and "1: 1, 2: 0" in seen_from_b.plan.why
+    b.record(balancer, 1, ticket=seen_from_b.ticket)
+    a.record(balancer, 0, ticket=first.ticket)  # both answered: nothing in flight
+    assert "1: 0, 2: 0" in b.select(balancer).plan.why
