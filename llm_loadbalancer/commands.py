@@ -365,10 +365,10 @@ def _printed_json_or_nothing(rows: list, json_: bool) -> bool:
     return False
 
 
-def _summary(balancer: Balancer) -> dict:
+def _summary(balancer: Balancer, keys: dict) -> dict:
     data = {"name": balancer.name, "model_id": balancer.model_id, "kind": balancer.kind}
     data.update(balancer.to_dict())
-    data["state_lives"] = stores.describe(balancer)
+    data["state_lives"] = stores.describe(balancer, keys)
     if balancer.state:
         data["state"] = config.shown_url(balancer.state)
     return data
@@ -397,7 +397,7 @@ def lb_list(json_):
         except ConfigError as ex:
             rows.append(({"name": name, "model_id": f"lb:{name}", "error": str(ex)}, None))
         else:
-            row = _summary(_without_unstored_keys(balancer, keys))
+            row = _summary(_without_unstored_keys(balancer, keys), keys)
             if warnings:
                 row["warnings"] = warnings
             rows.append((row, balancer))
@@ -412,7 +412,7 @@ def lb_list(json_):
         kind = "embeddings, " if balancer.kind == EMBEDDING else ""
         click.echo(f"{row['model_id']:<{width}}  {kind}{balancer.policy}  {labels}")
         if stores.location(balancer)[0] is not None:
-            click.echo(f"{'':<{width}}  state: {stores.describe(balancer)}")
+            click.echo(f"{'':<{width}}  state: {row['state_lives']}")
         for warning in row.get("warnings", ()):
             click.echo(f"{'':<{width}}  warning: {warning}")
 
@@ -438,7 +438,7 @@ def lb_show(name, json_):
         click.echo(f"Warning: lb:{name}: {warning}", err=True)
     balancer = _without_unstored_keys(balancer, keys)
     if json_:
-        click.echo(json.dumps(_summary(balancer), indent=2))
+        click.echo(json.dumps(_summary(balancer, keys), indent=2))
     else:
         click.echo(config.dump(balancer), nl=False)
 

@@ -24,7 +24,7 @@ import time
 from .config import MAX_SECONDS, Balancer, shown_url
 from .limits import WINDOWS
 from .selection import choose, counted_ahead, free_at, in_flight, median_latency, of_kind
-from .state import StateUnavailable
+from .state import Choice, StateUnavailable, alive, shape_stats, timeout
 
 CONNECT_TIMEOUT = 0.25  # seconds to connect, at most
 TIMEOUT = 0.5  # seconds for one reply, at most
@@ -356,8 +356,6 @@ class RedisState:
         rng=None,
         now: float | None = None,
     ):
-        from .state import Choice
-
         prefix = self.prefix(balancer)
         asks_tie = conversation if conversation and (tool_turn or balancer.sticky) else ""
         read_args, included = self._read_args(balancer, asks_tie)
@@ -497,8 +495,6 @@ class RedisState:
     # --- looking ------------------------------------------------------------------------------
 
     def stats(self, balancer: Balancer, now: float | None = None) -> list[dict]:
-        from .state import shape_stats
-
         prefix = self.prefix(balancer)
         pipe = self.client.pipeline(transaction=True)
         pipe.time()
@@ -600,8 +596,6 @@ class _Overtaken:
     chosen without the shared state, with a warning."""
 
     def __init__(self, url: str, what: str):
-        from .state import timeout
-
         self.url, self.what, self.times = url, what, 0
         self.limit = timeout()
         self.deadline = time.monotonic() + self.limit
@@ -684,8 +678,6 @@ def _alive(process) -> bool:
     local, pid = process
     if not local:
         return True
-    from .state import alive
-
     return alive(pid)
 
 

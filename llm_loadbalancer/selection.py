@@ -5,6 +5,7 @@ its transaction (SQLite) or snapshot (Redis), what ``Known`` asks for, and store
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from . import limits
@@ -138,8 +139,6 @@ def median_latency(timings, now: float, stream: bool) -> float | None:
 
 def spread(values: list[float]) -> dict | None:
     "Median and 95th percentile (nearest rank), or None without values."
-    import math
-
     if not values:
         return None
     ordered = sorted(values)

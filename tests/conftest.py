@@ -5,9 +5,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
 from llm.cli import cli
-
+from local_server import free_port
 
 # The plugins that `llm` processes started by a test load (LLM_LOAD_PLUGINS), besides llm's own
 # (its OpenAI plugin): what tests use, and a third of the start-up time of every installed
@@ -171,9 +170,8 @@ def fake_models(monkeypatch):
     """Registers plain-sync (sync only, no streaming), strict (validated options) and flaky
     (fails as its options say) models."""
     monkeypatch.setenv("LB_TEST_FLAKY_KEY", "sk-flaky-default")
-    from llm.plugins import load_plugins, pm
-
     from fake_models import CALLS, FakeModelsPlugin
+    from llm.plugins import load_plugins, pm
 
     CALLS.clear()
     load_plugins()
@@ -182,21 +180,12 @@ def fake_models(monkeypatch):
     pm.unregister(name="lb-test-models")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def local_openai(user_path):
     """A local OpenAI-compatible server on 127.0.0.1, and llm's OpenAI plugin configured for
     it: local-a and local-b (same model name, endpoints a and b), local-dead (nothing listens).
     Keys: work, personal, and each model's default key."""
     import yaml
-
     from local_openai import LocalOpenAI
 
     server = LocalOpenAI().start()
@@ -215,7 +204,7 @@ def local_openai(user_path):
         {
             "model_id": "local-dead",
             "model_name": "gpt-local",
-            "api_base": f"http://127.0.0.1:{_free_port()}/v1",
+            "api_base": f"http://127.0.0.1:{free_port()}/v1",
             "api_key_name": "local-dead",
         }
     )

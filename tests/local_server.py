@@ -35,6 +35,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 
+def free_port() -> int:
+    "A port nothing listens on now, on 127.0.0.1."
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class Recorded(dict):
     "One request: path, endpoint, key, body (parsed JSON), time."
 

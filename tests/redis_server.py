@@ -2,15 +2,9 @@
 afterwards; it can be stopped and started again on the same port mid-test."""
 
 import shutil
-import socket
 import subprocess
-import time
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from local_server import free_port
 
 
 class RedisServer:
@@ -21,7 +15,7 @@ class RedisServer:
                 "Development)"
             )
         self.password = password
-        self.port = _free_port()
+        self.port = free_port()
         self.process = None
 
     @property
@@ -41,7 +35,7 @@ class RedisServer:
                 return self
             self.process.kill()
             self.process.wait()
-            self.port = _free_port()
+            self.port = free_port()
         raise RuntimeError("redis-server did not start")
 
     def _ready(self) -> bool:
@@ -61,17 +55,3 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
         self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
-def wait_gone(port: int) -> None:
-    "After stop(): nothing listens on the port (the process has exited, so this is at once)."
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) != 0:
-                return
-    raise RuntimeError(f"port {port} still answers")

@@ -193,7 +193,9 @@ def test_redis_stopped_mid_run_answers_from_the_local_file(user_path, redis_serv
     assert [m["requests"] for m in members_stats("down")] == [1, 0]
 
 
-def test_a_server_that_never_answers_costs_at_most_its_timeout(user_path):
+def test_a_server_that_never_answers_is_left_after_its_timeout_and_the_prompt_answered(
+    user_path,
+):
     import socket
 
     with socket.socket() as silent:  # accepts connections, answers nothing
@@ -286,16 +288,18 @@ def test_lb_state_reports_the_server_and_what_it_holds(user_path, redis_server):
     assert stats.startswith(f"lb:s  (state: Redis at {redis_server.url})")
 
 
-def test_a_tool_turn_goes_back_to_the_member_that_made_the_calls(machines, redis_server):
-    "Conversation ties are in the server: a sticky conversation keeps its member."
-    on_both(machines, "st", "echo", "echo", flags=("--state", redis_server.url, "--sticky"))
+def test_a_sticky_conversation_keeps_its_member_while_other_machines_prompt(machines, redis_server):
+    "Conversation ties are in the server; prompts from another machine move the rotation."
+    flags = ("--state", redis_server.url, "--sticky")
+    on_both(machines, "st", "echo", "echo", "echo", flags=flags)
     machines("A")
-    model = llm.get_model("lb:st")
-    conversation = model.conversation()
-    conversation.prompt("one").text()
-    ask("st")  # another prompt moves the rotation on
-    conversation.prompt("two").text()
-    assert [m["requests"] for m in members_stats("st")] == [2, 1]
+    conversation = llm.get_model("lb:st").conversation()
+    conversation.prompt("one").text()  # member 1
+    machines("B")
+    ask("st")  # member 2; the rotation is at member 3 now
+    machines("A")
+    conversation.prompt("two").text()  # member 1 again, not member 3
+    assert [m["requests"] for m in members_stats("st")] == [2, 1, 0]
 
 
 def test_redis_py_is_not_imported_by_llm_when_no_balancer_uses_it(user_path):
