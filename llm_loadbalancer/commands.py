@@ -69,6 +69,8 @@ class _Group(DefaultGroup):
             return super().invoke(ctx)
         except (ConfigError, state.StateUnavailable) as ex:
             raise click.ClickException(str(ex)) from None
+        except BrokenPipeError:
+            raise  # the reader stopped (llm lb stats | head): click ends quietly
         except OSError as ex:
             raise click.ClickException(_os_problem(ex)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):

@@ -3,13 +3,15 @@ one line (an error, or a warning) and llm keeps working; nothing is lost."""
 
 import json
 import math
+import os
 import sqlite3
+import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import folder_snapshot, invoke, save_lb
+from conftest import folder_snapshot, invoke, process_env, save_lb
 from llm_loadbalancer import config, state
 
 FOLDER = "loadbalancers"
@@ -413,3 +415,22 @@ def test_a_fifo_in_the_folder_is_skipped_not_read(user_path):
     assert result.stdout == "lb:good  roundrobin  echo, echo\n"
     assert "Warning: skipped 'pipe.yaml': not a regular file" in result.stderr
     one_line_error(invoke("lb", "show", "pipe"), "not a regular file")
+
+
+def test_a_reader_that_stops_early_gets_no_error_message(user_path):
+    "llm lb list | head -1: the pipe closes before the output is written; nothing is said."
+    save_lb("x", "echo", "echo")
+    read, write = os.pipe()
+    os.close(read)  # a reader that is already gone: every write breaks the pipe
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "llm", "lb", "list"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=process_env(),
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert proc.stderr == ""
