@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -119,7 +120,47 @@ create index spent_member_at on spent (balancer, member, at);
 SCHEMA_V3 = """
 alter table stats add column items integer not null default 0;
 """
-MIGRATIONS = (SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)), SCHEMA_V2, SCHEMA_V3)
+# 3 -> 4: requests and token reports kept in the order of their index (without rowid), so that
+# recording one writes one page of the file instead of two (issue 10's cost budget). A
+# request's row is named by (balancer, member, at, id), its id drawn at random.
+SCHEMA_V4 = """
+create table requests_v4 (
+    balancer text not null,
+    member integer not null,
+    at real not null,
+    id integer not null,
+    tokens integer not null default 0,
+    first_chunk real,
+    total real,
+    pid integer,
+    streamed integer,
+    seq integer,
+    primary key (balancer, member, at, id)
+) without rowid;
+insert into requests_v4 (balancer, member, at, id, tokens, first_chunk, total, pid, streamed, seq)
+    select balancer, member, at, id, tokens, first_chunk, total, pid, streamed, seq from requests;
+drop table requests;
+alter table requests_v4 rename to requests;
+create index requests_in_flight on requests (balancer) where total is null;
+create table spent_v4 (
+    balancer text not null,
+    member integer not null,
+    at real not null,
+    cum integer not null,
+    tokens integer not null,
+    primary key (balancer, member, at, cum)
+) without rowid;
+insert or ignore into spent_v4 (balancer, member, at, cum, tokens)
+    select balancer, member, at, cum, tokens from spent;
+drop table spent;
+alter table spent_v4 rename to spent;
+"""
+MIGRATIONS = (
+    SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)),
+    SCHEMA_V2,
+    SCHEMA_V3,
+    SCHEMA_V4,
+)
 VERSION = len(MIGRATIONS)
 
 
@@ -161,6 +202,9 @@ def _connect(file: Path) -> sqlite3.Connection:
     if db is None:
         db = sqlite3.connect(key, timeout=timeout(), isolation_level=None, check_same_thread=False)
         try:
+            # A new file gets small pages: a prompt rewrites a few pages, and every byte of them
+            # goes to the disk at the next checkpoint (an existing file keeps its page size).
+            db.execute("pragma page_size=1024")
             db.execute("pragma journal_mode=wal")
             db.execute("pragma synchronous=normal")
             _upgrade(db)
@@ -245,7 +289,9 @@ def _clear(db, name: str) -> None:
 
 class Choice(NamedTuple):
     plan: Plan
-    ticket: int | str | None  # the first member's request, counted against its limits in advance
+    # the first member's request, counted against its limits in advance: (at, id) of its row in
+    # the file, a Redis server's own name for it
+    ticket: tuple | str | None
     cooled: frozenset[int]  # members with a cooldown on record (ended or not)
     now: float  # the time of the choice, by the backend's clock (a Redis server's: its own)
 
@@ -428,34 +474,38 @@ def _events(db, name: str, member: int, since: float):
     return requests, spent
 
 
-def _sent(db, balancer: Balancer, member: int, now: float) -> int:
-    """A request, chosen now, numbered after the member's last. Under least-busy it is in
-    flight (no total yet) until it ends; otherwise its total is 0 until then, which keeps it
-    out of the in-flight index."""
+def _sent(db, balancer: Balancer, member: int, now: float) -> tuple[float, int]:
+    """A request, chosen now, numbered after the member's last; its row's (at, id). Under
+    least-busy it is in flight (no total yet) until it ends; otherwise its total is 0 until
+    then, which keeps it out of the in-flight index."""
     in_flight = balancer.policy == "least-busy"
-    return db.execute(
-        "insert into requests (balancer, member, at, pid, seq, total) values (?, ?, ?, ?, "
+    row = random.getrandbits(48)
+    db.execute(
+        "insert into requests (balancer, member, at, id, pid, seq, total) values (?, ?, ?, ?, ?, "
         "coalesce((select seq from requests where balancer = ? and member = ? "
         "and seq is not null order by at desc limit 1), 0) + 1, ?)",
         [
             balancer.name,
             member,
             now,
+            row,
             os.getpid(),
             balancer.name,
             member,
             None if in_flight else 0.0,
         ],
-    ).lastrowid
+    )
+    return now, row
 
 
-def finish(balancer: Balancer, member: int, ticket: int, now: float | None = None) -> None:
+def finish(balancer: Balancer, member: int, ticket: tuple, now: float | None = None) -> None:
     "A request that ended without a record (the caller stopped reading): no longer in flight."
     now = time.time() if now is None else now
     with transaction() as db:
         db.execute(
-            "update requests set total = ? - at where id = ? and (total is null or total = 0)",
-            [now, ticket],
+            "update requests set total = ? - at where balancer = ? and member = ? and at = ? "
+            "and id = ? and (total is null or total = 0)",
+            [now, balancer.name, member, *ticket],
         )
 
 
@@ -463,7 +513,7 @@ def record(
     balancer: Balancer,
     member: int,
     *,
-    ticket: int | None = None,
+    ticket: tuple | None = None,
     error: str | None = None,
     cooldown: float | None = None,
     known: bool = False,
@@ -508,17 +558,37 @@ def record(
             ],
         )
         if ticket is not None:
+            at, row_id = ticket
             db.execute(
                 "update requests set tokens = ?, first_chunk = ?, total = ?, streamed = ? "
-                "where id = ?",
-                [tokens_in + tokens_out, first_chunk, total, int(streamed), ticket],
+                "where balancer = ? and member = ? and at = ? and id = ?",
+                [
+                    tokens_in + tokens_out,
+                    first_chunk,
+                    total,
+                    int(streamed),
+                    name,
+                    member,
+                    at,
+                    row_id,
+                ],
             )
         else:
-            ticket = db.execute(
-                "insert into requests (balancer, member, at, tokens, first_chunk, total, "
-                "streamed) values (?, ?, ?, ?, ?, ?, ?)",
-                [name, member, now, tokens_in + tokens_out, first_chunk, total, int(streamed)],
-            ).lastrowid
+            row_id = random.getrandbits(48)
+            db.execute(
+                "insert into requests (balancer, member, at, id, tokens, first_chunk, total, "
+                "streamed) values (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    name,
+                    member,
+                    now,
+                    row_id,
+                    tokens_in + tokens_out,
+                    first_chunk,
+                    total,
+                    int(streamed),
+                ],
+            )
         spent = tokens_in + tokens_out
         if spent and of_kind(balancer.members[member].limits, "t"):
             db.execute(
@@ -527,7 +597,7 @@ def record(
                 "order by at desc limit 1), 0) + ?)",
                 [name, member, now, spent, name, member, spent],
             )
-        if ticket % PRUNE_EVERY == 0:  # this member's rows older than a day serve no one
+        if row_id % PRUNE_EVERY == 0:  # this member's rows older than a day serve no one
             for table in ("requests", "spent"):
                 db.execute(
                     f"delete from {table} where balancer = ? and member = ? and at < ?",
@@ -548,7 +618,7 @@ def record(
             )
         elif error is None and cooled:
             db.execute("delete from cooldowns where balancer = ? and member = ?", [name, member])
-        if ticket % PRUNE_EVERY == 0:  # ties older than AFFINITY_DAYS are forgotten (indexed)
+        if row_id % PRUNE_EVERY == 0:  # ties older than AFFINITY_DAYS are forgotten (indexed)
             db.execute("delete from affinity where updated < ?", [now - AFFINITY_DAYS * 86400])
         if error is None and conversation:
             db.execute(

@@ -345,6 +345,41 @@ def test_a_state_file_from_0_1_0_is_upgraded_and_keeps_rotation_and_statistics(u
         assert db.execute("pragma user_version").fetchone()[0] == state.VERSION
 
 
+def test_a_state_file_of_version_3_is_upgraded_and_keeps_counting_its_requests_and_tokens(
+    user_path,
+):
+    save_lb("x", "echo rpm=1", "echo tpm=100")
+    balancer = config.load("x")
+    now = time.time()
+    with sqlite3.connect(user_path / "loadbalancers.db") as db:
+        for step in state.MIGRATIONS[:3]:
+            db.executescript(step)
+        db.execute("pragma user_version = 3")
+        db.execute("insert into rotation values ('x', ?, 0)", [balancer.signature])
+        # what version 3 kept: rows under a rowid, each indexed apart
+        db.execute(
+            "insert into requests (id, balancer, member, at, seq, total) "
+            "values (7, 'x', 0, ?, 1, 0.5)",
+            [now - 10],
+        )
+        db.execute(
+            "insert into spent (id, balancer, member, at, tokens, cum) "
+            "values (3, 'x', 1, ?, 150, 150)",
+            [now - 10],
+        )
+    state._connections.clear()
+    choice = state.select(balancer, now=now)
+    assert choice.plan.order == ()  # both at their limits, as before the upgrade
+    assert choice.plan.wait == (pytest.approx(now + 50), 0)
+    limits_now = [member["limits"] for member in state.stats(balancer, now=now)]
+    assert limits_now == [
+        {"rpm": {"used": 1, "limit": 1}},
+        {"tpm": {"used": 150, "limit": 100}},
+    ]
+    with sqlite3.connect(user_path / "loadbalancers.db") as db:
+        assert db.execute("pragma user_version").fetchone()[0] == state.VERSION
+
+
 def test_a_state_file_from_a_newer_version_is_not_touched(user_path, monkeypatch):
     from llm_loadbalancer import delegate
 
