@@ -56,29 +56,36 @@ def _warn_state(problem: Exception) -> None:
         )
 
 
-_defaults: dict = {}  # path: ((modification time, size), parsed file)
+_defaults: dict = {}  # path: ((modification time, size), parsed file, when it was looked at)
 _options_files: dict = {}  # LLM_USER_PATH: the path of its model_options.json
+LOOK_AGAIN = 1.0  # seconds: how long a process trusts what it read of model_options.json
+_clock = time.monotonic  # (tests move it)
 
 
 def _model_defaults(model_id: str) -> dict:
-    "Options set with 'llm models options set MODEL ...' (the file is read again if it changed)."
+    """Options set with 'llm models options set MODEL ...': the file is read again when it has
+    changed, which a long-running process looks for at most once a second."""
     user_path = os.environ.get("LLM_USER_PATH")
     path = _options_files.get(user_path)
     if path is None:
         path = _options_files[user_path] = str(state.path().parent / "model_options.json")
-    try:
-        info = os.stat(path)
-    except OSError:
-        return {}
-    stamp = (info.st_mtime_ns, info.st_size)
     cached = _defaults.get(path)
-    if cached is None or cached[0] != stamp:
+    now = _clock()
+    if cached is None or now - cached[2] >= LOOK_AGAIN:
         try:
-            with open(path) as handle:
-                data = json.load(handle)
-        except (OSError, ValueError):
-            data = {}
-        cached = _defaults[path] = (stamp, data if isinstance(data, dict) else {})
+            info = os.stat(path)
+        except OSError:
+            _defaults[path] = (None, {}, now)
+            return {}
+        stamp = (info.st_mtime_ns, info.st_size)
+        if cached is None or cached[0] != stamp:
+            try:
+                with open(path) as handle:
+                    data = json.load(handle)
+            except (OSError, ValueError):
+                data = {}
+            cached = (stamp, data if isinstance(data, dict) else {}, now)
+        _defaults[path] = cached = (cached[0], cached[1], now)
     options = cached[1].get(model_id)
     return dict(options) if isinstance(options, dict) else {}
 
@@ -294,8 +301,9 @@ class Run:
         "The member's model defaults, then its saved options, then those given at prompt time."
         merged = _model_defaults(model.model_id)
         merged.update(attempt.member.options)
-        given = self.prompt.options.model_dump(exclude_unset=True)
-        merged.update({name: value for name, value in given.items() if value is not None})
+        if self.prompt.options.model_fields_set:  # options given at prompt time
+            given = self.prompt.options.model_dump(exclude_unset=True)
+            merged.update({name: value for name, value in given.items() if value is not None})
         try:
             return build_options(model.Options, merged)
         except ConfigError as ex:

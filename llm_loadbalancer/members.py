@@ -115,13 +115,19 @@ def load_stored_keys() -> dict:
 
 def build_options(options_class, options: dict):
     "An instance of the model's Options class, or a ConfigError naming each bad option."
-    import pydantic
-
     try:
         return options_class(**options)
     except TypeError as ex:  # options that are not name=value
         raise ConfigError(f"options: {cut(str(ex), 200)}") from None
-    except pydantic.ValidationError as ex:
+    except Exception as ex:  # pydantic's ValidationError, or a model's own validator's error
+        _options_error(options_class, ex)
+
+
+def _options_error(options_class, ex: Exception):
+    "Raise the ConfigError for options the class refused, naming each bad option."
+    import pydantic  # only once options are refused: every prompt builds its members' options
+
+    if isinstance(ex, pydantic.ValidationError):
         problems = []
         for error in ex.errors()[:3]:
             loc = cut(".".join(str(part) for part in error.get("loc", ())) or "options")
@@ -131,8 +137,7 @@ def build_options(options_class, options: dict):
             else:
                 problems.append(f"option {loc!r}: {cut(str(error.get('msg')), 200)}")
         raise ConfigError("; ".join(problems)) from None
-    except Exception as ex:  # a model's own validator can raise anything
-        raise ConfigError(f"its options are refused: {cut(f'{type(ex).__name__}: {ex}', 200)}")
+    raise ConfigError(f"its options are refused: {cut(f'{type(ex).__name__}: {ex}', 200)}")
 
 
 def typed_options(member: Member, catalog: Catalog) -> Member:

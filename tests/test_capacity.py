@@ -354,9 +354,17 @@ def test_quota_exhausted_through_each_plugin_cools_the_member_down_for_an_hour(
     assert "(429 quota exhausted)" in invoke("lb", "stats", "q").stdout
 
 
-def test_model_option_defaults_are_read_again_when_they_change(run_llm, user_path):
+def test_model_option_defaults_are_read_again_when_they_change(run_llm, monkeypatch):
+    from llm_loadbalancer import delegate
+
+    clock = [1000.0]
+    monkeypatch.setattr(delegate, "_clock", lambda: clock[0])
     save_lb("d", "echo", "echo")
     run_llm("models", "options", "set", "echo", "example_bool", "true")
     assert "example_bool" in run_llm("-m", "lb:d", "hi").stdout
     run_llm("models", "options", "clear", "echo")
+    # a process trusts what it read for a second (the file is looked at once a second)
+    clock[0] += 0.5
+    assert "example_bool" in run_llm("-m", "lb:d", "hi").stdout
+    clock[0] += 0.5
     assert "example_bool" not in run_llm("-m", "lb:d", "hi").stdout
