@@ -120,25 +120,31 @@ create index spent_member_at on spent (balancer, member, at);
 SCHEMA_V3 = """
 alter table stats add column items integer not null default 0;
 """
-# 3 -> 4: requests and token reports kept in the order of their index (without rowid), so that
-# recording one writes one page of the file instead of two (issue 10's cost budget). A
-# request's row is named by (balancer, member, at, id), its id drawn at random.
+# 3 -> 4 (issue 10's cost budget): fewer pages written per prompt. Requests and token reports
+# are kept in the order of their index (without rowid): one page each, not two. A request's row
+# is named by (balancer, member, at, id), its id drawn at random, and carries its outcome
+# (tokens, error, items); ``stats`` holds the totals of the rows pruned after a day (and of
+# those it counted before version 4: ``counted``), which ``stats()`` adds to the others.
 SCHEMA_V4 = """
 create table requests_v4 (
     balancer text not null,
     member integer not null,
     at real not null,
     id integer not null,
-    tokens integer not null default 0,
     first_chunk real,
     total real,
     pid integer,
     streamed integer,
     seq integer,
+    input_tokens integer not null default 0,
+    output_tokens integer not null default 0,
+    error text,
+    items integer not null default 0,
+    counted integer not null default 0,
     primary key (balancer, member, at, id)
 ) without rowid;
-insert into requests_v4 (balancer, member, at, id, tokens, first_chunk, total, pid, streamed, seq)
-    select balancer, member, at, id, tokens, first_chunk, total, pid, streamed, seq from requests;
+insert into requests_v4 (balancer, member, at, id, first_chunk, total, pid, streamed, seq, counted)
+    select balancer, member, at, id, first_chunk, total, pid, streamed, seq, 1 from requests;
 drop table requests;
 alter table requests_v4 rename to requests;
 create index requests_in_flight on requests (balancer) where total is null;
@@ -536,58 +542,22 @@ def record(
     name = balancer.name
     tokens_in, tokens_out = (count or 0 for count in tokens)
     with transaction() as db:
-        db.execute(
-            "insert into stats (balancer, member, requests, successes, failures, last_used, "
-            "last_error, input_tokens, output_tokens, items) values (?, ?, 1, ?, ?, ?, ?, ?, ?, ?) "
-            "on conflict do update set "
-            "requests = requests + 1, successes = successes + excluded.successes, "
-            "failures = failures + excluded.failures, last_used = excluded.last_used, "
-            "last_error = coalesce(excluded.last_error, last_error), "
-            "input_tokens = input_tokens + excluded.input_tokens, "
-            "output_tokens = output_tokens + excluded.output_tokens, items = items + excluded.items",
-            [
-                name,
-                member,
-                int(error is None),
-                int(error is not None),
-                now,
-                error,
-                tokens_in,
-                tokens_out,
-                items,
-            ],
-        )
         if ticket is not None:
             at, row_id = ticket
             db.execute(
-                "update requests set tokens = ?, first_chunk = ?, total = ?, streamed = ? "
+                "update requests set first_chunk = ?, total = ?, streamed = ?, input_tokens = ?, "
+                "output_tokens = ?, error = ?, items = ? "
                 "where balancer = ? and member = ? and at = ? and id = ?",
-                [
-                    tokens_in + tokens_out,
-                    first_chunk,
-                    total,
-                    int(streamed),
-                    name,
-                    member,
-                    at,
-                    row_id,
-                ],
+                [first_chunk, total, int(streamed), tokens_in, tokens_out, error, items]
+                + [name, member, at, row_id],
             )
         else:
             row_id = random.getrandbits(48)
             db.execute(
-                "insert into requests (balancer, member, at, id, tokens, first_chunk, total, "
-                "streamed) values (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    name,
-                    member,
-                    now,
-                    row_id,
-                    tokens_in + tokens_out,
-                    first_chunk,
-                    total,
-                    int(streamed),
-                ],
+                "insert into requests (balancer, member, at, id, first_chunk, total, streamed, "
+                "input_tokens, output_tokens, error, items) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [name, member, now, row_id, first_chunk, total, int(streamed)]
+                + [tokens_in, tokens_out, error, items],
             )
         spent = tokens_in + tokens_out
         if spent and of_kind(balancer.members[member].limits, "t"):
@@ -597,12 +567,8 @@ def record(
                 "order by at desc limit 1), 0) + ?)",
                 [name, member, now, spent, name, member, spent],
             )
-        if row_id % PRUNE_EVERY == 0:  # this member's rows older than a day serve no one
-            for table in ("requests", "spent"):
-                db.execute(
-                    f"delete from {table} where balancer = ? and member = ? and at < ?",
-                    [name, member, now - limits.LONGEST],
-                )
+        if row_id % PRUNE_EVERY == 0:  # this member's rows older than a day: into the totals
+            _fold(db, name, member, now - limits.LONGEST)
         if cooldown:
             row = db.execute(
                 "select length from cooldowns where balancer = ? and member = ?", [name, member]
@@ -627,6 +593,39 @@ def record(
                 "last_member = excluded.last_member, updated = excluded.updated",
                 [name, conversation, member, member, now],
             )
+
+
+# The outcomes of a member's requests, as the columns of ``stats``: from its rows not yet counted
+OUTCOMES = (
+    "count(*), sum(error is null), sum(error is not null), max(at), "
+    "(select error from requests as later where later.balancer = requests.balancer "
+    "and later.member = requests.member and later.error is not null and later.counted = 0 "
+    "and later.at < ?3 order by later.at desc limit 1), "
+    "sum(input_tokens), sum(output_tokens), sum(items) "
+    "from requests where balancer = ?1 and member = ?2 and at < ?3 "
+    "and streamed is not null and counted = 0"
+)
+
+
+def _fold(db, name: str, member: int, before: float) -> None:
+    "Add the outcomes of a member's rows older than ``before`` to its totals; drop the rows."
+    db.execute(
+        "insert into stats (balancer, member, requests, successes, failures, last_used, "
+        f"last_error, input_tokens, output_tokens, items) select ?1, ?2, {OUTCOMES} "
+        "group by balancer on conflict do update set "
+        "requests = requests + excluded.requests, successes = successes + excluded.successes, "
+        "failures = failures + excluded.failures, "
+        "last_used = max(coalesce(last_used, 0), excluded.last_used), "
+        "last_error = coalesce(excluded.last_error, last_error), "
+        "input_tokens = input_tokens + excluded.input_tokens, "
+        "output_tokens = output_tokens + excluded.output_tokens, items = items + excluded.items",
+        [name, member, before],
+    )
+    for table in ("requests", "spent"):
+        db.execute(
+            f"delete from {table} where balancer = ? and member = ? and at < ?",
+            [name, member, before],
+        )
 
 
 def reset(name: str) -> None:
@@ -656,6 +655,10 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
                     [name],
                 )
             }
+            for index in range(len(balancer.members)):  # and the rows not yet in the totals
+                live = db.execute(f"select {OUTCOMES}", [name, index, math.inf]).fetchone()
+                if live[0]:
+                    rows[index] = _added(rows.get(index), live)
             cooling = {
                 r[0]: r[1:]
                 for r in db.execute(
@@ -673,6 +676,23 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
                     [name, index, RECENT],
                 ).fetchall()
     return shape_stats(balancer, rows, cooling, events, timings, now)
+
+
+def _added(folded, live) -> tuple:
+    "A member's totals (``stats``'s columns) and the outcomes of its rows not yet in them."
+    if folded is None:
+        return tuple(live)
+    requests, successes, failures, last_used, last_error, tokens_in, tokens_out, items = folded
+    return (
+        requests + live[0],
+        successes + live[1],
+        failures + live[2],
+        max(last_used or 0, live[3]),
+        live[4] or last_error,
+        tokens_in + live[5],
+        tokens_out + live[6],
+        items + live[7],
+    )
 
 
 def shape_stats(balancer: Balancer, rows, cooling, events, timings, now: float) -> list[dict]:

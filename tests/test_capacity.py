@@ -5,7 +5,9 @@ what crosses processes is tested with several processes against the local OpenAI
 server, which counts what reached each key."""
 
 import json
+import random
 import re
+import sqlite3
 import time
 
 import anthropic
@@ -313,6 +315,33 @@ def test_retry_after_is_waited_for_not_asked_early(local_openai):
     result = invoke("-m", "lb:ra", "hi")  # both are inside their Retry-After: none is asked
     assert "every member is at its limit or inside its provider's Retry-After" in result.stderr
     assert len(local_openai.requests) == 2
+
+
+def test_statistics_still_add_up_once_requests_older_than_a_day_are_folded_into_totals():
+    save_lb("f", "echo tpm=1000", "echo")
+    balancer = config.load("f")
+    state.select(balancer)  # the definition is on record
+    two_days_ago = time.time() - 2 * 86400
+    state.record(balancer, 0, tokens=(3, 4), now=two_days_ago)
+    state.record(balancer, 0, error="429 rate limited: slow down", now=two_days_ago + 1)
+    state.record(balancer, 1, tokens=(1, 1), now=two_days_ago)
+    db = sqlite3.connect(state.path())
+    old = "select count(*) from requests where member = 0 and at < ?"
+    assert db.execute(old, [two_days_ago + 10]).fetchone()[0] == 2
+    # one record in PRUNE_EVERY (drawn at random, seeded here) folds the member's old rows
+    random.seed(5)
+    for count in range(1, 50 * state.PRUNE_EVERY):
+        state.record(balancer, 0, tokens=(1, 2))
+        if db.execute(old, [two_days_ago + 10]).fetchone()[0] == 0:
+            break
+    assert count > 1
+    first, second = state.stats(balancer)
+    assert (first["requests"], first["successes"], first["failures"]) == (2 + count, 1 + count, 1)
+    assert (first["input_tokens"], first["output_tokens"]) == (3 + count, 4 + 2 * count)
+    assert first["last_error"] == "429 rate limited: slow down"
+    assert first["last_used"] > two_days_ago + 86400  # the latest request, not a folded one
+    assert (second["requests"], second["input_tokens"]) == (1, 1)  # not folded: still counted
+    assert first["share"] == pytest.approx((2 + count) / (3 + count))
 
 
 def test_stats_show_limits_tokens_timings_and_a_bar(local_openai):

@@ -5,6 +5,7 @@ another and at once."""
 import asyncio
 import importlib.metadata
 import json
+import random
 import sqlite3
 import subprocess
 import sys
@@ -428,8 +429,14 @@ def test_conversation_ties_older_than_30_days_are_forgotten(keyed, user_path):
     balancer = config.load("old")
     long_ago = time.time() - 31 * 86400
     state.record(balancer, 1, conversation="ancient", now=long_ago)
-    for _ in range(state.PRUNE_EVERY):  # old ties are forgotten as requests are recorded
-        state.record(balancer, 0, conversation="recent")
     db = sqlite3.connect(user_path / "loadbalancers.db")
-    rows = db.execute("select conversation, first_member from affinity order by conversation")
-    assert rows.fetchall() == [("recent", 0)]
+    ties = "select conversation, first_member from affinity order by conversation"
+    # old ties are forgotten as requests are recorded: by one in PRUNE_EVERY of them, drawn at
+    # random (seeded here)
+    random.seed(3)
+    for count in range(1, 50 * state.PRUNE_EVERY):
+        state.record(balancer, 0, conversation="recent")
+        if len(db.execute(ties).fetchall()) == 1:
+            break
+    assert db.execute(ties).fetchall() == [("recent", 0)]
+    assert count > 1  # not at once: the tie was there until a record pruned it
