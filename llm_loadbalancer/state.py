@@ -272,20 +272,27 @@ def transaction(write: bool = True):
             raise StateUnavailable(f"{file}: {ex}{hint}") from ex
 
 
-def _sync_signature(db, balancer: Balancer) -> int:
-    "The stored rotation position; a changed member list starts everything again."
-    row = db.execute(
-        "select signature, position from rotation where balancer = ?", [balancer.name]
-    ).fetchone()
-    signature = balancer.signature
-    if row is not None and row[0] == signature:
-        return row[1]
+def _sync_signature(db, balancer: Balancer) -> tuple[int, list]:
+    """The stored rotation position and the cooldowns on record (member, until, known), read at
+    once; a changed member list starts everything again (no cooldowns)."""
+    rotation, cooldowns = None, []
+    for row in db.execute(
+        "select -1, signature, position from rotation where balancer = ?1 "
+        "union all select member, until, known from cooldowns where balancer = ?1",
+        [balancer.name],
+    ):
+        if row[0] == -1:
+            rotation = row[1:]
+        else:
+            cooldowns.append(row)
+    if rotation is not None and rotation[0] == balancer.signature:
+        return rotation[1], cooldowns
     _clear(db, balancer.name)
     db.execute(
         "insert into rotation (balancer, signature, position) values (?, ?, 0)",
-        [balancer.name, signature],
+        [balancer.name, balancer.signature],
     )
-    return 0
+    return 0, []
 
 
 def _clear(db, name: str) -> None:
@@ -305,9 +312,9 @@ class Choice(NamedTuple):
 class _FileKnown:
     "What the state file knows of a balancer (``selection.Known``), read in one transaction."
 
-    def __init__(self, db, balancer: Balancer, now: float, member: int | None = None):
+    def __init__(self, db, balancer: Balancer, now: float, cooldowns):
         self.db, self.balancer, self.now = db, balancer, now
-        self.cooling, self.blocked, self.cooled = _cooldowns(db, balancer, now, member)
+        self.cooling, self.blocked, self.cooled = _cooldowns(cooldowns, now)
         self.tie = self.busy = self.latency = None
         self.position = 0
 
@@ -351,8 +358,9 @@ def select(
     """
     now = time.time() if now is None else now
     with transaction() as db:
-        known = _FileKnown(db, balancer, now)
-        known.position = position = _sync_signature(db, balancer)
+        position, cooldowns = _sync_signature(db, balancer)
+        known = _FileKnown(db, balancer, now, cooldowns)
+        known.position = position
         if conversation and (tool_turn or balancer.sticky):
             known.tie = db.execute(
                 "select first_member, last_member from affinity "
@@ -424,22 +432,22 @@ def claim(balancer: Balancer, member: int, now: float | None = None) -> int | No
     them and is not inside a provider's Retry-After; its ticket, or None (skip it)."""
     now = time.time() if now is None else now
     with transaction() as db:
-        known = _FileKnown(db, balancer, now, member)
+        cooldowns = db.execute(
+            "select member, until, known from cooldowns where balancer = ? and member = ?",
+            [balancer.name, member],
+        ).fetchall()
+        known = _FileKnown(db, balancer, now, cooldowns)
         if member in known.blocked or free_at(balancer, known, member, now) is not None:
             return None
         return _sent(db, balancer, member, now)
 
 
-def _cooldowns(db, balancer: Balancer, now: float, member: int | None = None):
-    """{member: until} cooling down after a guessed time, those the provider gave (known),
-    and every member with a cooldown on record, ended or not (what a success clears)."""
-    query = "select member, until, known from cooldowns where balancer = ?"
-    args = [balancer.name]
-    if member is not None:
-        query += " and member = ?"
-        args.append(member)
+def _cooldowns(rows, now: float):
+    """From the cooldowns on record (member, until, known): {member: until} cooling down after a
+    guessed time, those the provider gave (known), and every member with a cooldown on record,
+    ended or not (what a success clears)."""
     cooling, blocked, cooled = {}, {}, set()
-    for index, until, known in db.execute(query, args):
+    for index, until, known in rows:
         cooled.add(index)
         if until > now:
             (blocked if known else cooling)[index] = min(until, now + MAX_SECONDS)

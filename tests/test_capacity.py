@@ -193,6 +193,18 @@ def test_a_member_that_fails_again_after_its_cooldown_cools_down_twice_as_long()
     assert state.stats(balancer, now=now)[0]["cooling_down_until"] == now + config.MAX_SECONDS
 
 
+def test_a_balancer_defined_again_starts_without_the_old_definitions_cooldowns():
+    save_lb("again", "echo", "echo example_bool=true")
+    state.select(config.load("again"), now=NOW)
+    state.record(config.load("again"), 1, error="500 server error: x", cooldown=300, now=NOW)
+    save_lb("again", "echo", "echo example_bool=false", "echo", flags=("--force",))
+    balancer = config.load("again")
+    choice = state.select(balancer, now=NOW + 1)
+    assert choice.plan.skipped == ()  # member 2 of this definition never failed
+    assert choice.cooled == frozenset()
+    assert [state.select(balancer, now=NOW + 1).plan.order[0] for _ in range(2)] == [1, 2]
+
+
 # --- settings --------------------------------------------------------------------------------
 
 
