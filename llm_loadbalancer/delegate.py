@@ -99,7 +99,7 @@ class Attempt:
         self.member: Member = run.balancer.members[index]
         self.model = run.member_model(index)
         self.secret = None
-        self.ticket: int | None = None  # its request, recorded when it was chosen
+        self.ticket: tuple | str | None = None  # its request, counted when it was chosen
         self.recorded = False
         self.streamed = True
         self.prepare()
@@ -363,7 +363,7 @@ class Run:
             **attempt.timings(),
         )
 
-    def _claim(self, index: int) -> int | None:
+    def _claim(self, index: int) -> tuple | str | None:
         if not self.use_state:
             return None
         try:

@@ -122,9 +122,11 @@ alter table stats add column items integer not null default 0;
 """
 # 3 -> 4 (issue 10's cost budget): fewer pages written per prompt. Requests and token reports
 # are kept in the order of their index (without rowid): one page each, not two. A request's row
-# is named by (balancer, member, at, id), its id drawn at random, and carries its outcome
-# (tokens, error, items); ``stats`` holds the totals of the rows pruned after a day (and of
-# those it counted before version 4: ``counted``), which ``stats()`` adds to the others.
+# is named by (balancer, member, at, id): a request counted against limits has its number
+# (``seq``) for id, so that requests chosen at the same time stay in order; one recorded only
+# when it ended, a random id. The row carries its outcome (tokens, error, items, when it
+# ended); ``stats`` holds the totals of the rows pruned after a day (and of those it counted
+# before version 4: ``counted``), which ``stats()`` adds to the others.
 SCHEMA_V4 = """
 create table requests_v4 (
     balancer text not null,
@@ -141,6 +143,7 @@ create table requests_v4 (
     error text,
     items integer not null default 0,
     counted integer not null default 0,
+    ended real,
     primary key (balancer, member, at, id)
 ) without rowid;
 insert into requests_v4 (balancer, member, at, id, first_chunk, total, pid, streamed, seq, counted)
@@ -356,8 +359,8 @@ def select(
     which goes back to the member that made the calls. With ``sticky`` every turn of a
     conversation starts at the member that answered its first turn.
     """
-    now = time.time() if now is None else now
     with transaction() as db:
+        now = time.time() if now is None else now  # in the lock: rows in the order of their times
         position, cooldowns = _sync_signature(db, balancer)
         known = _FileKnown(db, balancer, now, cooldowns)
         known.position = position
@@ -427,11 +430,11 @@ def _latencies(db, balancer: Balancer, now: float, stream: bool) -> dict[int, fl
     return found
 
 
-def claim(balancer: Balancer, member: int, now: float | None = None) -> int | None:
+def claim(balancer: Balancer, member: int, now: float | None = None) -> tuple | None:
     """Before failing over to a member with limits: count its request if it has room under
     them and is not inside a provider's Retry-After; its ticket, or None (skip it)."""
-    now = time.time() if now is None else now
     with transaction() as db:
+        now = time.time() if now is None else now  # in the lock: rows in the order of their times
         cooldowns = db.execute(
             "select member, until, known from cooldowns where balancer = ? and member = ?",
             [balancer.name, member],
@@ -465,7 +468,8 @@ def _window_query(names: tuple[str, ...]) -> tuple[list[float], str]:
         tables.append(("spent", "cum", "tokens"))
     parts = []
     for table, running, added in tables:
-        where = f"from {table} where balancer = ?1 and member = ?2"
+        # (a request recorded only when it ended, with no number, is not counted)
+        where = f"from {table} where balancer = ?1 and member = ?2 and {running} is not null"
         parts.append(f"(select {running} {where} order by at desc limit 1)")
         for number in range(len(windows)):
             parts.append(
@@ -489,33 +493,28 @@ def _events(db, name: str, member: int, since: float):
 
 
 def _sent(db, balancer: Balancer, member: int, now: float) -> tuple[float, int]:
-    """A request, chosen now, numbered after the member's last; its row's (at, id). Under
-    least-busy it is in flight (no total yet) until it ends; otherwise its total is 0 until
-    then, which keeps it out of the in-flight index."""
+    """A request, chosen now, numbered after the member's last (its number is its row's id,
+    which orders requests chosen at the same time); its row's (at, id). Under least-busy it is
+    in flight (no total yet) until it ends; otherwise its total is 0 until then, which keeps it
+    out of the in-flight index."""
     in_flight = balancer.policy == "least-busy"
-    row = random.getrandbits(48)
+    (seq,) = db.execute(
+        "select coalesce((select seq from requests where balancer = ? and member = ? "
+        "and seq is not null order by at desc, id desc limit 1), 0) + 1",
+        [balancer.name, member],
+    ).fetchone()
     db.execute(
-        "insert into requests (balancer, member, at, id, pid, seq, total) values (?, ?, ?, ?, ?, "
-        "coalesce((select seq from requests where balancer = ? and member = ? "
-        "and seq is not null order by at desc limit 1), 0) + 1, ?)",
-        [
-            balancer.name,
-            member,
-            now,
-            row,
-            os.getpid(),
-            balancer.name,
-            member,
-            None if in_flight else 0.0,
-        ],
+        "insert into requests (balancer, member, at, id, pid, seq, total) "
+        "values (?, ?, ?, ?, ?, ?, ?)",
+        [balancer.name, member, now, seq, os.getpid(), seq, None if in_flight else 0.0],
     )
-    return now, row
+    return now, seq
 
 
 def finish(balancer: Balancer, member: int, ticket: tuple, now: float | None = None) -> None:
     "A request that ended without a record (the caller stopped reading): no longer in flight."
-    now = time.time() if now is None else now
     with transaction() as db:
+        now = time.time() if now is None else now
         db.execute(
             "update requests set total = ? - at where balancer = ? and member = ? and at = ? "
             "and id = ? and (total is null or total = 0)",
@@ -546,26 +545,27 @@ def record(
     tied to the conversation. ``ticket``: its request's row, made in advance (limits);
     ``cooled``: whether it had a cooldown on record, which a success clears; ``items``: the
     items of an embedding batch."""
-    now = time.time() if now is None else now
     name = balancer.name
     tokens_in, tokens_out = (count or 0 for count in tokens)
     with transaction() as db:
+        now = time.time() if now is None else now  # in the lock: rows in the order of their times
+        outcome = [first_chunk, total, int(streamed), tokens_in, tokens_out, error, items, now]
+        updated = 0
         if ticket is not None:
             at, row_id = ticket
-            db.execute(
+            updated = db.execute(
                 "update requests set first_chunk = ?, total = ?, streamed = ?, input_tokens = ?, "
-                "output_tokens = ?, error = ?, items = ? "
+                "output_tokens = ?, error = ?, items = ?, ended = ? "
                 "where balancer = ? and member = ? and at = ? and id = ?",
-                [first_chunk, total, int(streamed), tokens_in, tokens_out, error, items]
-                + [name, member, at, row_id],
-            )
-        else:
+                outcome + [name, member, at, row_id],
+            ).rowcount
+        if not updated:  # no ticket, or its row is gone (a reset, a new definition): its own row
             row_id = random.getrandbits(48)
             db.execute(
                 "insert into requests (balancer, member, at, id, first_chunk, total, streamed, "
-                "input_tokens, output_tokens, error, items) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [name, member, now, row_id, first_chunk, total, int(streamed)]
-                + [tokens_in, tokens_out, error, items],
+                "input_tokens, output_tokens, error, items, ended) "
+                "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [name, member, now, row_id] + outcome,
             )
         spent = tokens_in + tokens_out
         if spent and of_kind(balancer.members[member].limits, "t"):
@@ -605,10 +605,10 @@ def record(
 
 # The outcomes of a member's requests, as the columns of ``stats``: from its rows not yet counted
 OUTCOMES = (
-    "count(*), sum(error is null), sum(error is not null), max(at), "
+    "count(*), sum(error is null), sum(error is not null), max(ended), "
     "(select error from requests as later where later.balancer = requests.balancer "
     "and later.member = requests.member and later.error is not null and later.counted = 0 "
-    "and later.at < ?3 order by later.at desc limit 1), "
+    "and later.at < ?3 order by later.ended desc limit 1), "
     "sum(input_tokens), sum(output_tokens), sum(items) "
     "from requests where balancer = ?1 and member = ?2 and at < ?3 "
     "and streamed is not null and counted = 0"

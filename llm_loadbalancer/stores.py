@@ -128,6 +128,8 @@ class _WithFallback:
     def _either(self, name: str, *args, **kwargs):
         from .redis_state import Unreachable
 
+        if isinstance(kwargs.get("ticket"), tuple):  # counted by the file (the server was down)
+            return getattr(state, name)(*args, **kwargs)
         if not _is_down(self.shared.url):
             try:
                 return getattr(self.shared, name)(*args, **kwargs)
@@ -150,6 +152,8 @@ class _WithFallback:
         "A ticket of the server means nothing to the file: when the server fails, nothing."
         from .redis_state import Unreachable
 
+        if isinstance(ticket, tuple):  # counted by the file (the server was down)
+            return state.finish(balancer, member, ticket, now)
         if _is_down(self.shared.url):
             return
         try:

@@ -346,7 +346,14 @@ def test_statistics_still_add_up_once_requests_older_than_a_day_are_folded_into_
         state.record(balancer, 0, tokens=(1, 2))
         if db.execute(old, [two_days_ago + 10]).fetchone()[0] == 0:
             break
+    else:
+        pytest.fail("the old rows were never folded")
     assert count > 1
+    folded = db.execute(
+        "select requests, successes, failures, input_tokens, output_tokens, last_error "
+        "from stats where balancer = 'f' and member = 0"
+    ).fetchone()
+    assert folded == (2, 1, 1, 3, 4, "429 rate limited: slow down")
     first, second = state.stats(balancer)
     assert (first["requests"], first["successes"], first["failures"]) == (2 + count, 1 + count, 1)
     assert (first["input_tokens"], first["output_tokens"]) == (3 + count, 4 + 2 * count)
@@ -354,6 +361,47 @@ def test_statistics_still_add_up_once_requests_older_than_a_day_are_folded_into_
     assert first["last_used"] > two_days_ago + 86400  # the latest request, not a folded one
     assert (second["requests"], second["input_tokens"]) == (1, 1)  # not folded: still counted
     assert first["share"] == pytest.approx((2 + count) / (3 + count))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_requests_chosen_at_the_same_time_are_counted_in_order(seed):
+    save_lb("same", "echo rpm=3", "echo", flags=("--policy", "failover"))
+    balancer = config.load("same")
+    random.seed(seed)
+    firsts = [state.select(balancer, now=NOW).plan.order[0] for _ in range(5)]
+    assert firsts == [0, 0, 0, 1, 1]  # never a 4th request in the minute
+
+
+def test_last_used_and_last_error_are_those_of_the_request_that_ended_last():
+    save_lb("ended", "echo rpm=100", "echo", flags=("--policy", "failover"))
+    balancer = config.load("ended")
+    long_one = state.select(balancer, now=NOW).ticket
+    short_one = state.select(balancer, now=NOW + 1).ticket
+    state.record(balancer, 0, ticket=short_one, error="500 server error: short", now=NOW + 2)
+    state.record(balancer, 0, ticket=long_one, error="429 rate limited: long", now=NOW + 60)
+    member = state.stats(balancer, now=NOW + 61)[0]
+    assert (member["last_used"], member["last_error"]) == (NOW + 60, "429 rate limited: long")
+
+
+def test_a_prompt_in_flight_across_a_reset_keeps_its_outcome_and_hides_no_request():
+    save_lb("z", "echo rpm=2", "echo", flags=("--policy", "failover"))
+    balancer = config.load("z")
+    in_flight = state.select(balancer, now=NOW).ticket
+    state.reset("z")
+    for moment in (NOW + 1, NOW + 2):  # member 1 reaches its limit again after the reset
+        assert state.select(balancer, now=moment).plan.order[0] == 0
+    state.record(balancer, 0, ticket=in_flight, tokens=(5, 5), now=NOW + 3)
+    assert state.stats(balancer, now=NOW + 3)[0]["input_tokens"] == 5
+    # its row (no number: it was not counted after the reset) does not hide the two that were
+    assert state.select(balancer, now=NOW + 4).plan.order[0] == 1
+
+
+def test_rpd_is_exact_when_many_processes_reach_it_at_once():
+    save_lb("race", "echo rpd=100", "echo rpd=100", flags=("--max-wait", "0"))
+    counts = run_workers("lb:race", 8, 40)
+    assert sum(done for done, _ in counts) == 200  # 2 members x 100, never a 101st
+    limits_now = [member["limits"]["rpd"] for member in state.stats(config.load("race"))]
+    assert limits_now == [{"used": 100, "limit": 100}] * 2
 
 
 def test_stats_show_limits_tokens_timings_and_a_bar(local_openai):

@@ -367,15 +367,28 @@ def test_a_state_file_of_version_3_is_upgraded_and_keeps_counting_its_requests_a
             "values (3, 'x', 1, ?, 150, 150)",
             [now - 10],
         )
+        # version 3 counted each outcome in stats as it was recorded, its row besides
+        db.execute(
+            "insert into stats (balancer, member, requests, successes, failures, last_used, "
+            "input_tokens, output_tokens) values ('x', 0, 4, 4, 0, ?, 40, 60)",
+            [now - 10],
+        )
+        db.execute(
+            "insert into requests (id, balancer, member, at, tokens, total, streamed) "
+            "values (8, 'x', 0, ?, 100, 0.5, 1)",
+            [now - 20],
+        )
     state._connections.clear()
     choice = state.select(balancer, now=now)
     assert choice.plan.order == ()  # both at their limits, as before the upgrade
     assert choice.plan.wait == (pytest.approx(now + 50), 0)
-    limits_now = [member["limits"] for member in state.stats(balancer, now=now)]
-    assert limits_now == [
+    members = state.stats(balancer, now=now)
+    assert [member["limits"] for member in members] == [
         {"rpm": {"used": 1, "limit": 1}},
         {"tpm": {"used": 150, "limit": 100}},
     ]
+    # what stats had counted is counted once
+    assert (members[0]["requests"], members[0]["input_tokens"]) == (4, 40)
     with sqlite3.connect(user_path / "loadbalancers.db") as db:
         assert db.execute("pragma user_version").fetchone()[0] == state.VERSION
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import invoke, process_env, run_workers, save_lb, set_keys
 from fake_models import CALLS
-from llm_loadbalancer import config, stores
+from llm_loadbalancer import config, state, stores
 from llm_loadbalancer.redis_state import RedisState
 
 PASSWORD = "s3cret-redis-password"
@@ -191,6 +191,26 @@ def test_redis_stopped_mid_run_answers_from_the_local_file(user_path, redis_serv
     stores._connections.clear()
     assert invoke("-m", "lb:down", "five").stderr == ""
     assert [m["requests"] for m in members_stats("down")] == [1, 0]
+
+
+def test_a_request_the_file_counted_while_the_server_was_down_ends_in_the_file(
+    user_path, redis_server, capsys
+):
+    save_lb("back", "echo rpm=100", "echo", flags=("--state", redis_server.url))
+    balancer = config.load("back")
+    store = stores.for_balancer(balancer)
+    redis_server.stop()
+    try:
+        choice = store.select(balancer)  # the file chooses, and counts the request
+    finally:
+        redis_server.start()
+    assert "cannot use its Redis state" in capsys.readouterr().err
+    stores._down.clear()  # 30 s later the server is tried again, while the prompt still runs
+    stores._warned.clear()  # (a warning is given once per process: let a second one show)
+    store.record(balancer, choice.plan.order[0], ticket=choice.ticket, tokens=(2, 3))
+    assert capsys.readouterr().err == ""  # the server is back: nothing to warn about
+    assert not stores._is_down(redis_server.url)
+    assert state.stats(balancer)[choice.plan.order[0]]["input_tokens"] == 2
 
 
 def test_a_server_that_never_answers_is_left_after_its_timeout_and_the_prompt_answered(
