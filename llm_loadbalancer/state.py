@@ -320,12 +320,14 @@ class _FileKnown:
         self.cooling, self.blocked, self.cooled = _cooldowns(cooldowns, now)
         self.tie = self.busy = self.latency = None
         self.position = 0
+        self.last_numbers: dict[int, int | None] = {}  # the number of each member's last request
 
     def totals(self, member: int) -> dict[float, tuple[int, int]]:
         windows, sql = _window_query(tuple(self.balancer.members[member].limits))
         row = self.db.execute(
             sql, [self.balancer.name, member] + [self.now - window for window in windows]
         ).fetchone()
+        self.last_numbers[member] = row[0]
         spans, width = [], len(windows) + 1
         for start in range(0, len(row), width):
             last, *befores = row[start : start + width]
@@ -384,7 +386,8 @@ def select(
             )
         ticket = None
         if result.order and counted_ahead(balancer, result.order[0]):
-            ticket = _sent(db, balancer, result.order[0], now)
+            first = result.order[0]
+            ticket = _sent(db, balancer, first, now, known.last_numbers.get(first, _UNREAD))
         return Choice(result, ticket, known.cooled, now)
 
 
@@ -442,7 +445,7 @@ def claim(balancer: Balancer, member: int, now: float | None = None) -> tuple | 
         known = _FileKnown(db, balancer, now, cooldowns)
         if member in known.blocked or free_at(balancer, known, member, now) is not None:
             return None
-        return _sent(db, balancer, member, now)
+        return _sent(db, balancer, member, now, known.last_numbers.get(member, _UNREAD))
 
 
 def _cooldowns(rows, now: float):
@@ -463,17 +466,20 @@ def _window_query(names: tuple[str, ...]) -> tuple[list[float], str]:
     token limit), the newest row's running number and, per window, the running number just
     before the oldest row inside it. Parameters: balancer, member, each window's start."""
     windows = sorted({limits.WINDOWS[name] for name in names})
-    tables = [("requests", "seq", "1")]
+    # (table, running number, what a row adds to it, what orders rows of the same time: the
+    # last column of the table's key, which the running number follows)
+    tables = [("requests", "seq", "1", "id")]
     if any(name.startswith("t") for name in names):
-        tables.append(("spent", "cum", "tokens"))
+        tables.append(("spent", "cum", "tokens", "cum"))
     parts = []
-    for table, running, added in tables:
+    for table, running, added, tie in tables:
         # (a request recorded only when it ended, with no number, is not counted)
         where = f"from {table} where balancer = ?1 and member = ?2 and {running} is not null"
-        parts.append(f"(select {running} {where} order by at desc limit 1)")
+        parts.append(f"(select {running} {where} order by at desc, {tie} desc limit 1)")
         for number in range(len(windows)):
             parts.append(
-                f"(select {running} - {added} {where} and at > ?{number + 3} order by at limit 1)"
+                f"(select {running} - {added} {where} and at > ?{number + 3} "
+                f"order by at, {tie} limit 1)"
             )
     return windows, "select " + ", ".join(parts)
 
@@ -492,21 +498,33 @@ def _events(db, name: str, member: int, since: float):
     return requests, spent
 
 
-def _sent(db, balancer: Balancer, member: int, now: float) -> tuple[float, int]:
-    """A request, chosen now, numbered after the member's last (its number is its row's id,
-    which orders requests chosen at the same time); its row's (at, id). Under least-busy it is
-    in flight (no total yet) until it ends; otherwise its total is 0 until then, which keeps it
-    out of the in-flight index."""
-    in_flight = balancer.policy == "least-busy"
-    (seq,) = db.execute(
-        "select coalesce((select seq from requests where balancer = ? and member = ? "
-        "and seq is not null order by at desc, id desc limit 1), 0) + 1",
-        [balancer.name, member],
-    ).fetchone()
+_UNREAD = object()
+
+
+def _sent(db, balancer: Balancer, member: int, now: float, last=_UNREAD) -> tuple[float, int]:
+    """A request, chosen now, numbered after the member's last (``last``, when the choice read
+    it already; its number is its row's id, which orders requests chosen at the same time);
+    its row's (at, id). Under least-busy it is in flight (no total yet) until it ends;
+    otherwise its total is 0 until then, which keeps it out of the in-flight index."""
+    if last is _UNREAD:
+        (last,) = db.execute(
+            "select seq from requests where balancer = ? and member = ? and seq is not null "
+            "order by at desc, id desc limit 1",
+            [balancer.name, member],
+        ).fetchone() or (None,)
+    seq = (last or 0) + 1
     db.execute(
         "insert into requests (balancer, member, at, id, pid, seq, total) "
         "values (?, ?, ?, ?, ?, ?, ?)",
-        [balancer.name, member, now, seq, os.getpid(), seq, None if in_flight else 0.0],
+        [
+            balancer.name,
+            member,
+            now,
+            seq,
+            os.getpid(),
+            seq,
+            None if balancer.policy == "least-busy" else 0.0,
+        ],
     )
     return now, seq
 
