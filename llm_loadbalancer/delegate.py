@@ -72,22 +72,29 @@ def _model_defaults(model_id: str) -> dict:
     cached = _defaults.get(path)
     now = _clock()
     if cached is None or now - cached[2] >= LOOK_AGAIN:
-        try:
-            info = os.stat(path)
-        except OSError:
-            _defaults[path] = (None, {}, now)
-            return {}
-        stamp = (info.st_mtime_ns, info.st_size)
-        if cached is None or cached[0] != stamp:
-            try:
-                with open(path) as handle:
-                    data = json.load(handle)
-            except (OSError, ValueError):
-                data = {}
-            cached = (stamp, data if isinstance(data, dict) else {}, now)
-        _defaults[path] = cached = (cached[0], cached[1], now)
+        stamp = _stamp(path)
+        same = cached is not None and cached[0] == stamp
+        cached = _defaults[path] = (stamp, cached[1] if same else _read_options(path), now)
     options = cached[1].get(model_id)
     return dict(options) if isinstance(options, dict) else {}
+
+
+def _stamp(path: str):
+    "(modification time, size) of the file, or None when there is none."
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
+def _read_options(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 class Attempt:

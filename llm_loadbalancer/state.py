@@ -590,7 +590,7 @@ def record(
             db.execute(
                 "insert into spent (balancer, member, at, tokens, cum) values (?, ?, ?, ?, "
                 "coalesce((select cum from spent where balancer = ? and member = ? "
-                "order by at desc limit 1), 0) + ?)",
+                "order by at desc, cum desc limit 1), 0) + ?)",
                 [name, member, now, spent, name, member, spent],
             )
         if row_id % PRUNE_EVERY == 0:  # this member's rows older than a day: into the totals
