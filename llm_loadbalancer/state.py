@@ -214,7 +214,7 @@ def _connect(file: Path) -> sqlite3.Connection:
             # A new file gets small pages: a prompt rewrites a few pages, and every byte of them
             # goes to the disk at the next checkpoint (an existing file keeps its page size).
             db.execute("pragma page_size=1024")
-            db.execute("pragma journal_mode=wal")
+            _wal(db)
             db.execute("pragma synchronous=normal")
             _upgrade(db)
         except BaseException:
@@ -222,6 +222,24 @@ def _connect(file: Path) -> sqlite3.Connection:
             raise
         _connections[key] = db
     return db
+
+
+_pause = time.sleep  # (tests replace it)
+
+
+def _wal(db) -> None:
+    """Put the file in WAL mode. A new file needs a moment to itself for that: while another
+    process is creating it too, SQLite refuses at once instead of waiting (its busy timeout does
+    not apply), so this tries again until the timeout."""
+    deadline = time.monotonic() + timeout()
+    while True:
+        try:
+            db.execute("pragma journal_mode=wal")
+            return
+        except sqlite3.OperationalError as ex:
+            if "locked" not in str(ex) or time.monotonic() >= deadline:
+                raise
+            _pause(0.005)
 
 
 def _upgrade(db) -> None:

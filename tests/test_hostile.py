@@ -393,6 +393,30 @@ def test_a_state_file_of_version_3_is_upgraded_and_keeps_counting_its_requests_a
         assert db.execute("pragma user_version").fetchone()[0] == state.VERSION
 
 
+def test_a_new_state_file_that_another_process_is_creating_is_waited_for(user_path, monkeypatch):
+    # Another process holds the new file (creating its tables, before WAL mode): SQLite refuses
+    # to turn it to WAL at once, without its busy timeout. The prompt waits for the file instead
+    # of going without it (seen as 'database is locked' when processes start together).
+    save_lb("x", "echo", "echo")
+    other = sqlite3.connect(user_path / "loadbalancers.db", isolation_level=None)
+    other.execute("create table creating (x)")
+    other.execute("begin immediate")
+    other.execute("insert into creating values (1)")
+    pauses = []
+
+    def pause(seconds):  # the other process is done by the time this one tries again
+        pauses.append(seconds)
+        if other.in_transaction:
+            other.execute("commit")
+
+    monkeypatch.setattr(state, "_pause", pause)
+    state._connections.clear()
+    assert state.select(config.load("x")).plan.order[0] == 0
+    assert len(pauses) == 1
+    with sqlite3.connect(user_path / "loadbalancers.db") as db:
+        assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
 def test_a_state_file_from_a_newer_version_is_not_touched(user_path, monkeypatch):
     from llm_loadbalancer import delegate
 
