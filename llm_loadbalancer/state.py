@@ -164,11 +164,66 @@ insert or ignore into spent_v4 (balancer, member, at, cum, tokens)
 drop table spent;
 alter table spent_v4 rename to spent;
 """
+# 4 -> 5 (issue 10's cost budget): an outcome is a row of its own, so that recording it is one
+# insert, not an update of its request's row and an insert for its tokens. ``requests`` keeps the
+# requests counted in advance (limits, least-busy), each named by its number; ``outcomes`` keeps
+# what each attempt ended with, numbered in the order they ended (``n``), with the running total
+# of the tokens counted against limits (``cum``), which replaces ``spent``. The outcomes a
+# version-4 file kept, and its token reports, become rows of ``outcomes``, numbered and summed in
+# the order they came.
+SCHEMA_V5 = """
+create table requests_v5 (
+    balancer text not null,
+    member integer not null,
+    at real not null,
+    seq integer not null,
+    pid integer,
+    total real,
+    primary key (balancer, member, at, seq)
+) without rowid;
+insert or ignore into requests_v5 (balancer, member, at, seq, pid, total)
+    select balancer, member, at, seq, pid, total from requests where seq is not null;
+create table outcomes (
+    balancer text not null,
+    member integer not null,
+    at real not null,
+    n integer not null,
+    tokens integer not null default 0,
+    cum integer not null default 0,
+    first_chunk real,
+    total real,
+    streamed integer,
+    input_tokens integer not null default 0,
+    output_tokens integer not null default 0,
+    error text,
+    items integer not null default 0,
+    counted integer not null default 0,
+    primary key (balancer, member, at, n)
+) without rowid;
+insert into outcomes (balancer, member, at, n, tokens, cum, first_chunk, total, streamed,
+        input_tokens, output_tokens, error, items, counted)
+    select balancer, member, at, row_number() over running, tokens, sum(tokens) over running,
+        first_chunk, total, streamed, input_tokens, output_tokens, error, items, counted
+    from (
+        select balancer, member, coalesce(ended, at) as at, 0 as tokens, first_chunk, total,
+            streamed, input_tokens, output_tokens, error, items, counted, 0 as report, id as tie
+        from requests where streamed is not null
+        union all
+        select balancer, member, at, tokens, null, null, null, 0, 0, null, 0, 0, 1, cum
+        from spent
+    )
+    window running as (partition by balancer, member order by at, report, tie);
+drop table requests;
+drop table spent;
+alter table requests_v5 rename to requests;
+create index requests_in_flight on requests (balancer) where total is null;
+"""
 MIGRATIONS = (
     SCHEMA_V1.format(max_seconds=int(MAX_SECONDS)),
     SCHEMA_V2,
     SCHEMA_V3,
     SCHEMA_V4,
+    SCHEMA_V5,
 )
 VERSION = len(MIGRATIONS)
 
@@ -317,7 +372,7 @@ def _sync_signature(db, balancer: Balancer) -> tuple[int, list]:
 
 
 def _clear(db, name: str) -> None:
-    for table in ("rotation", "cooldowns", "stats", "affinity", "requests", "spent"):
+    for table in ("rotation", "cooldowns", "stats", "affinity", "requests", "outcomes"):
         db.execute(f"delete from {table} where balancer = ?", [name])
 
 
@@ -441,7 +496,7 @@ def _latencies(db, balancer: Balancer, now: float, stream: bool) -> dict[int, fl
         values = [
             row[0]
             for row in db.execute(
-                f"select {column} from requests where balancer = ? and member = ? "
+                f"select {column} from outcomes where balancer = ? and member = ? "
                 f"and streamed = ? and {column} > 0 and at > ? order by at desc limit ?",
                 [balancer.name, member, int(stream), now - RECENT_HOURS * 3600, RECENT_TIMINGS],
             )
@@ -486,13 +541,12 @@ def _window_query(names: tuple[str, ...]) -> tuple[list[float], str]:
     windows = sorted({limits.WINDOWS[name] for name in names})
     # (table, running number, what a row adds to it, what orders rows of the same time: the
     # last column of the table's key, which the running number follows)
-    tables = [("requests", "seq", "1", "id")]
+    tables = [("requests", "seq", "1", "seq")]
     if any(name.startswith("t") for name in names):
-        tables.append(("spent", "cum", "tokens", "cum"))
+        tables.append(("outcomes", "cum", "tokens", "n"))
     parts = []
     for table, running, added, tie in tables:
-        # (a request recorded only when it ended, with no number, is not counted)
-        where = f"from {table} where balancer = ?1 and member = ?2 and {running} is not null"
+        where = f"from {table} where balancer = ?1 and member = ?2"
         parts.append(f"(select {running} {where} order by at desc, {tie} desc limit 1)")
         for number in range(len(windows)):
             parts.append(
@@ -505,42 +559,52 @@ def _window_query(names: tuple[str, ...]) -> tuple[list[float], str]:
 def _events(db, name: str, member: int, since: float):
     "(time, 0) of each request, and (time, tokens) of each report, of a member since ``since``."
     requests = db.execute(
-        "select at, 0 from requests where balancer = ? and member = ? and at > ? "
-        "and seq is not null",
+        "select at, 0 from requests where balancer = ? and member = ? and at > ?",
         [name, member, since],
     ).fetchall()
     spent = db.execute(
-        "select at, tokens from spent where balancer = ? and member = ? and at > ?",
+        "select at, tokens from outcomes where balancer = ? and member = ? and at > ? "
+        "and tokens > 0",
         [name, member, since],
     ).fetchall()
     return requests, spent
 
 
 _UNREAD = object()
+_LAST_OUTCOME = (
+    "select {} from outcomes where balancer = ?1 and member = ?2 order by at desc, n desc limit 1"
+)
+# an outcome, numbered after the member's last, its tokens added to their running total; never
+# dated before the last (a clock set back): rows stay in the order of their numbers and totals
+_INSERT_OUTCOME = (
+    "insert into outcomes (balancer, member, at, n, tokens, cum, first_chunk, total, streamed, "
+    "input_tokens, output_tokens, error, items) values (?1, ?2, "
+    f"max(?3, coalesce(({_LAST_OUTCOME.format('at')}), ?3)), "
+    f"coalesce(({_LAST_OUTCOME.format('n')}), 0) + 1, ?4, "
+    f"coalesce(({_LAST_OUTCOME.format('cum')}), 0) + ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+)
 
 
 def _sent(db, balancer: Balancer, member: int, now: float, last=_UNREAD) -> tuple[float, int]:
     """A request, chosen now, numbered after the member's last (``last``, when the choice read
-    it already; its number is its row's id, which orders requests chosen at the same time);
-    its row's (at, id). Under least-busy it is in flight (no total yet) until it ends;
-    otherwise its total is 0 until then, which keeps it out of the in-flight index."""
+    it already; the number orders requests chosen at the same time); its row's (at, seq). Under
+    least-busy it is in flight (no total yet) until it ends; otherwise its total is 0, which
+    keeps it out of the in-flight index."""
     if last is _UNREAD:
         (last,) = db.execute(
-            "select seq from requests where balancer = ? and member = ? and seq is not null "
-            "order by at desc, id desc limit 1",
+            "select seq from requests where balancer = ? and member = ? "
+            "order by at desc, seq desc limit 1",
             [balancer.name, member],
         ).fetchone() or (None,)
     seq = (last or 0) + 1
     db.execute(
-        "insert into requests (balancer, member, at, id, pid, seq, total) "
-        "values (?, ?, ?, ?, ?, ?, ?)",
+        "insert into requests (balancer, member, at, seq, pid, total) values (?, ?, ?, ?, ?, ?)",
         [
             balancer.name,
             member,
             now,
             seq,
             os.getpid(),
-            seq,
             None if balancer.policy == "least-busy" else 0.0,
         ],
     )
@@ -550,12 +614,16 @@ def _sent(db, balancer: Balancer, member: int, now: float, last=_UNREAD) -> tupl
 def finish(balancer: Balancer, member: int, ticket: tuple, now: float | None = None) -> None:
     "A request that ended without a record (the caller stopped reading): no longer in flight."
     with transaction() as db:
-        now = time.time() if now is None else now
-        db.execute(
-            "update requests set total = ? - at where balancer = ? and member = ? and at = ? "
-            "and id = ? and (total is null or total = 0)",
-            [now, balancer.name, member, *ticket],
-        )
+        _ended(db, balancer.name, member, ticket, time.time() if now is None else now)
+
+
+def _ended(db, name: str, member: int, ticket: tuple, now: float) -> None:
+    "A request in flight (least-busy) is no longer: it took from its start until now."
+    db.execute(
+        "update requests set total = ? - at where balancer = ? and member = ? and at = ? "
+        "and seq = ? and total is null",
+        [now, name, member, *ticket],
+    )
 
 
 def record(
@@ -578,40 +646,33 @@ def record(
     """Record one attempt: its outcome, tokens and timings in the statistics and against its
     limits; after a failure a cooldown (twice the last one when the member fails again right
     after a cooldown, up to the cap; a success resets that); for a success the member now
-    tied to the conversation. ``ticket``: its request's row, made in advance (limits);
-    ``cooled``: whether it had a cooldown on record, which a success clears; ``items``: the
-    items of an embedding batch."""
+    tied to the conversation. ``ticket``: its request's row, made in advance (limits;
+    least-busy, which counts it in flight until now); ``cooled``: whether it had a cooldown
+    on record, which a success clears; ``items``: the items of an embedding batch."""
     name = balancer.name
     tokens_in, tokens_out = (count or 0 for count in tokens)
     with transaction() as db:
         now = time.time() if now is None else now  # in the lock: rows in the order of their times
-        outcome = [first_chunk, total, int(streamed), tokens_in, tokens_out, error, items, now]
-        updated = 0
-        if ticket is not None:
-            at, row_id = ticket
-            updated = db.execute(
-                "update requests set first_chunk = ?, total = ?, streamed = ?, input_tokens = ?, "
-                "output_tokens = ?, error = ?, items = ?, ended = ? "
-                "where balancer = ? and member = ? and at = ? and id = ?",
-                outcome + [name, member, at, row_id],
-            ).rowcount
-        if not updated:  # no ticket, or its row is gone (a reset, a new definition): its own row
-            row_id = random.getrandbits(48)
-            db.execute(
-                "insert into requests (balancer, member, at, id, first_chunk, total, streamed, "
-                "input_tokens, output_tokens, error, items, ended) "
-                "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [name, member, now, row_id] + outcome,
-            )
-        spent = tokens_in + tokens_out
-        if spent and of_kind(balancer.members[member].limits, "t"):
-            db.execute(
-                "insert into spent (balancer, member, at, tokens, cum) values (?, ?, ?, ?, "
-                "coalesce((select cum from spent where balancer = ? and member = ? "
-                "order by at desc, cum desc limit 1), 0) + ?)",
-                [name, member, now, spent, name, member, spent],
-            )
-        if row_id % PRUNE_EVERY == 0:  # this member's rows older than a day: into the totals
+        if ticket is not None and balancer.policy == "least-busy":
+            _ended(db, name, member, ticket, now)
+        db.execute(
+            _INSERT_OUTCOME,
+            [
+                name,
+                member,
+                now,
+                tokens_in + tokens_out,
+                first_chunk,
+                total,
+                int(streamed),
+                tokens_in,
+                tokens_out,
+                error,
+                items,
+            ],
+        )
+        prune = random.random() * PRUNE_EVERY < 1
+        if prune:  # this member's rows older than a day: into the totals
             _fold(db, name, member, now - limits.LONGEST)
         if cooldown:
             row = db.execute(
@@ -628,7 +689,7 @@ def record(
             )
         elif error is None and cooled:
             db.execute("delete from cooldowns where balancer = ? and member = ?", [name, member])
-        if row_id % PRUNE_EVERY == 0:  # ties older than AFFINITY_DAYS are forgotten (indexed)
+        if prune:  # ties older than AFFINITY_DAYS are forgotten (indexed)
             db.execute("delete from affinity where updated < ?", [now - AFFINITY_DAYS * 86400])
         if error is None and conversation:
             db.execute(
@@ -639,14 +700,15 @@ def record(
             )
 
 
-# The outcomes of a member's requests, as the columns of ``stats``: from its rows not yet counted
+# The outcomes of a member's attempts, as the columns of ``stats``: from its rows not yet counted
+# (a version-4 file's token reports are rows without an outcome: ``streamed`` is null)
 OUTCOMES = (
-    "count(*), sum(error is null), sum(error is not null), max(ended), "
-    "(select error from requests as later where later.balancer = requests.balancer "
-    "and later.member = requests.member and later.error is not null and later.counted = 0 "
-    "and later.at < ?3 order by later.ended desc limit 1), "
+    "count(*), sum(error is null), sum(error is not null), max(at), "
+    "(select error from outcomes as later where later.balancer = outcomes.balancer "
+    "and later.member = outcomes.member and later.error is not null and later.counted = 0 "
+    "and later.at < ?3 order by later.at desc, later.n desc limit 1), "
     "sum(input_tokens), sum(output_tokens), sum(items) "
-    "from requests where balancer = ?1 and member = ?2 and at < ?3 "
+    "from outcomes where balancer = ?1 and member = ?2 and at < ?3 "
     "and streamed is not null and counted = 0"
 )
 
@@ -665,7 +727,7 @@ def _fold(db, name: str, member: int, before: float) -> None:
         "output_tokens = output_tokens + excluded.output_tokens, items = items + excluded.items",
         [name, member, before],
     )
-    for table in ("requests", "spent"):
+    for table in ("requests", "outcomes"):
         db.execute(
             f"delete from {table} where balancer = ? and member = ? and at < ?",
             [name, member, before],
@@ -715,7 +777,7 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
                 if member.limits:
                     events[index] = _events(db, name, index, now - limits.LONGEST)
                 timings[index] = db.execute(
-                    "select first_chunk, total from requests where balancer = ? and member = ? "
+                    "select first_chunk, total from outcomes where balancer = ? and member = ? "
                     "and total > 0 order by at desc limit ?",
                     [name, index, RECENT],
                 ).fetchall()

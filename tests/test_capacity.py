@@ -173,6 +173,17 @@ def test_token_limits_count_what_members_reported():
     assert members[0]["limits"] == {"tpm": {"used": 110, "limit": 100}}
 
 
+def test_tokens_reported_after_the_clock_was_set_back_still_count():
+    save_lb("back", "echo tpm=25", "echo example_bool=true")
+    balancer = config.load("back")
+    state.select(balancer, now=NOW)
+    state.record(balancer, 0, tokens=(10, 0), now=NOW)
+    state.record(balancer, 0, tokens=(20, 0), now=NOW - 30)  # the clock went back 30 s
+    # 30 tokens in the minute: a has no room, whatever the rotation says
+    assert [chosen(balancer, NOW + step).order[0] for step in (1, 2)] == [1, 1]
+    assert state.stats(balancer, now=NOW + 1)[0]["limits"]["tpm"]["used"] == 30
+
+
 def test_a_member_that_fails_again_after_its_cooldown_cools_down_twice_as_long():
     save_lb("esc", "echo", "echo example_bool=true")
     balancer = config.load("esc")
@@ -338,7 +349,7 @@ def test_statistics_still_add_up_once_requests_older_than_a_day_are_folded_into_
     state.record(balancer, 0, error="429 rate limited: slow down", now=two_days_ago + 1)
     state.record(balancer, 1, tokens=(1, 1), now=two_days_ago)
     db = sqlite3.connect(state.path())
-    old = "select count(*) from requests where member = 0 and at < ?"
+    old = "select count(*) from outcomes where member = 0 and at < ?"
     assert db.execute(old, [two_days_ago + 10]).fetchone()[0] == 2
     # one record in PRUNE_EVERY (drawn at random, seeded here) folds the member's old rows
     random.seed(5)

@@ -341,6 +341,20 @@ def test_a_state_file_from_0_1_0_is_upgraded_and_keeps_rotation_and_statistics(u
     members = state.stats(balancer)
     assert members[0]["requests"] == 5
     assert members[1]["cooling_down_until"] <= time.time() + config.MAX_SECONDS + 1
+    assert_upgraded(user_path)
+
+
+def old_state_file(user_path, version, balancer):
+    "A state file with the tables of an older version, and the balancer's rotation on record."
+    db = sqlite3.connect(user_path / "loadbalancers.db")
+    for step in state.MIGRATIONS[:version]:
+        db.executescript(step)
+    db.execute(f"pragma user_version = {version}")
+    db.execute("insert into rotation values ('x', ?, 0)", [balancer.signature])
+    return db
+
+
+def assert_upgraded(user_path):
     with sqlite3.connect(user_path / "loadbalancers.db") as db:
         assert db.execute("pragma user_version").fetchone()[0] == state.VERSION
 
@@ -351,11 +365,7 @@ def test_a_state_file_of_version_3_is_upgraded_and_keeps_counting_its_requests_a
     save_lb("x", "echo rpm=1", "echo tpm=100")
     balancer = config.load("x")
     now = time.time()
-    with sqlite3.connect(user_path / "loadbalancers.db") as db:
-        for step in state.MIGRATIONS[:3]:
-            db.executescript(step)
-        db.execute("pragma user_version = 3")
-        db.execute("insert into rotation values ('x', ?, 0)", [balancer.signature])
+    with old_state_file(user_path, 3, balancer) as db:
         # what version 3 kept: rows under a rowid, each indexed apart
         db.execute(
             "insert into requests (id, balancer, member, at, seq, total) "
@@ -389,8 +399,57 @@ def test_a_state_file_of_version_3_is_upgraded_and_keeps_counting_its_requests_a
     ]
     # what stats had counted is counted once
     assert (members[0]["requests"], members[0]["input_tokens"]) == (4, 40)
-    with sqlite3.connect(user_path / "loadbalancers.db") as db:
-        assert db.execute("pragma user_version").fetchone()[0] == state.VERSION
+    assert_upgraded(user_path)
+
+
+def test_a_state_file_of_version_4_is_upgraded_and_keeps_its_counts_outcomes_and_tokens(
+    user_path,
+):
+    save_lb("x", "echo rpm=1", "echo tpm=100")
+    balancer = config.load("x")
+    now = time.time()
+    with old_state_file(user_path, 4, balancer) as db:
+        # what version 4 kept: a request counted in advance, its outcome on its row ...
+        db.execute(
+            "insert into requests (balancer, member, at, id, seq, total, streamed, input_tokens, "
+            "output_tokens, ended) values ('x', 0, ?, 1, 1, 0.5, 1, 3, 5, ?)",
+            [now - 10, now - 9.5],
+        )
+        # ... an outcome recorded when it ended, and its tokens reported apart
+        db.execute(
+            "insert into requests (balancer, member, at, id, total, streamed, input_tokens, "
+            "output_tokens, error, ended) values ('x', 1, ?, 77, 0.5, 1, 100, 50, null, ?)",
+            [now - 20, now - 19.5],
+        )
+        db.execute(
+            "insert into spent (balancer, member, at, cum, tokens) values ('x', 1, ?, 150, 150)",
+            [now - 19.5],
+        )
+        db.execute(
+            "insert into stats (balancer, member, requests, successes, failures, last_used, "
+            "input_tokens, output_tokens) values ('x', 0, 4, 4, 0, ?, 40, 60)",
+            [now - 100],
+        )
+    state._connections.clear()
+    choice = state.select(balancer, now=now)
+    assert choice.plan.order == ()  # both at their limits, as before the upgrade
+    # member 2 frees up first: a minute after its tokens were reported
+    assert choice.plan.wait == (pytest.approx(now + 40.5, abs=0.01), 1)
+    members = state.stats(balancer, now=now)
+    assert [member["limits"] for member in members] == [
+        {"rpm": {"used": 1, "limit": 1}},
+        {"tpm": {"used": 150, "limit": 100}},
+    ]
+    # each outcome counted once, with its tokens and when it ended
+    assert [(m["requests"], m["input_tokens"], m["output_tokens"]) for m in members] == [
+        (5, 43, 65),
+        (1, 100, 50),
+    ]
+    assert members[1]["last_used"] == pytest.approx(now - 19.5)
+    # and the tokens reported from now on are added to the running total
+    state.record(balancer, 1, tokens=(7, 3), now=now + 1)
+    assert state.stats(balancer, now=now + 1)[1]["limits"]["tpm"]["used"] == 160
+    assert_upgraded(user_path)
 
 
 def test_a_new_state_file_that_another_process_is_creating_is_waited_for(user_path, monkeypatch):

@@ -72,7 +72,7 @@ def test_prompts_in_flight_of_a_process_that_is_gone_stop_counting(user_path):
 
     with sqlite3.connect(state.path()) as db:  # member 2, in flight in a process that ended
         db.execute(
-            "insert into requests (balancer, member, at, id, pid) values ('busy', 1, ?, 1, ?)",
+            "insert into requests (balancer, member, at, seq, pid) values ('busy', 1, ?, 1, ?)",
             [NOW, int(gone)],
         )
     choice = state.select(balancer, now=NOW + 1)
