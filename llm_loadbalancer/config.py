@@ -7,6 +7,7 @@ definition. Whether its members exist is ``members.py``'s concern.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -132,6 +133,9 @@ class Balancer:
     state: str | None = None  # where its state lives: a redis:// URL, or "local"; None: default
     state_key: str | None = None  # the stored key holding the Redis password
     kind: str = CHAT
+    # llm.user_dir() as it was when the file was read: its state file and llm's model options
+    # are there (None: llm.user_dir() now); not part of the definition
+    user_dir: str | None = field(default=None, compare=False)
 
     @property
     def model_id(self) -> str:
@@ -672,9 +676,10 @@ def load(name: str, path: Path | None = None) -> Balancer:
             raise ConfigError(
                 "cannot be read: it is not UTF-8 text ('llm lb edit' opens it to fix)"
             ) from None
-        return parse(name, text)
+        balancer = parse(name, text)
     except ConfigError as ex:
         raise ConfigError(f"{path}: {ex}", ex.kind) from None
+    return dataclasses.replace(balancer, user_dir=str(Path(path).parent.parent))
 
 
 def dump(balancer: Balancer) -> str:

@@ -57,18 +57,19 @@ def _warn_state(problem: Exception) -> None:
 
 
 _defaults: dict = {}  # path: ((modification time, size), parsed file, when it was looked at)
-_options_files: dict = {}  # LLM_USER_PATH: the path of its model_options.json
+_options_files: dict = {}  # an llm folder (None: llm.user_dir()): its model_options.json
 LOOK_AGAIN = 1.0  # seconds: how long a process trusts what it read of model_options.json
 _clock = time.monotonic  # (tests move it)
 
 
-def _model_defaults(model_id: str) -> dict:
-    """Options set with 'llm models options set MODEL ...': the file is read again when it has
-    changed, which a long-running process looks for at most once a second."""
-    user_path = os.environ.get("LLM_USER_PATH")
-    path = _options_files.get(user_path)
+def _model_defaults(model_id: str, user_dir: str | None) -> dict:
+    """Options set with 'llm models options set MODEL ...' in that llm folder: the file is read
+    again when it has changed, which a long-running process looks for at most once a second."""
+    path = _options_files.get(user_dir)
     if path is None:
-        path = _options_files[user_path] = str(state.path().parent / "model_options.json")
+        path = os.path.join(user_dir or str(llm.user_dir()), "model_options.json")
+        if user_dir is not None:  # (llm.user_dir() may be another folder next time)
+            _options_files[user_dir] = path
     cached = _defaults.get(path)
     now = _clock()
     if cached is None or now - cached[2] >= LOOK_AGAIN:
@@ -187,7 +188,7 @@ class Run:
         self.use_state = True
         self.store = stores.for_balancer(self.balancer)
         self.plan = self.ticket = None
-        self.cooled = frozenset(range(len(self.balancer.members)))
+        self.cooled = frozenset()  # members with a cooldown on record, as the choice read them
         for index, problem in lb.missing.items():
             print(
                 f"Warning: {lb.model_id}: {problem}: skipped; install the plugin that provides "
@@ -306,7 +307,7 @@ class Run:
 
     def member_options(self, attempt: Attempt, model):
         "The member's model defaults, then its saved options, then those given at prompt time."
-        merged = _model_defaults(model.model_id)
+        merged = _model_defaults(model.model_id, self.balancer.user_dir)
         merged.update(attempt.member.options)
         if self.prompt.options.model_fields_set:  # options given at prompt time
             given = self.prompt.options.model_dump(exclude_unset=True)

@@ -246,6 +246,17 @@ def path() -> Path:
     return found
 
 
+def file_of(balancer: Balancer) -> str:
+    "The balancer's state file: in the llm folder its definition was read from."
+    if balancer.user_dir is None:
+        return str(path())
+    found = _files.get(balancer.user_dir)
+    if found is None:
+        found = _files[balancer.user_dir] = os.path.join(balancer.user_dir, FILENAME)
+    return found
+
+
+_files: dict[str, str] = {}
 _lock = threading.Lock()
 _connections: dict[str, sqlite3.Connection] = {}
 
@@ -260,11 +271,10 @@ def timeout() -> float:
     return value if math.isfinite(value) and 0 <= value <= 3600 else DEFAULT_TIMEOUT
 
 
-def _connect(file: Path) -> sqlite3.Connection:
-    key = str(file)
-    db = _connections.get(key)
+def _connect(file: str) -> sqlite3.Connection:
+    db = _connections.get(file)
     if db is None:
-        db = sqlite3.connect(key, timeout=timeout(), isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(file, timeout=timeout(), isolation_level=None, check_same_thread=False)
         try:
             # A new file gets small pages: a prompt rewrites a few pages, and every byte of them
             # goes to the disk at the next checkpoint (an existing file keeps its page size).
@@ -275,7 +285,7 @@ def _connect(file: Path) -> sqlite3.Connection:
         except BaseException:
             db.close()
             raise
-        _connections[key] = db
+        _connections[file] = db
     return db
 
 
@@ -321,9 +331,10 @@ def _upgrade(db) -> None:
 
 
 @contextmanager
-def transaction(write: bool = True):
-    "A connection inside one transaction; every failure of the file becomes StateUnavailable."
-    file = path()
+def transaction(file: str | None = None, write: bool = True):
+    """A connection to the state file (llm.user_dir()'s by default) inside one transaction;
+    every failure of the file becomes StateUnavailable."""
+    file = str(path()) if file is None else file
     with _lock:
         try:
             db = _connect(file)
@@ -338,7 +349,7 @@ def transaction(write: bool = True):
         except StateUnavailable as ex:
             raise StateUnavailable(f"{file}: {ex}") from ex
         except (sqlite3.Error, OSError) as ex:
-            _connections.pop(str(file), None)
+            _connections.pop(file, None)
             hint = ""
             if "not a database" in str(ex) or "malformed" in str(ex):
                 hint = (
@@ -401,19 +412,19 @@ class _FileKnown:
             sql, [self.balancer.name, member] + [self.now - window for window in windows]
         ).fetchone()
         self.last_numbers[member] = row[0]
-        spans, width = [], len(windows) + 1
-        for start in range(0, len(row), width):
-            last, *befores = row[start : start + width]
-            spans.append(
-                [0 if last is None or before is None else last - before for before in befores]
-            )
-        return {
-            window: (spans[0][i], spans[1][i] if len(spans) > 1 else 0)
-            for i, window in enumerate(windows)
-        }
+        width = len(windows) + 1  # requests, then tokens where a token limit is set
+        requests = _spans(row[:width])
+        tokens = _spans(row[width:]) if len(row) > width else [0] * len(windows)
+        return dict(zip(windows, zip(requests, tokens)))
 
     def events(self, member: int, since: float):
         return _events(self.db, self.balancer.name, member, since)
+
+
+def _spans(numbers) -> list[int]:
+    "From a running number's newest value and its value before each window: each window's count."
+    last, *befores = numbers
+    return [0 if last is None or before is None else last - before for before in befores]
 
 
 def select(
@@ -434,7 +445,7 @@ def select(
     which goes back to the member that made the calls. With ``sticky`` every turn of a
     conversation starts at the member that answered its first turn.
     """
-    with transaction() as db:
+    with transaction(file_of(balancer)) as db:
         now = time.time() if now is None else now  # in the lock: rows in the order of their times
         position, cooldowns = _sync_signature(db, balancer)
         known = _FileKnown(db, balancer, now, cooldowns)
@@ -509,7 +520,7 @@ def _latencies(db, balancer: Balancer, now: float, stream: bool) -> dict[int, fl
 def claim(balancer: Balancer, member: int, now: float | None = None) -> tuple | None:
     """Before failing over to a member with limits: count its request if it has room under
     them and is not inside a provider's Retry-After; its ticket, or None (skip it)."""
-    with transaction() as db:
+    with transaction(file_of(balancer)) as db:
         now = time.time() if now is None else now  # in the lock: rows in the order of their times
         cooldowns = db.execute(
             "select member, until, known from cooldowns where balancer = ? and member = ?",
@@ -613,7 +624,7 @@ def _sent(db, balancer: Balancer, member: int, now: float, last=_UNREAD) -> tupl
 
 def finish(balancer: Balancer, member: int, ticket: tuple, now: float | None = None) -> None:
     "A request that ended without a record (the caller stopped reading): no longer in flight."
-    with transaction() as db:
+    with transaction(file_of(balancer)) as db:
         _ended(db, balancer.name, member, ticket, time.time() if now is None else now)
 
 
@@ -651,7 +662,7 @@ def record(
     on record, which a success clears; ``items``: the items of an embedding batch."""
     name = balancer.name
     tokens_in, tokens_out = (count or 0 for count in tokens)
-    with transaction() as db:
+    with transaction(file_of(balancer)) as db:
         now = time.time() if now is None else now  # in the lock: rows in the order of their times
         if ticket is not None and balancer.policy == "least-busy":
             _ended(db, name, member, ticket, now)
@@ -750,7 +761,7 @@ def stats(balancer: Balancer, now: float | None = None) -> list[dict]:
     now = time.time() if now is None else now
     name = balancer.name
     rows, cooling, events, timings = {}, {}, {}, {}
-    with transaction(write=False) as db:
+    with transaction(file_of(balancer), write=False) as db:
         row = db.execute("select signature from rotation where balancer = ?", [name]).fetchone()
         if row is not None and row[0] == balancer.signature:
             rows = {

@@ -149,6 +149,24 @@ def test_member_options_defaults_and_prompt_options(run_llm, user_path):
     assert last_logged()[0]["options_json"] == {"example_bool": True}
 
 
+def test_a_balancer_keeps_its_state_and_model_options_in_the_llm_folder_it_came_from(
+    run_llm, user_path, tmp_path, monkeypatch
+):
+    from llm_loadbalancer import config, state
+
+    run_llm("lb", "save", "home", "echo", "echo")
+    run_llm("models", "options", "set", "echo", "example_bool", "true")
+    model = llm.get_model("lb:home")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("LLM_USER_PATH", str(elsewhere))  # after the model was got
+    answers = [json.loads(model.prompt("hi").text()) for _ in range(2)]
+    assert [answer["options"] for answer in answers] == [{"example_bool": True}] * 2
+    assert not (elsewhere / "loadbalancers.db").exists()
+    monkeypatch.setenv("LLM_USER_PATH", str(user_path))
+    assert [member["requests"] for member in state.stats(config.load("home"))] == [1, 1]
+
+
 def test_lb_options_are_those_the_members_share(run_llm, fake_models):
     run_llm("lb", "save", "shared", "plain-sync", "strict")
     result = run_llm("models", "--options", "-m", "lb:shared")
