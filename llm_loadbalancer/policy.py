@@ -86,7 +86,7 @@ def plan(
             return Plan((), (), position, (blocked[pinned], pinned))
         return Plan((pinned,), (), position)
     start = 0 if policy == "failover" else position
-    slots = [(start + step) % len(cycle) for step in range(len(cycle))]
+    slots = [*range(start, len(cycle)), *range(start)]  # the cycle, from start
     base = []
     first_slot = {}
     for slot in slots:
@@ -99,11 +99,13 @@ def plan(
             when, index = min((when, index) for index, when in blocked.items())
             return Plan((), (), position, (when, index))
         return Plan((), (), position)
-    available = [index for index in base if cooling.get(index, 0.0) <= now]
-    if not available:
-        order = sorted(base, key=lambda index: (cooling.get(index, 0.0), base.index(index)))
-        return Plan(tuple(order), (), _advance(policy, first_slot[order[0]], position, cycle))
-    skipped = tuple(index for index in base if index not in available)
+    available, skipped = base, ()
+    if cooling:
+        available = [index for index in base if cooling.get(index, 0.0) <= now]
+        if not available:
+            order = sorted(base, key=lambda index: (cooling.get(index, 0.0), base.index(index)))
+            return Plan(tuple(order), (), _advance(policy, first_slot[order[0]], position, cycle))
+        skipped = tuple(index for index in base if index not in available)
     if preferred is not None and preferred in available:
         order = [preferred] + [index for index in available if index != preferred]
         return Plan(tuple(order), skipped, position, why="the conversation's member")
