@@ -15,7 +15,6 @@ import random
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -330,33 +329,51 @@ def _upgrade(db) -> None:
     db.execute("commit")
 
 
-@contextmanager
-def transaction(file: str | None = None, write: bool = True):
-    """A connection to the state file (llm.user_dir()'s by default) inside one transaction;
-    every failure of the file becomes StateUnavailable."""
-    file = str(path()) if file is None else file
-    with _lock:
+class transaction:
+    """``with transaction(file) as db``: a connection to the state file (llm.user_dir()'s by
+    default) inside one transaction; every failure of the file becomes StateUnavailable. (A
+    class rather than a generator: a prompt enters two.)"""
+
+    def __init__(self, file: str | None = None, write: bool = True):
+        self.file = str(path()) if file is None else file
+        self.write = write
+
+    def __enter__(self) -> sqlite3.Connection:
+        _lock.acquire()
         try:
-            db = _connect(file)
-            db.execute("begin immediate" if write else "begin")
-            try:
-                yield db
-            except BaseException:
-                db.execute("rollback")
-                raise
-            else:
-                db.execute("commit")
-        except StateUnavailable as ex:
-            raise StateUnavailable(f"{file}: {ex}") from ex
-        except (sqlite3.Error, OSError) as ex:
-            _connections.pop(file, None)
+            self.db = _connect(self.file)
+            self.db.execute("begin immediate" if self.write else "begin")
+        except BaseException as ex:
+            _lock.release()
+            self._raise_unavailable(ex)
+            raise
+        return self.db
+
+    def __exit__(self, kind, ex, traceback) -> None:
+        try:
+            self.db.execute("commit" if kind is None else "rollback")
+        except BaseException as problem:
+            self._raise_unavailable(problem)
+            raise
+        else:
+            if ex is not None:
+                self._raise_unavailable(ex)
+        finally:
+            _lock.release()
+
+    def _raise_unavailable(self, ex: BaseException) -> None:
+        "A failure of the file, as StateUnavailable; anything else is left as it is."
+        if isinstance(ex, StateUnavailable):
+            raise StateUnavailable(f"{self.file}: {ex}") from ex
+        if isinstance(ex, (sqlite3.Error, OSError)):
+            _connections.pop(self.file, None)
             hint = ""
             if "not a database" in str(ex) or "malformed" in str(ex):
                 hint = (
                     ": the file is damaged; move it away (rotation, cooldowns and statistics "
                     "start afresh)"
                 )
-            raise StateUnavailable(f"{file}: {ex}{hint}") from ex
+            raise StateUnavailable(f"{self.file}: {ex}{hint}") from ex
 
 
 def _sync_signature(db, balancer: Balancer) -> tuple[int, list]:
@@ -367,7 +384,7 @@ def _sync_signature(db, balancer: Balancer) -> tuple[int, list]:
         "select -1, signature, position from rotation where balancer = ?1 "
         "union all select member, until, known from cooldowns where balancer = ?1",
         [balancer.name],
-    ):
+    ).fetchall():
         if row[0] == -1:
             rotation = row[1:]
         else:
@@ -661,7 +678,7 @@ def record(
     least-busy, which counts it in flight until now); ``cooled``: whether it had a cooldown
     on record, which a success clears; ``items``: the items of an embedding batch."""
     name = balancer.name
-    tokens_in, tokens_out = (count or 0 for count in tokens)
+    tokens_in, tokens_out = tokens[0] or 0, tokens[1] or 0
     with transaction(file_of(balancer)) as db:
         now = time.time() if now is None else now  # in the lock: rows in the order of their times
         if ticket is not None and balancer.policy == "least-busy":
