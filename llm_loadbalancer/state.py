@@ -421,17 +421,17 @@ class _FileKnown:
         self.cooling, self.blocked, self.cooled = _cooldowns(cooldowns, now)
         self.tie = self.busy = self.latency = None
         self.position = 0
-        self.last_numbers: dict[int, int | None] = {}  # the number of each member's last request
+        self.last_requests: dict[int, tuple] = {}  # (time, number) of each member's last request
 
     def totals(self, member: int) -> dict[float, tuple[int, int]]:
         windows, sql = _window_query(tuple(self.balancer.members[member].limits))
         row = self.db.execute(
             sql, [self.balancer.name, member] + [self.now - window for window in windows]
         ).fetchone()
-        self.last_numbers[member] = row[0]
+        self.last_requests[member] = row[:2]
         width = len(windows) + 1  # requests, then tokens where a token limit is set
-        requests = _spans(row[:width])
-        tokens = _spans(row[width:]) if len(row) > width else [0] * len(windows)
+        requests = _spans(row[1 : 1 + width])
+        tokens = _spans(row[1 + width :]) if len(row) > 1 + width else [0] * len(windows)
         return dict(zip(windows, zip(requests, tokens)))
 
     def events(self, member: int, since: float):
@@ -488,7 +488,7 @@ def select(
         ticket = None
         if result.order and counted_ahead(balancer, result.order[0]):
             first = result.order[0]
-            ticket = _sent(db, balancer, first, now, known.last_numbers.get(first, _UNREAD))
+            ticket = _sent(db, balancer, first, now, known.last_requests.get(first))
         return Choice(result, ticket, known.cooled, now)
 
 
@@ -546,7 +546,7 @@ def claim(balancer: Balancer, member: int, now: float | None = None) -> tuple | 
         known = _FileKnown(db, balancer, now, cooldowns)
         if member in known.blocked or free_at(balancer, known, member, now) is not None:
             return None
-        return _sent(db, balancer, member, now, known.last_numbers.get(member, _UNREAD))
+        return _sent(db, balancer, member, now, known.last_requests.get(member))
 
 
 def _cooldowns(rows, now: float):
@@ -563,16 +563,20 @@ def _cooldowns(rows, now: float):
 
 @functools.lru_cache(maxsize=32)
 def _window_query(names: tuple[str, ...]) -> tuple[list[float], str]:
-    """The windows of these limits, and one statement giving, for requests (and tokens, with a
-    token limit), the newest row's running number and, per window, the running number just
-    before the oldest row inside it. Parameters: balancer, member, each window's start."""
+    """The windows of these limits, and one statement giving the newest request's time, then,
+    for requests (and tokens, with a token limit), the newest row's running number and, per
+    window, the running number just before the oldest row inside it. Parameters: balancer,
+    member, each window's start."""
     windows = sorted({limits.WINDOWS[name] for name in names})
     # (table, running number, what a row adds to it, what orders rows of the same time: the
     # last column of the table's key, which the running number follows)
     tables = [("requests", "seq", "1", "seq")]
     if any(name.startswith("t") for name in names):
         tables.append(("outcomes", "cum", "tokens", "n"))
-    parts = []
+    parts = [
+        "(select at from requests where balancer = ?1 and member = ?2 "
+        "order by at desc, seq desc limit 1)"
+    ]
     for table, running, added, tie in tables:
         where = f"from {table} where balancer = ?1 and member = ?2"
         parts.append(f"(select {running} {where} order by at desc, {tie} desc limit 1)")
@@ -598,33 +602,31 @@ def _events(db, name: str, member: int, since: float):
     return requests, spent
 
 
-_UNREAD = object()
-_LAST_OUTCOME = (
-    "select {} from outcomes where balancer = ?1 and member = ?2 order by at desc, n desc limit 1"
-)
-# an outcome, numbered after the member's last, its tokens added to their running total; never
-# dated before the last (a clock set back): rows stay in the order of their numbers and totals
-_INSERT_OUTCOME = (
-    "insert into outcomes (balancer, member, at, n, tokens, cum, first_chunk, total, streamed, "
-    "input_tokens, output_tokens, error, items) values (?1, ?2, "
-    f"max(?3, coalesce(({_LAST_OUTCOME.format('at')}), ?3)), "
-    f"coalesce(({_LAST_OUTCOME.format('n')}), 0) + 1, ?4, "
-    f"coalesce(({_LAST_OUTCOME.format('cum')}), 0) + ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
-)
+def _after_now(db, table: str, name: str, member: int, last_at, now: float) -> None:
+    """When the member's last row is dated after now (the clock was set back, or had been ahead),
+    its rows dated after now are dated now: they stay in the order of their running numbers and
+    are counted against limits for one window from now, never for longer."""
+    if last_at is not None and last_at > now:
+        db.execute(  # (or replace: rows numbered alike by an older version become one)
+            f"update or replace {table} set at = ? where balancer = ? and member = ? and at > ?",
+            [now, name, member, now],
+        )
 
 
-def _sent(db, balancer: Balancer, member: int, now: float, last=_UNREAD) -> tuple[float, int]:
-    """A request, chosen now, numbered after the member's last (``last``, when the choice read
-    it already; the number orders requests chosen at the same time); its row's (at, seq). Under
-    least-busy it is in flight (no total yet) until it ends; otherwise its total is 0, which
-    keeps it out of the in-flight index."""
-    if last is _UNREAD:
-        (last,) = db.execute(
-            "select seq from requests where balancer = ? and member = ? "
+def _sent(db, balancer: Balancer, member: int, now: float, last=None) -> tuple[float, int]:
+    """A request, chosen now, numbered after the member's last (``last``: its (time, number),
+    when the choice read them already; the number orders requests chosen at the same time); its
+    row's (at, seq). Under least-busy it is in flight (no total yet) until it ends; otherwise
+    its total is 0, which keeps it out of the in-flight index."""
+    if last is None:
+        last = db.execute(
+            "select at, seq from requests where balancer = ? and member = ? "
             "order by at desc, seq desc limit 1",
             [balancer.name, member],
-        ).fetchone() or (None,)
-    seq = (last or 0) + 1
+        ).fetchone() or (None, None)
+    last_at, last_seq = last
+    _after_now(db, "requests", balancer.name, member, last_at, now)
+    seq = (last_seq or 0) + 1
     db.execute(
         "insert into requests (balancer, member, at, seq, pid, total) values (?, ?, ?, ?, ?, ?)",
         [
@@ -683,13 +685,25 @@ def record(
         now = time.time() if now is None else now  # in the lock: rows in the order of their times
         if ticket is not None and balancer.policy == "least-busy":
             _ended(db, name, member, ticket, now)
+        # numbered after the member's last outcome, its tokens added to their running total
+        last_at, number, cum = db.execute(
+            "select at, n, cum from outcomes where balancer = ? and member = ? "
+            "order by at desc, n desc limit 1",
+            [name, member],
+        ).fetchone() or (None, 0, 0)
+        _after_now(db, "outcomes", name, member, last_at, now)
+        spent = tokens_in + tokens_out
         db.execute(
-            _INSERT_OUTCOME,
+            "insert into outcomes (balancer, member, at, n, tokens, cum, first_chunk, total, "
+            "streamed, input_tokens, output_tokens, error, items) "
+            "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 name,
                 member,
                 now,
-                tokens_in + tokens_out,
+                number + 1,
+                spent,
+                cum + spent,
                 first_chunk,
                 total,
                 int(streamed),

@@ -184,6 +184,35 @@ def test_tokens_reported_after_the_clock_was_set_back_still_count():
     assert state.stats(balancer, now=NOW + 1)[0]["limits"]["tpm"]["used"] == 30
 
 
+def test_requests_sent_after_the_clock_was_set_back_still_count():
+    save_lb("back", "echo rpm=3", "echo example_bool=true")
+    balancer = config.load("back")
+    sent = [chosen(balancer, NOW).order[0]]
+    # the clock goes back 30 s, then moves on a second at a time
+    sent += [chosen(balancer, NOW - 30 + step).order[0] for step in range(10)]
+    assert sent.count(0) == 3  # never a 4th request in the minute
+    assert state.stats(balancer, now=NOW - 20)[0]["limits"]["rpm"]["used"] == 3
+    # two choices at one moment after the clock went back are numbered apart
+    save_lb("same", "echo rpm=5", "echo example_bool=true", flags=("--policy", "failover"))
+    same = config.load("same")
+    for now in (NOW, NOW - 30, NOW - 30):
+        assert state.select(same, now=now).plan.order[0] == 0
+    assert state.stats(same, now=NOW - 30)[0]["limits"]["rpm"]["used"] == 3
+
+
+def test_tokens_dated_by_a_clock_that_was_ahead_count_for_one_window_once_it_is_corrected():
+    save_lb("ahead", "echo tpm=100", "echo example_bool=true", flags=("--policy", "failover"))
+    balancer = config.load("ahead")
+    ahead = NOW + 5 * 3600  # one prompt while the clock was 5 hours ahead
+    state.record(
+        balancer, 0, ticket=state.select(balancer, now=ahead).ticket, tokens=(95, 0), now=ahead
+    )
+    state.record(balancer, 0, tokens=(10, 0), now=NOW)  # the first once it was corrected
+    assert state.stats(balancer, now=NOW + 1)[0]["limits"]["tpm"]["used"] == 105  # from now ...
+    assert chosen(balancer, NOW + 1).order[0] == 1
+    assert chosen(balancer, NOW + 61).order[0] == 0  # ... for one minute, not five hours
+
+
 def test_a_member_that_fails_again_after_its_cooldown_cools_down_twice_as_long():
     save_lb("esc", "echo", "echo example_bool=true")
     balancer = config.load("esc")

@@ -421,10 +421,11 @@ def test_a_state_file_of_version_4_is_upgraded_and_keeps_its_counts_outcomes_and
             "output_tokens, error, ended) values ('x', 1, ?, 77, 0.5, 1, 100, 50, null, ?)",
             [now - 20, now - 19.5],
         )
-        db.execute(
-            "insert into spent (balancer, member, at, cum, tokens) values ('x', 1, ?, 150, 150)",
-            [now - 19.5],
-        )
+        for at, cum, tokens in ((now - 50, 30, 30), (now - 19.5, 180, 150)):
+            db.execute(
+                "insert into spent (balancer, member, at, cum, tokens) values ('x', 1, ?, ?, ?)",
+                [at, cum, tokens],
+            )
         db.execute(
             "insert into stats (balancer, member, requests, successes, failures, last_used, "
             "input_tokens, output_tokens) values ('x', 0, 4, 4, 0, ?, 40, 60)",
@@ -433,13 +434,15 @@ def test_a_state_file_of_version_4_is_upgraded_and_keeps_its_counts_outcomes_and
     state._connections.clear()
     choice = state.select(balancer, now=now)
     assert choice.plan.order == ()  # both at their limits, as before the upgrade
-    # member 2 frees up first: a minute after its tokens were reported
+    # member 2 frees up first: a minute after its last tokens were reported
     assert choice.plan.wait == (pytest.approx(now + 40.5, abs=0.01), 1)
     members = state.stats(balancer, now=now)
     assert [member["limits"] for member in members] == [
         {"rpm": {"used": 1, "limit": 1}},
-        {"tpm": {"used": 150, "limit": 100}},
+        {"tpm": {"used": 180, "limit": 100}},
     ]
+    with state.transaction(state.file_of(balancer)) as db:  # what choices count: 30 + 150
+        assert state._FileKnown(db, balancer, now, []).totals(1) == {60.0: (0, 180)}
     # each outcome counted once, with its tokens and when it ended
     assert [(m["requests"], m["input_tokens"], m["output_tokens"]) for m in members] == [
         (5, 43, 65),
@@ -448,7 +451,7 @@ def test_a_state_file_of_version_4_is_upgraded_and_keeps_its_counts_outcomes_and
     assert members[1]["last_used"] == pytest.approx(now - 19.5)
     # and the tokens reported from now on are added to the running total
     state.record(balancer, 1, tokens=(7, 3), now=now + 1)
-    assert state.stats(balancer, now=now + 1)[1]["limits"]["tpm"]["used"] == 160
+    assert state.stats(balancer, now=now + 1)[1]["limits"]["tpm"]["used"] == 190
     assert_upgraded(user_path)
 
 
