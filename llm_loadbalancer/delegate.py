@@ -7,6 +7,7 @@ response, so that everything it writes (chunks, stream events, usage, tool calls
 from __future__ import annotations
 
 import copy
+import copyreg
 import functools
 import json
 import logging
@@ -98,6 +99,33 @@ def _read_options(path: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+_plain: dict[type, bool] = {}  # class: whether copy.copy would copy its instances' __dict__
+
+
+def shallow_copy(obj):
+    """``copy.copy(obj)``. For an instance of a class that customises nothing of copying (llm's
+    Prompt), the same copy made directly: a new instance with the same attributes, without
+    copy.copy's generic look-ups, which cost more than the copy (every prompt makes one)."""
+    cls = type(obj)
+    plain = _plain.get(cls)
+    if plain is None:
+        plain = _plain[cls] = (
+            hasattr(obj, "__dict__")
+            and not hasattr(cls, "__slots__")
+            and not hasattr(cls, "__copy__")
+            and not hasattr(cls, "__setstate__")
+            and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and getattr(cls, "__getstate__", None) is getattr(object, "__getstate__", None)
+            and cls not in copyreg.dispatch_table
+        )
+    if not plain:
+        return copy.copy(obj)
+    new = cls.__new__(cls)
+    new.__dict__.update(obj.__dict__)
+    return new
+
+
 class Attempt:
     "One member asked to answer one prompt."
 
@@ -121,7 +149,7 @@ class Attempt:
 
     def prepare(self) -> None:
         "The member's own copy of the prompt, with its model and its options."
-        self.prompt = copy.copy(self.run.prompt)
+        self.prompt = shallow_copy(self.run.prompt)
         self.prompt.model = self.model
         self.prompt.options = self.run.member_options(self, self.model)
 

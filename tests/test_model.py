@@ -167,6 +167,36 @@ def test_a_balancer_keeps_its_state_and_model_options_in_the_llm_folder_it_came_
     assert [member["requests"] for member in state.stats(config.load("home"))] == [1, 1]
 
 
+def test_a_members_prompt_is_a_copy_as_copy_copy_makes_it(user_path):
+    import copy
+
+    from llm_loadbalancer.delegate import shallow_copy
+
+    prompt = llm.get_model("echo").conversation().prompt("hi", system="be brief").prompt
+    copied = shallow_copy(prompt)
+    assert type(copied) is type(prompt) and copied is not prompt
+    assert vars(copied) == vars(copy.copy(prompt))
+    copied.options = None
+    assert prompt.options is not None  # the member's own options do not reach the outer prompt
+
+    class Custom:  # a class that says how it is copied is copied its own way
+        def __init__(self):
+            self.copies = 0
+
+        def __copy__(self):
+            new = Custom()
+            new.copies = self.copies + 1
+            return new
+
+    class Slotted:
+        __slots__ = ("value",)
+
+    assert shallow_copy(Custom()).copies == 1
+    slotted = Slotted()
+    slotted.value = 3
+    assert shallow_copy(slotted).value == 3
+
+
 def test_lb_options_are_those_the_members_share(run_llm, fake_models):
     run_llm("lb", "save", "shared", "plain-sync", "strict")
     result = run_llm("models", "--options", "-m", "lb:shared")
