@@ -105,12 +105,16 @@ _plain: dict[type, bool] = {}  # class: whether copy.copy would copy its instanc
 def shallow_copy(obj):
     """``copy.copy(obj)``. For an instance of a class that customises nothing of copying (llm's
     Prompt), the same copy made directly: a new instance with the same attributes, without
-    copy.copy's generic look-ups, which cost more than the copy (every prompt makes one)."""
+    copy.copy's generic look-ups, which cost more than the copy (every prompt makes one). A
+    class is looked at once, the first time one of its instances is copied."""
     cls = type(obj)
     plain = _plain.get(cls)
     if plain is None:
         plain = _plain[cls] = (
             hasattr(obj, "__dict__")
+            and cls.__new__ is object.__new__  # (not a subclass of dict, int, str ...)
+            and not hasattr(cls, "__getnewargs_ex__")
+            and not hasattr(cls, "__getnewargs__")
             and not hasattr(cls, "__slots__")
             and not hasattr(cls, "__copy__")
             and not hasattr(cls, "__setstate__")
@@ -121,7 +125,7 @@ def shallow_copy(obj):
         )
     if not plain:
         return copy.copy(obj)
-    new = cls.__new__(cls)
+    new = object.__new__(cls)
     new.__dict__.update(obj.__dict__)
     return new
 

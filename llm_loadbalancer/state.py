@@ -425,13 +425,17 @@ class _FileKnown:
 
     def totals(self, member: int) -> dict[float, tuple[int, int]]:
         windows, sql = _window_query(tuple(self.balancer.members[member].limits))
-        row = self.db.execute(
-            sql, [self.balancer.name, member] + [self.now - window for window in windows]
-        ).fetchone()
+        arguments = [self.balancer.name, member] + [self.now - window for window in windows]
+        row = self.db.execute(sql, arguments).fetchone()
+        width = len(windows) + 2  # requests, then tokens where a token limit is set
+        tables = ("requests", "outcomes")[: len(row) // width]
+        if any(at is not None and at > self.now for at in row[::width]):  # the clock went back
+            for table, at in zip(tables, row[::width]):
+                _after_now(self.db, table, self.balancer.name, member, at, self.now)
+            row = self.db.execute(sql, arguments).fetchone()
         self.last_requests[member] = row[:2]
-        width = len(windows) + 1  # requests, then tokens where a token limit is set
-        requests = _spans(row[1 : 1 + width])
-        tokens = _spans(row[1 + width :]) if len(row) > 1 + width else [0] * len(windows)
+        requests = _spans(row[1:width])
+        tokens = _spans(row[width + 1 :]) if len(row) > width else [0] * len(windows)
         return dict(zip(windows, zip(requests, tokens)))
 
     def events(self, member: int, since: float):
@@ -563,23 +567,20 @@ def _cooldowns(rows, now: float):
 
 @functools.lru_cache(maxsize=32)
 def _window_query(names: tuple[str, ...]) -> tuple[list[float], str]:
-    """The windows of these limits, and one statement giving the newest request's time, then,
-    for requests (and tokens, with a token limit), the newest row's running number and, per
-    window, the running number just before the oldest row inside it. Parameters: balancer,
-    member, each window's start."""
+    """The windows of these limits, and one statement giving, for requests (and tokens, with a
+    token limit), the newest row's time and running number and, per window, the running number
+    just before the oldest row inside it. Parameters: balancer, member, each window's start."""
     windows = sorted({limits.WINDOWS[name] for name in names})
     # (table, running number, what a row adds to it, what orders rows of the same time: the
     # last column of the table's key, which the running number follows)
     tables = [("requests", "seq", "1", "seq")]
     if any(name.startswith("t") for name in names):
         tables.append(("outcomes", "cum", "tokens", "n"))
-    parts = [
-        "(select at from requests where balancer = ?1 and member = ?2 "
-        "order by at desc, seq desc limit 1)"
-    ]
+    parts = []
     for table, running, added, tie in tables:
         where = f"from {table} where balancer = ?1 and member = ?2"
-        parts.append(f"(select {running} {where} order by at desc, {tie} desc limit 1)")
+        for newest in ("at", running):
+            parts.append(f"(select {newest} {where} order by at desc, {tie} desc limit 1)")
         for number in range(len(windows)):
             parts.append(
                 f"(select {running} - {added} {where} and at > ?{number + 3} "
@@ -643,17 +644,24 @@ def _sent(db, balancer: Balancer, member: int, now: float, last=None) -> tuple[f
 
 def finish(balancer: Balancer, member: int, ticket: tuple, now: float | None = None) -> None:
     "A request that ended without a record (the caller stopped reading): no longer in flight."
+    if balancer.policy != "least-busy":  # (only least-busy counts requests in flight)
+        return
     with transaction(file_of(balancer)) as db:
         _ended(db, balancer.name, member, ticket, time.time() if now is None else now)
 
 
 def _ended(db, name: str, member: int, ticket: tuple, now: float) -> None:
-    "A request in flight (least-busy) is no longer: it took from its start until now."
-    db.execute(
-        "update requests set total = ? - at where balancer = ? and member = ? and at = ? "
-        "and seq = ? and total is null",
-        [now, name, member, *ticket],
-    )
+    """A request in flight (least-busy) is no longer: it took from its start until now. (A row
+    dated again since, after a clock step, is earlier than its ticket says, with its number.)"""
+    at, seq = ticket
+    for match in ("at = ?", "at <= ?"):
+        ended = db.execute(
+            f"update requests set total = ? - at where balancer = ? and member = ? and {match} "
+            "and seq = ? and total is null",
+            [now, name, member, at, seq],
+        ).rowcount
+        if ended:
+            return
 
 
 def record(

@@ -200,17 +200,35 @@ def test_requests_sent_after_the_clock_was_set_back_still_count():
     assert state.stats(same, now=NOW - 30)[0]["limits"]["rpm"]["used"] == 3
 
 
-def test_tokens_dated_by_a_clock_that_was_ahead_count_for_one_window_once_it_is_corrected():
-    save_lb("ahead", "echo tpm=100", "echo example_bool=true", flags=("--policy", "failover"))
+def test_a_member_full_while_the_clock_ran_ahead_has_room_a_window_after_it_is_corrected():
+    ahead = NOW + 5 * 3600  # the clock was 5 hours ahead for a few prompts, then corrected
+    save_lb("ahead", "echo rpm=3", "echo example_bool=true", flags=("--policy", "failover"))
     balancer = config.load("ahead")
-    ahead = NOW + 5 * 3600  # one prompt while the clock was 5 hours ahead
-    state.record(
-        balancer, 0, ticket=state.select(balancer, now=ahead).ticket, tokens=(95, 0), now=ahead
-    )
-    state.record(balancer, 0, tokens=(10, 0), now=NOW)  # the first once it was corrected
-    assert state.stats(balancer, now=NOW + 1)[0]["limits"]["tpm"]["used"] == 105  # from now ...
-    assert chosen(balancer, NOW + 1).order[0] == 1
-    assert chosen(balancer, NOW + 61).order[0] == 0  # ... for one minute, not five hours
+    assert [chosen(balancer, ahead + step).order[0] for step in range(3)] == [0, 0, 0]
+    assert chosen(balancer, NOW + 1).order[0] == 1  # those 3 count from now ...
+    assert chosen(balancer, NOW + 62).order[0] == 0  # ... for one minute, not five hours
+    # tokens reported while it was ahead, the same
+    save_lb("spent", "echo tpm=100", "echo example_bool=true", flags=("--policy", "failover"))
+    spent = config.load("spent")
+    state.record(spent, 0, ticket=state.select(spent, now=ahead).ticket, tokens=(100, 0), now=ahead)
+    assert [chosen(spent, NOW + step).order[0] for step in (1, 62)] == [1, 0]
+    # every member full: the wait is for one window, not for the hours the clock was ahead
+    save_lb("full", "echo rpm=1", "echo example_bool=true rpm=1")
+    full = config.load("full")
+    assert [chosen(full, ahead).order[0] for _ in range(2)] == [0, 1]
+    assert state.select(full, now=NOW + 120).plan.wait == (NOW + 180, 0)
+
+
+def test_a_least_busy_request_dated_again_after_a_clock_step_still_ends():
+    save_lb("busy", "echo", "echo example_bool=true", flags=("--policy", "least-busy"))
+    balancer = config.load("busy")
+    only_first = frozenset({1})  # both prompts go to member 1, the second after a step back
+    first = state.select(balancer, now=NOW, unavailable=only_first)
+    second = state.select(balancer, now=NOW - 30, unavailable=only_first)
+    state.record(balancer, 0, ticket=first.ticket, now=NOW - 25)
+    state.record(balancer, 0, ticket=second.ticket, now=NOW - 20)
+    # neither is in flight any more: least-busy goes on in rotation
+    assert [chosen(balancer, NOW - 10 + step).order[0] for step in range(4)] == [1, 0, 1, 0]
 
 
 def test_a_member_that_fails_again_after_its_cooldown_cools_down_twice_as_long():

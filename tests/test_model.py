@@ -191,10 +191,14 @@ def test_a_members_prompt_is_a_copy_as_copy_copy_makes_it(user_path):
     class Slotted:
         __slots__ = ("value",)
 
+    class Items(dict):  # its items are not in its __dict__
+        pass
+
     assert shallow_copy(Custom()).copies == 1
     slotted = Slotted()
     slotted.value = 3
     assert shallow_copy(slotted).value == 3
+    assert shallow_copy(Items(a=1)) == {"a": 1}
 
 
 def test_lb_options_are_those_the_members_share(run_llm, fake_models):
