@@ -1,8 +1,9 @@
 """What holds across prompts and processes: rotation, cooldowns, conversation ties, statistics.
 
-One SQLite file, ``llm.user_dir()/loadbalancers.db``, in WAL mode with a busy timeout. Each
-selection is one write transaction (``BEGIN IMMEDIATE``), so concurrent ``llm`` processes
-take turns exactly. When the file cannot be used, callers get ``StateUnavailable`` and carry on
+One SQLite file, ``loadbalancers.db`` in the llm folder a balancer was read from
+(``llm.user_dir()``), in WAL mode with a busy timeout. Each selection is one write transaction
+(``BEGIN IMMEDIATE``), and so is each outcome, so concurrent ``llm`` processes take turns
+exactly. When the file cannot be used, callers get ``StateUnavailable`` and carry on
 without it (``model.py`` warns once).
 """
 
@@ -163,8 +164,9 @@ insert or ignore into spent_v4 (balancer, member, at, cum, tokens)
 drop table spent;
 alter table spent_v4 rename to spent;
 """
-# 4 -> 5 (issue 10's cost budget): an outcome is a row of its own, so that recording it is one
-# insert, not an update of its request's row and an insert for its tokens. ``requests`` keeps the
+# 4 -> 5 (issue 10's cost budget): an outcome is a row of its own, so that recording it writes
+# one row (after reading the member's last), not an update of its request's row and a row for
+# its tokens. ``requests`` keeps the
 # requests counted in advance (limits, least-busy), each named by its number; ``outcomes`` keeps
 # what each attempt ended with, numbered in the order they ended (``n``), with the running total
 # of the tokens counted against limits (``cum``), which replaces ``spent``. The outcomes a
