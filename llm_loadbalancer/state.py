@@ -166,12 +166,11 @@ alter table spent_v4 rename to spent;
 """
 # 4 -> 5 (issue 10's cost budget): an outcome is a row of its own, so that recording it writes
 # one row (after reading the member's last), not an update of its request's row and a row for
-# its tokens. ``requests`` keeps the
-# requests counted in advance (limits, least-busy), each named by its number; ``outcomes`` keeps
-# what each attempt ended with, numbered in the order they ended (``n``), with the running total
-# of the tokens counted against limits (``cum``), which replaces ``spent``. The outcomes a
-# version-4 file kept, and its token reports, become rows of ``outcomes``, numbered and summed in
-# the order they came.
+# its tokens. ``requests`` keeps the requests counted in advance (limits, least-busy), each
+# named by its number; ``outcomes`` keeps what each attempt ended with, numbered in the order
+# they ended (``n``), with the running total of the tokens counted against limits (``cum``),
+# which replaces ``spent``. The outcomes a version-4 file kept, and its token reports, become
+# rows of ``outcomes``, numbered and summed in the order they came.
 SCHEMA_V5 = """
 create table requests_v5 (
     balancer text not null,
@@ -408,8 +407,8 @@ def _clear(db, name: str) -> None:
 
 class Choice(NamedTuple):
     plan: Plan
-    # the first member's request, counted against its limits in advance: (at, id) of its row in
-    # the file, a Redis server's own name for it
+    # the first member's request, counted against its limits in advance: (at, seq) of its row
+    # in the file, a Redis server's own name for it
     ticket: tuple | str | None
     cooled: frozenset[int]  # members with a cooldown on record (ended or not)
     now: float  # the time of the choice, by the backend's clock (a Redis server's: its own)
@@ -429,7 +428,9 @@ class _FileKnown:
         windows, sql = _window_query(tuple(self.balancer.members[member].limits))
         arguments = [self.balancer.name, member] + [self.now - window for window in windows]
         row = self.db.execute(sql, arguments).fetchone()
-        width = len(windows) + 2  # requests, then tokens where a token limit is set
+        # per table (requests, then outcomes with a token limit): the newest row's time and
+        # running number, then the running number before each window
+        width = len(windows) + 2
         tables = ("requests", "outcomes")[: len(row) // width]
         if any(at is not None and at > self.now for at in row[::width]):  # the clock went back
             for table, at in zip(tables, row[::width]):

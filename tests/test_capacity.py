@@ -448,7 +448,7 @@ def test_a_prompt_in_flight_across_a_reset_keeps_its_outcome_and_hides_no_reques
         assert state.select(balancer, now=moment).plan.order[0] == 0
     state.record(balancer, 0, ticket=in_flight, tokens=(5, 5), now=NOW + 3)
     assert state.stats(balancer, now=NOW + 3)[0]["input_tokens"] == 5
-    # its row (no number: it was not counted after the reset) does not hide the two that were
+    # its outcome does not hide the two requests counted since the reset
     assert state.select(balancer, now=NOW + 4).plan.order[0] == 1
 
 
