@@ -13,6 +13,9 @@ from local_server import free_port
 # plugin. The local_anthropic fixture adds llm-anthropic. This process loads every plugin.
 LB_AND_ECHO = ("llm-loadbalancer", "llm-echo")
 
+# The present time for tests that inject a clock (the pure decisions; the state's now=).
+NOW = 1_000_000.0
+
 
 @pytest.fixture(autouse=True)
 def user_path(tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
 """Weights, per-member rate limits and quotas, waiting for a free member (issue 10).
 
-The window arithmetic and the choices are pure functions, tested here with an injected clock;
-what crosses processes is tested with several processes against the local OpenAI-compatible
-server, which counts what reached each key."""
+The window arithmetic and the choices are pure functions, tested in test_policy.py (what an
+exhausted quota looks like: test_failures.py). Here: what the state file counts, with an
+injected clock, and what crosses processes, with several processes against the local
+OpenAI-compatible server, which counts what reached each key."""
 
 import json
 import random
@@ -10,136 +11,10 @@ import re
 import sqlite3
 import time
 
-import anthropic
-import httpx2
-import openai
 import pytest
-from conftest import invoke, run_workers, save_lb
+from conftest import NOW, invoke, run_workers, save_lb
 
-from llm_loadbalancer import config, limits, state
-from llm_loadbalancer.failures import classify
-from llm_loadbalancer.policy import plan, schedule
-
-NOW = 1_000_000.0
-
-# --- pure decisions --------------------------------------------------------------------------
-
-
-def test_smooth_weighted_round_robin_spreads_a_heavy_member_out():
-    assert schedule((5, 1, 1)) == (0, 0, 1, 0, 2, 0, 0)  # a a b a c a a, never a a a a a b c
-    assert schedule((3, 1)) == (0, 0, 1, 0)
-    assert schedule((1, 1, 1)) == (0, 1, 2)  # equal weights: today's order
-
-
-def test_weighted_rotation_goes_on_from_the_stored_position():
-    order, position = [], 0
-    for _ in range(14):
-        result = plan("roundrobin", 3, position, {}, NOW, weights=(5, 1, 1))
-        order.append("abc"[result.order[0]])
-        position = result.position
-    assert "".join(order) == "aabacaa" * 2
-
-
-def test_a_member_at_its_limit_is_skipped_and_the_plan_waits_when_none_is_free():
-    result = plan("roundrobin", 3, 0, {}, NOW, blocked={0: NOW + 20})
-    assert result.order == (1, 2) and result.wait is None
-    result = plan("roundrobin", 2, 0, {}, NOW, blocked={0: NOW + 20, 1: NOW + 5})
-    assert result.order == () and result.wait == (NOW + 5, 1)
-
-
-def test_guessed_cooldowns_are_still_tried_but_known_ones_are_waited_for():
-    # member 0 cools down after a 500 (a guess); member 1 is inside a Retry-After (known)
-    result = plan("roundrobin", 2, 0, {0: NOW + 30}, NOW, blocked={1: NOW + 10})
-    assert result.order == (0,) and result.wait is None
-
-
-def test_a_tool_turn_waits_for_its_member():
-    result = plan("roundrobin", 2, 0, {}, NOW, pinned=1, blocked={1: NOW + 3})
-    assert result.order == () and result.wait == (NOW + 3, 1)
-
-
-@pytest.mark.parametrize(
-    "member_limits,events,free",
-    [
-        ({"rpm": 3}, [(NOW - 50, 0), (NOW - 30, 0)], None),
-        ({"rpm": 3}, [(NOW - 50, 0), (NOW - 30, 0), (NOW - 10, 0)], NOW + 10),
-        ({"rpm": 2}, [(NOW - 70, 0), (NOW - 30, 0)], None),  # the first left the window
-        ({"rpd": 2}, [(NOW - 80_000, 0), (NOW - 10, 0)], NOW - 80_000 + 86400),
-        ({"tpm": 100}, [(NOW - 40, 60), (NOW - 20, 30)], None),  # 90 < 100
-        ({"tpm": 100}, [(NOW - 40, 60), (NOW - 20, 50)], NOW + 20),  # 110: wait for the 60
-        ({"tpm": 100}, [(NOW - 40, 60), (NOW - 20, 150)], NOW + 40),  # one request over it
-        ({"rpm": 5, "tpm": 100}, [(NOW - 40, 60), (NOW - 20, 50)], NOW + 20),
-    ],
-)
-def test_when_a_member_has_room_again(member_limits, events, free):
-    assert limits.free_at(member_limits, events, NOW) == free
-
-
-def test_usage_in_the_current_window():
-    events = [(NOW - 100, 10), (NOW - 30, 20), (NOW - 5, 5)]
-    assert limits.usage({"rpm": 3, "tpd": 1000}, events, NOW) == [
-        limits.Use("rpm", 2, 3),
-        limits.Use("tpd", 35, 1000),
-    ]
-
-
-def http_error(cls, status, body, headers=None):
-    request = httpx2.Request("POST", "http://127.0.0.1/v1/x")
-    response = httpx2.Response(status, headers=headers or {}, json=body, request=request)
-    return cls(f"Error code: {status} - {body}", response=response, body=body)
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        http_error(
-            openai.RateLimitError,
-            429,
-            {
-                "message": "You exceeded your current quota",
-                "type": "insufficient_quota",
-                "code": "insufficient_quota",
-            },
-        ),
-        http_error(
-            anthropic.BadRequestError,
-            400,
-            {
-                "type": "error",
-                "error": {
-                    "type": "invalid_request_error",
-                    "message": "Your credit balance is too low to access the Anthropic API.",
-                },
-            },
-        ),
-        http_error(  # Gemini's shape (through an OpenAI-compatible endpoint)
-            openai.RateLimitError,
-            429,
-            {
-                "error": {
-                    "code": 429,
-                    "status": "RESOURCE_EXHAUSTED",
-                    "details": [
-                        {"violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel"}]}
-                    ],
-                }
-            },
-        ),
-    ],
-    ids=["openai", "anthropic", "gemini"],
-)
-def test_quota_exhausted_in_each_providers_shape(error):
-    failure = classify(error, 30.0, quota_cooldown=3600.0)
-    assert failure.reason.endswith("quota exhausted")
-    assert (failure.failover, failure.cooldown, failure.known) == (True, 3600.0, True)
-
-
-def test_a_plain_rate_limit_is_not_a_quota():
-    error = http_error(openai.RateLimitError, 429, {"error": {"message": "Rate limit reached"}})
-    assert classify(error, 30.0).reason == "429 rate limited"
-    error = http_error(anthropic.BadRequestError, 400, {"error": {"message": "bad request"}})
-    assert classify(error, 30.0).failover is False
-
+from llm_loadbalancer import config, state
 
 # --- through the state file, with an injected clock ------------------------------------------
 
@@ -473,13 +348,6 @@ def test_stats_show_limits_tokens_timings_and_a_bar(local_openai):
     assert data["limits"] == {"rpm": {"used": 2, "limit": 3}}
     assert set(data["first_chunk"]) == {"median", "p95"}
 
-
-def test_a_limit_is_full_when_its_window_holds_as_many_requests_or_tokens():
-    totals = {60.0: (3, 90), 86400.0: (10, 500)}
-    assert limits.full({"rpm": 3}, totals)
-    assert not limits.full({"rpm": 4, "tpm": 100}, totals)
-    assert limits.full({"tpm": 90}, totals)
-    assert limits.full({"rpm": 4, "tpd": 500}, totals)
 
 
 def test_quota_exhausted_through_each_plugin_cools_the_member_down_for_an_hour(

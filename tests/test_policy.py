@@ -1,16 +1,17 @@
-"""Pure decisions: which member goes first, and what a member's error means (issues 3, 4)."""
+"""Which member goes first: policy.plan and policy.schedule for every policy (cooldowns, pinned
+and preferred members, weights, members at their limits), and the window arithmetic of limits
+(issues 3, 10, 11). Pure functions, tested with an injected clock and seeded random generators;
+what the state tells them is tested in test_capacity.py and test_policies.py."""
 
-import email.utils
+import random
 
-import httpx2
-import llm
-import openai
 import pytest
+from conftest import NOW
 
-from llm_loadbalancer.failures import KEY_COOLDOWN, classify, one_line, retry_after
-from llm_loadbalancer.policy import plan
+from llm_loadbalancer import limits
+from llm_loadbalancer.policy import EXPLORE, plan, schedule
 
-NOW = 1_000_000.0
+# --- roundrobin and failover: cooldowns, pinned and preferred members ------------------------
 
 
 def test_roundrobin_starts_at_the_position_and_moves_on():
@@ -55,100 +56,132 @@ def test_preferred_member_goes_first_unless_cooling_down():
     assert plan("roundrobin", 3, 0, {2: NOW + 1}, NOW, preferred=2).order == (0, 1)
 
 
-def status_error(status, headers=None, cls=openai.APIStatusError):
-    request = httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
-    response = httpx2.Response(status, headers=headers or {}, request=request)
-    return cls(f"Error code: {status}", response=response, body=None)
+# --- weights ---------------------------------------------------------------------------------
+
+
+def test_smooth_weighted_round_robin_spreads_a_heavy_member_out():
+    assert schedule((5, 1, 1)) == (0, 0, 1, 0, 2, 0, 0)  # a a b a c a a, never a a a a a b c
+    assert schedule((3, 1)) == (0, 0, 1, 0)
+    assert schedule((1, 1, 1)) == (0, 1, 2)  # equal weights: today's order
+
+
+def test_weighted_rotation_goes_on_from_the_stored_position():
+    order, position = [], 0
+    for _ in range(14):
+        result = plan("roundrobin", 3, position, {}, NOW, weights=(5, 1, 1))
+        order.append("abc"[result.order[0]])
+        position = result.position
+    assert "".join(order) == "aabacaa" * 2
+
+
+# --- members at their limits -----------------------------------------------------------------
+
+
+def test_a_member_at_its_limit_is_skipped_and_the_plan_waits_when_none_is_free():
+    result = plan("roundrobin", 3, 0, {}, NOW, blocked={0: NOW + 20})
+    assert result.order == (1, 2) and result.wait is None
+    result = plan("roundrobin", 2, 0, {}, NOW, blocked={0: NOW + 20, 1: NOW + 5})
+    assert result.order == () and result.wait == (NOW + 5, 1)
+
+
+def test_guessed_cooldowns_are_still_tried_but_known_ones_are_waited_for():
+    # member 0 cools down after a 500 (a guess); member 1 is inside a Retry-After (known)
+    result = plan("roundrobin", 2, 0, {0: NOW + 30}, NOW, blocked={1: NOW + 10})
+    assert result.order == (0,) and result.wait is None
+
+
+def test_a_tool_turn_waits_for_its_member():
+    result = plan("roundrobin", 2, 0, {}, NOW, pinned=1, blocked={1: NOW + 3})
+    assert result.order == () and result.wait == (NOW + 3, 1)
+
+
+# --- least-busy, lowest-latency and random ---------------------------------------------------
+
+
+def test_least_busy_takes_the_member_with_fewest_prompts_in_flight():
+    assert plan("least-busy", 3, 0, {}, NOW, busy={0: 2, 1: 0, 2: 1}).order == (1, 2, 0)
+    # ties go in rotation order
+    assert plan("least-busy", 3, 1, {}, NOW, busy={0: 1}).order[0] == 1
+    assert plan("least-busy", 3, 2, {}, NOW, busy={}).order[0] == 2
+
+
+def test_least_busy_still_skips_members_cooling_down_and_at_their_limits():
+    result = plan("least-busy", 3, 0, {1: NOW + 5}, NOW, busy={0: 3}, blocked={2: NOW + 9})
+    assert result.order == (0,)
+
+
+def test_lowest_latency_tries_members_without_timings_first_then_the_fastest():
+    assert plan("lowest-latency", 3, 0, {}, NOW, latency={0: 0.8}).order[:2] == (1, 2)
+    order = plan("lowest-latency", 3, 0, {}, NOW, latency={0: 0.8, 1: 0.05, 2: 0.2}).order
+    assert order == (1, 2, 0)
+
+
+def test_lowest_latency_sends_a_small_share_in_rotation_order():
+    rng, position, firsts = random.Random(7), 0, []
+    for _ in range(1000):
+        result = plan(
+            "lowest-latency", 3, position, {}, NOW, latency={0: 0.8, 1: 0.05, 2: 0.2}, rng=rng
+        )
+        firsts.append(result.order[0])
+        position = result.position
+    others = 1000 - firsts.count(1)
+    # exploring is drawn with probability EXPLORE, and then a third of the draws are member 1
+    assert 0.5 * EXPLORE * 1000 < others < 1.5 * EXPLORE * 1000
+    assert firsts.count(0) > 0 and firsts.count(2) > 0
+
+
+def test_random_follows_the_weights():
+    rng = random.Random(3)
+    firsts = [plan("random", 2, 0, {}, NOW, weights=(3, 1), rng=rng).order[0] for _ in range(4000)]
+    assert 0.72 < firsts.count(0) / 4000 < 0.78
+    # the failover order after the first choice is random too, and has every member once
+    orders = {plan("random", 3, 0, {}, NOW, rng=rng).order for _ in range(200)}
+    assert len(orders) == 6
+
+
+@pytest.mark.parametrize("policy", ["least-busy", "lowest-latency", "random"])
+def test_every_policy_keeps_tool_turns_and_sticky_conversations_on_their_member(policy):
+    rng = random.Random(1)
+    busy, latency = {2: 5}, {0: 0.01, 1: 0.02, 2: 0.9}
+    kwargs = {"busy": busy, "latency": latency, "rng": rng}
+    assert plan(policy, 3, 0, {}, NOW, pinned=2, **kwargs).order == (2,)
+    assert plan(policy, 3, 0, {}, NOW, preferred=2, **kwargs).order[0] == 2
+    # and limits and cooldowns: a member at its limit is never first, one cooling down is last
+    result = plan(policy, 3, 0, {0: NOW + 5}, NOW, blocked={1: NOW + 9}, **kwargs)
+    assert result.order == (2,) and result.skipped == (0,)
+
+
+# --- limits: what a window holds -------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "status,failover,cooldown",
+    "member_limits,events,free",
     [
-        (429, True, 30.0),
-        (500, True, 30.0),
-        (503, True, 30.0),
-        (401, True, KEY_COOLDOWN),
-        (403, True, KEY_COOLDOWN),
-        (408, True, None),
-        (409, True, None),
-        (400, False, None),
-        (404, True, KEY_COOLDOWN),
-        (422, False, None),
+        ({"rpm": 3}, [(NOW - 50, 0), (NOW - 30, 0)], None),
+        ({"rpm": 3}, [(NOW - 50, 0), (NOW - 30, 0), (NOW - 10, 0)], NOW + 10),
+        ({"rpm": 2}, [(NOW - 70, 0), (NOW - 30, 0)], None),  # the first left the window
+        ({"rpd": 2}, [(NOW - 80_000, 0), (NOW - 10, 0)], NOW - 80_000 + 86400),
+        ({"tpm": 100}, [(NOW - 40, 60), (NOW - 20, 30)], None),  # 90 < 100
+        ({"tpm": 100}, [(NOW - 40, 60), (NOW - 20, 50)], NOW + 20),  # 110: wait for the 60
+        ({"tpm": 100}, [(NOW - 40, 60), (NOW - 20, 150)], NOW + 40),  # one request over it
+        ({"rpm": 5, "tpm": 100}, [(NOW - 40, 60), (NOW - 20, 50)], NOW + 20),
     ],
 )
-def test_http_status_decides(status, failover, cooldown):
-    failure = classify(status_error(status), 30.0)
-    assert failure.failover is failover
-    assert failure.cooldown == cooldown
-    assert failure.reason.startswith(str(status))
+def test_when_a_member_has_room_again(member_limits, events, free):
+    assert limits.free_at(member_limits, events, NOW) == free
 
 
-def test_openai_exception_classes_are_recognised():
-    assert classify(status_error(429, cls=openai.RateLimitError), 30).reason == "429 rate limited"
-    request = httpx2.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
-    try:
-        try:
-            raise ConnectionRefusedError(111, "Connection refused")
-        except ConnectionRefusedError as inner:
-            raise openai.APIConnectionError(request=request) from inner
-    except openai.APIConnectionError as ex:
-        failure = classify(ex, 12.0)
-    assert (failure.reason, failure.failover, failure.cooldown) == (
-        "connection refused",
-        True,
-        12.0,
-    )
-    timeout = classify(openai.APITimeoutError(request=request), 12.0)
-    assert (timeout.reason, timeout.failover) == ("timed out", True)
+def test_usage_in_the_current_window():
+    events = [(NOW - 100, 10), (NOW - 30, 20), (NOW - 5, 5)]
+    assert limits.usage({"rpm": 3, "tpd": 1000}, events, NOW) == [
+        limits.Use("rpm", 2, 3),
+        limits.Use("tpd", 35, 1000),
+    ]
 
 
-def test_status_is_read_from_attributes_not_text():
-    class ProviderError(Exception):
-        def __init__(self):
-            super().__init__("the service said 429 but this is a 400")
-            self.status_code = 400
-
-    assert classify(ProviderError(), 30).failover is False
-    assert classify(ValueError("429 Too Many Requests"), 30).failover is False
-
-
-def test_shapes_with_status_or_response_status_code():
-    class WithStatus(Exception):
-        status = 503
-
-    class Resp:
-        status_code = 429
-        headers = {"retry-after": "4"}
-
-    class WithResponse(Exception):
-        response = Resp()
-
-    assert classify(WithStatus(), 30).failover is True
-    failure = classify(WithResponse(), 30)
-    assert failure.reason == "429 rate limited" and failure.cooldown == 4.0
-
-
-def test_missing_key_fails_over_and_cools_down_long():
-    failure = classify(llm.NeedsKeyException("No key found"), 30)
-    assert (failure.reason, failure.failover, failure.cooldown) == (
-        "missing key",
-        True,
-        KEY_COOLDOWN,
-    )
-
-
-def test_retry_after_forms():
-    assert retry_after(status_error(429, {"retry-after": "7"})) == 7.0
-    assert retry_after(status_error(429, {"retry-after-ms": "1500"})) == 1.5
-    date = email.utils.formatdate(NOW + 20, usegmt=True)
-    assert retry_after(status_error(429, {"retry-after": date}), now=NOW) == pytest.approx(
-        20, abs=1
-    )
-    assert retry_after(status_error(429)) is None
-    assert classify(status_error(429, {"retry-after": "7"}), 30).cooldown == 7.0
-
-
-def test_one_line_hides_secrets_and_stays_short():
-    ex = RuntimeError("Incorrect API key provided: sk-secret-123\nmore detail")
-    assert one_line(ex, secrets=["sk-secret-123"]) == "Incorrect API key provided: ***"
-    assert len(one_line(RuntimeError("x" * 500))) == 200
+def test_a_limit_is_full_when_its_window_holds_as_many_requests_or_tokens():
+    totals = {60.0: (3, 90), 86400.0: (10, 500)}
+    assert limits.full({"rpm": 3}, totals)
+    assert not limits.full({"rpm": 4, "tpm": 100}, totals)
+    assert limits.full({"tpm": 90}, totals)
+    assert limits.full({"rpm": 4, "tpd": 500}, totals)

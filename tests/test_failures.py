@@ -1,0 +1,168 @@
+"""What a member's error means: failures.classify by HTTP status, exception class and shape,
+an exhausted quota in each provider's shape, a missing key, Retry-After in its forms, and
+one_line hiding secrets (issues 4, 10). Pure functions, tested with the exceptions the SDKs
+raise."""
+
+import email.utils
+
+import anthropic
+import httpx2
+import llm
+import openai
+import pytest
+from conftest import NOW
+
+from llm_loadbalancer.failures import KEY_COOLDOWN, classify, one_line, retry_after
+
+
+def http_error(status, body=None, headers=None, cls=openai.APIStatusError):
+    "The exception an SDK raises for an HTTP error response: its status, JSON body and headers."
+    request = httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    response = httpx2.Response(status, headers=headers or {}, json=body, request=request)
+    message = f"Error code: {status}" if body is None else f"Error code: {status} - {body}"
+    return cls(message, response=response, body=body)
+
+
+@pytest.mark.parametrize(
+    "status,failover,cooldown",
+    [
+        (429, True, 30.0),
+        (500, True, 30.0),
+        (503, True, 30.0),
+        (401, True, KEY_COOLDOWN),
+        (403, True, KEY_COOLDOWN),
+        (408, True, None),
+        (409, True, None),
+        (400, False, None),
+        (404, True, KEY_COOLDOWN),
+        (422, False, None),
+    ],
+)
+def test_http_status_decides(status, failover, cooldown):
+    failure = classify(http_error(status), 30.0)
+    assert failure.failover is failover
+    assert failure.cooldown == cooldown
+    assert failure.reason.startswith(str(status))
+
+
+def test_openai_exception_classes_are_recognised():
+    assert classify(http_error(429, cls=openai.RateLimitError), 30).reason == "429 rate limited"
+    request = httpx2.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError as inner:
+            raise openai.APIConnectionError(request=request) from inner
+    except openai.APIConnectionError as ex:
+        failure = classify(ex, 12.0)
+    assert (failure.reason, failure.failover, failure.cooldown) == (
+        "connection refused",
+        True,
+        12.0,
+    )
+    timeout = classify(openai.APITimeoutError(request=request), 12.0)
+    assert (timeout.reason, timeout.failover) == ("timed out", True)
+
+
+def test_status_is_read_from_attributes_not_text():
+    class ProviderError(Exception):
+        def __init__(self):
+            super().__init__("the service said 429 but this is a 400")
+            self.status_code = 400
+
+    assert classify(ProviderError(), 30).failover is False
+    assert classify(ValueError("429 Too Many Requests"), 30).failover is False
+
+
+def test_shapes_with_status_or_response_status_code():
+    class WithStatus(Exception):
+        status = 503
+
+    class Resp:
+        status_code = 429
+        headers = {"retry-after": "4"}
+
+    class WithResponse(Exception):
+        response = Resp()
+
+    assert classify(WithStatus(), 30).failover is True
+    failure = classify(WithResponse(), 30)
+    assert failure.reason == "429 rate limited" and failure.cooldown == 4.0
+
+
+def test_missing_key_fails_over_and_cools_down_long():
+    failure = classify(llm.NeedsKeyException("No key found"), 30)
+    assert (failure.reason, failure.failover, failure.cooldown) == (
+        "missing key",
+        True,
+        KEY_COOLDOWN,
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        http_error(
+            429,
+            {
+                "message": "You exceeded your current quota",
+                "type": "insufficient_quota",
+                "code": "insufficient_quota",
+            },
+            cls=openai.RateLimitError,
+        ),
+        http_error(
+            400,
+            {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": "Your credit balance is too low to access the Anthropic API.",
+                },
+            },
+            cls=anthropic.BadRequestError,
+        ),
+        http_error(  # Gemini's shape (through an OpenAI-compatible endpoint)
+            429,
+            {
+                "error": {
+                    "code": 429,
+                    "status": "RESOURCE_EXHAUSTED",
+                    "details": [
+                        {"violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel"}]}
+                    ],
+                }
+            },
+            cls=openai.RateLimitError,
+        ),
+    ],
+    ids=["openai", "anthropic", "gemini"],
+)
+def test_quota_exhausted_in_each_providers_shape(error):
+    failure = classify(error, 30.0, quota_cooldown=3600.0)
+    assert failure.reason.endswith("quota exhausted")
+    assert (failure.failover, failure.cooldown, failure.known) == (True, 3600.0, True)
+
+
+def test_a_plain_rate_limit_is_not_a_quota():
+    error = http_error(429, {"error": {"message": "Rate limit reached"}}, cls=openai.RateLimitError)
+    assert classify(error, 30.0).reason == "429 rate limited"
+    error = http_error(400, {"error": {"message": "bad request"}}, cls=anthropic.BadRequestError)
+    assert classify(error, 30.0).failover is False
+
+
+def test_retry_after_forms():
+    assert retry_after(http_error(429, headers={"retry-after": "7"})) == 7.0
+    assert retry_after(http_error(429, headers={"retry-after-ms": "1500"})) == 1.5
+    date = email.utils.formatdate(NOW + 20, usegmt=True)
+    assert retry_after(http_error(429, headers={"retry-after": date}), now=NOW) == pytest.approx(
+        20, abs=1
+    )
+    assert retry_after(http_error(429)) is None
+    assert classify(http_error(429, headers={"retry-after": "7"}), 30).cooldown == 7.0
+
+
+def test_one_line_hides_secrets_and_stays_short():
+    ex = RuntimeError("Incorrect API key provided: sk-secret-123\nmore detail")
+    assert one_line(ex, secrets=["sk-secret-123"]) == "Incorrect API key provided: ***"
+    assert len(one_line(RuntimeError("x" * 500))) == 200
