@@ -600,7 +600,7 @@ def http_worker(port: int, quick: bool) -> None:
     import llm
     import yaml
 
-    from llm_loadbalancer import config, state
+    from llm_loadbalancer import config, store
 
     user = llm.user_dir()
     base = f"http://127.0.0.1:{port}"
@@ -676,7 +676,7 @@ def http_worker(port: int, quick: bool) -> None:
         model = llm.get_model(f"lb:{name}")
         failover[case] = []
         for _ in range(2 if quick else 5):
-            state.reset(name)  # no cooldown: the first member is asked each time
+            store.reset(config.load(name))  # no cooldown: the first member is asked each time
             failover[case].append(whole(model, stream=False))
             failover_base.append(whole(direct, stream=False, key="one"))
     plugin_failover = {"anthropic": {}, "openai": {}}
@@ -686,7 +686,7 @@ def http_worker(port: int, quick: bool) -> None:
         for _ in range(2 if quick else 7):
             for plugin, prefix in (("anthropic", "ant"), ("openai", "oai")):
                 name = f"{prefix}{case.replace(':', '-')}"
-                state.reset(name)
+                store.reset(config.load(name))
                 environ = os.environ.copy()
                 if case == "refused" and plugin == "anthropic":
                     os.environ["ANTHROPIC_BASE_URL"] = f"http://127.0.0.1:{free_port()}"

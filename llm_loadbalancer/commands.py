@@ -15,7 +15,7 @@ import click
 import llm
 from click_default_group import DefaultGroup
 
-from . import config, state, stores
+from . import config, store
 from .config import CHAT, EMBEDDING, Balancer, ConfigError
 from .members import (
     Catalog,
@@ -67,7 +67,7 @@ class _Group(DefaultGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ConfigError, state.StateUnavailable) as ex:
+        except (ConfigError, store.StateUnavailable) as ex:
             raise click.ClickException(str(ex)) from None
         except BrokenPipeError:
             raise  # the reader stopped (llm lb stats | head): click ends quietly
@@ -247,7 +247,7 @@ def lb_save(
 
 def _check_state(balancer: Balancer) -> None:
     "A Redis state needs redis-py, and its password key must be stored."
-    if stores.location(balancer)[0] is None:
+    if store.location(balancer)[0] is None:
         return
     if balancer.state_key and balancer.state_key not in load_stored_keys():
         # the value is not repeated: it may be the password itself
@@ -370,7 +370,7 @@ def _printed_json_or_nothing(rows: list, json_: bool) -> bool:
 def _summary(balancer: Balancer, keys: dict) -> dict:
     data = {"name": balancer.name, "model_id": balancer.model_id, "kind": balancer.kind}
     data.update(balancer.to_dict())
-    data["state_lives"] = stores.describe(balancer, keys)
+    data["state_lives"] = store.where(balancer, keys)
     if balancer.state:
         data["state"] = config.shown_url(balancer.state)
     return data
@@ -413,7 +413,7 @@ def lb_list(json_):
         labels = ", ".join(member.label() for member in balancer.members)
         kind = "embeddings, " if balancer.kind == EMBEDDING else ""
         click.echo(f"{row['model_id']:<{width}}  {kind}{balancer.policy}  {labels}")
-        if stores.location(balancer)[0] is not None:
+        if store.location(balancer)[0] is not None:
             click.echo(f"{'':<{width}}  state: {row['state_lives']}")
         for warning in row.get("warnings", ()):
             click.echo(f"{'':<{width}}  warning: {warning}")
@@ -480,14 +480,9 @@ def lb_remove(name):
         balancer = None
     path.unlink()
     try:
-        state.reset(name)
-    except state.StateUnavailable:
-        pass  # a new balancer of that name starts afresh anyway: its members differ
-    if balancer is not None:
-        try:
-            _reset_shared(balancer)
-        except ConfigError as ex:
-            click.echo(f"Warning: lb:{name}: {ex}", err=True)
+        store.remove(name, balancer)
+    except store.Unreachable as ex:
+        click.echo(f"Warning: lb:{name}: {_unreachable(ex)}", err=True)
     click.echo(f"Removed load balancer lb:{name}", err=True)
 
 
@@ -597,37 +592,16 @@ def lb_reset(name):
         llm lb reset fast
     """
     balancer = _load(name)
-    _reset_state(name)
     try:
-        _reset_shared(balancer)
-    except ConfigError as ex:
-        raise click.ClickException(f"cannot reset lb:{name}: {ex}")
+        store.reset(balancer)
+    except store.StateUnavailable as ex:
+        problem = _unreachable(ex) if isinstance(ex, store.Unreachable) else ex
+        raise click.ClickException(f"cannot reset lb:{name}: {problem}")
     click.echo(f"Reset lb:{name}", err=True)
 
 
-def _reset_state(name: str) -> None:
-    try:
-        state.reset(name)
-    except state.StateUnavailable as ex:
-        raise click.ClickException(f"cannot reset lb:{name}: {ex}")
-
-
-def _reset_shared(balancer: Balancer) -> None:
-    "Reset its state in Redis, for every machine; ConfigError when the server cannot be used."
-    from_redis(balancer, lambda shared: shared.reset(balancer))
-
-
-def from_redis(balancer: Balancer, action):
-    """``action(RedisState)`` for a balancer whose state is in Redis (None when it is local);
-    a server that cannot be used is a ConfigError naming it."""
-    if stores.location(balancer)[0] is None:
-        return None
-    from .redis_state import Unreachable
-
-    try:
-        return action(stores.shared(balancer))
-    except Unreachable as ex:
-        raise ConfigError(f"its Redis state cannot be used: {ex}") from None
+def _unreachable(ex: Exception) -> str:
+    return f"its Redis state cannot be used: {ex}"
 
 
 @lb.command(name="state")
@@ -645,31 +619,23 @@ def lb_state(name, json_):
         llm lb state team
     """
     balancer = _load(name)
-
-    def look(shared):
-        return {**shared.check(), **shared.found(balancer)}
-
     try:
-        found = from_redis(balancer, look)
-    except ConfigError as ex:
-        _fail(ConfigError(f"lb:{name}: {ex}"))
-    report = {"name": name, "state": stores.describe(balancer)}
-    if found is None:
-        report["file"] = str(state.path())
-    else:
-        report.update(found)
+        found = store.open_store(balancer, fallback=False).report(balancer)
+    except store.Unreachable as ex:
+        raise click.ClickException(f"lb:{name}: {_unreachable(ex)}")
+    report = {"name": name, "state": store.where(balancer), **found}
     if json_:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"lb:{name}: {report['state']}")
-    if found is None:
+    if "file" in found:
         click.echo(f"  file: {report['file']}")
         return
     click.echo(
         f"  reachable: Redis {found['redis_version']}, round trip "
         f"{found['round_trip'] * 1000:.2f} ms"
     )
-    if not found["known"]:
+    if not found["stored"]:
         click.echo(f"  nothing stored yet for this definition (keys {found['prefix']}*)")
         return
     click.echo(
@@ -704,18 +670,16 @@ def lb_stats(name, json_):
                 _fail(ex)
             continue
         try:
-            members = from_redis(balancer, lambda shared: shared.stats(balancer))
-            if members is None:
-                members = state.stats(balancer)
-        except state.StateUnavailable as ex:
-            raise click.ClickException(f"cannot read statistics: {ex}")
-        except ConfigError as ex:
-            problem = f"cannot read statistics of lb:{each}: {ex}"
+            members = store.open_store(balancer, fallback=False).stats(balancer)
+        except store.Unreachable as ex:
+            problem = f"cannot read statistics of lb:{each}: {_unreachable(ex)}"
             if name:
                 raise click.ClickException(problem)
             # the others are still worth showing
             result.append({"name": each, "model_id": balancer.model_id, "error": problem})
             continue
+        except store.StateUnavailable as ex:
+            raise click.ClickException(f"cannot read statistics: {ex}")
         for member, row in zip(balancer.members, members):
             row["label"] = member.label(keys)
         result.append(
@@ -723,7 +687,7 @@ def lb_stats(name, json_):
                 "name": each,
                 "model_id": balancer.model_id,
                 "kind": balancer.kind,
-                "state": stores.describe(balancer, keys),
+                "state": store.where(balancer, keys),
                 "members": members,
             }
         )
@@ -735,7 +699,7 @@ def lb_stats(name, json_):
         if "error" in entry:
             click.echo(f"{entry['model_id']}  error: {entry['error']}")
             continue
-        shared = entry["state"] != stores.LOCAL
+        shared = entry["state"] != store.LOCAL
         click.echo(entry["model_id"] + (f"  (state: {entry['state']})" if shared else ""))
         for member in entry["members"]:
             click.echo(_stats_line(member, entry["kind"]))

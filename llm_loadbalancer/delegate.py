@@ -7,9 +7,7 @@ response, so that everything it writes (chunks, stream events, usage, tool calls
 from __future__ import annotations
 
 import copy
-import copyreg
 import functools
-import json
 import logging
 import os
 import random
@@ -18,16 +16,18 @@ import time
 
 import llm
 
-from . import drive, failures, state, stores
+from . import drive, failures, model_options
 from .config import Balancer, ConfigError, Member
 from .members import build_options, load_stored_keys
 from .policy import plan
+from .selection import counted_ahead
+from .speed import shallow_copy
+from .store import Outcome, StateUnavailable, open_store, warn_unavailable
 from .view import MemberView
 
 logger = logging.getLogger("llm_loadbalancer")
 DEBUG_ENV = "LLM_LOADBALANCER_DEBUG"
 RNG = random.Random()  # the random and lowest-latency policies' draws (tests seed their own)
-_warned = False
 
 
 class LoadBalancerError(ValueError):
@@ -44,90 +44,6 @@ def _debug_enabled() -> bool:
         logger.setLevel(logging.DEBUG)
         logger._lb_handler = handler
     return True
-
-
-def _warn_state(problem: Exception) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        print(
-            f"Warning: llm-loadbalancer cannot use its {problem.what} ({problem}); "
-            "choosing members without it",
-            file=sys.stderr,
-        )
-
-
-_defaults: dict = {}  # path: ((modification time, size), parsed file, when it was looked at)
-_options_files: dict = {}  # an llm folder (None: llm.user_dir()): its model_options.json
-LOOK_AGAIN = 1.0  # seconds: how long a process trusts what it read of model_options.json
-_clock = time.monotonic  # (tests move it)
-
-
-def _model_defaults(model_id: str, user_dir: str | None) -> dict:
-    """Options set with 'llm models options set MODEL ...' in that llm folder: the file is read
-    again when it has changed, which a long-running process looks for at most once a second."""
-    path = _options_files.get(user_dir)
-    if path is None:
-        path = os.path.join(user_dir or str(llm.user_dir()), "model_options.json")
-        if user_dir is not None:  # (llm.user_dir() may be another folder next time)
-            _options_files[user_dir] = path
-    cached = _defaults.get(path)
-    now = _clock()
-    if cached is None or now - cached[2] >= LOOK_AGAIN:
-        stamp = _stamp(path)
-        same = cached is not None and cached[0] == stamp
-        cached = _defaults[path] = (stamp, cached[1] if same else _read_options(path), now)
-    options = cached[1].get(model_id)
-    return dict(options) if isinstance(options, dict) else {}
-
-
-def _stamp(path: str):
-    "(modification time, size) of the file, or None when there is none."
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_mtime_ns, info.st_size
-
-
-def _read_options(path: str) -> dict:
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-_plain: dict[type, bool] = {}  # class: whether copy.copy would copy its instances' __dict__
-
-
-def shallow_copy(obj):
-    """``copy.copy(obj)``. For an instance of a class that customises nothing of copying (llm's
-    Prompt), the same copy made directly: a new instance with the same attributes, without
-    copy.copy's generic look-ups, which cost more than the copy (every prompt makes one). A
-    class is looked at once, the first time one of its instances is copied."""
-    cls = type(obj)
-    plain = _plain.get(cls)
-    if plain is None:
-        plain = _plain[cls] = (
-            hasattr(obj, "__dict__")
-            and cls.__new__ is object.__new__  # (not a subclass of dict, int, str ...)
-            and not hasattr(cls, "__getnewargs_ex__")
-            and not hasattr(cls, "__getnewargs__")
-            and not hasattr(cls, "__slots__")
-            and not hasattr(cls, "__copy__")
-            and not hasattr(cls, "__setstate__")
-            and cls.__reduce_ex__ is object.__reduce_ex__
-            and cls.__reduce__ is object.__reduce__
-            and getattr(cls, "__getstate__", None) is getattr(object, "__getstate__", None)
-            and cls not in copyreg.dispatch_table
-        )
-    if not plain:
-        return copy.copy(obj)
-    new = object.__new__(cls)
-    new.__dict__.update(obj.__dict__)
-    return new
 
 
 class Attempt:
@@ -218,7 +134,7 @@ class Run:
         self.keys = load_stored_keys() if any(m.key for m in self.balancer.members) else {}
         self.debug = _debug_enabled()
         self.use_state = True
-        self.store = stores.for_balancer(self.balancer)
+        self.store = open_store(self.balancer)
         self.plan = self.ticket = None
         self.cooled = frozenset()  # members with a cooldown on record, as the choice read them
         for index, problem in lb.missing.items():
@@ -236,7 +152,7 @@ class Run:
         unavailable = frozenset(self.lb.missing)
         try:
             # the time is the backend's (a Redis server's clock, for every machine alike)
-            self.plan, self.ticket, self.cooled, now = self.store.select(
+            self.plan, self.ticket, self.cooled, now = self.store.choose(
                 self.balancer,
                 conversation=self.conversation_id,
                 tool_turn=bool(self.prompt and self.prompt.tool_results),
@@ -244,9 +160,9 @@ class Run:
                 stream=self.stream,
                 rng=RNG,
             )
-        except state.StateUnavailable as ex:
+        except StateUnavailable as ex:
             now = time.time()
-            _warn_state(ex)
+            warn_unavailable(ex)
             self.use_state = False
             count = len(self.balancer.members)
             position = 0 if self.balancer.policy == "failover" else RNG.randrange(count)
@@ -282,7 +198,7 @@ class Run:
         "Each member to try in turn; after the last failure, the error that lists them all."
         at_limit = []
         for number, index in enumerate(self.order):
-            ahead = state.counted_ahead(self.balancer, index)
+            ahead = counted_ahead(self.balancer, index)
             ticket = self.ticket if number == 0 else self._claim(index) if ahead else None
             if number and ahead and ticket is None and self.use_state:
                 at_limit.append(index)
@@ -339,7 +255,7 @@ class Run:
 
     def member_options(self, attempt: Attempt, model):
         "The member's model defaults, then its saved options, then those given at prompt time."
-        merged = _model_defaults(model.model_id, self.balancer.user_dir)
+        merged = model_options.defaults(model.model_id, self.balancer.user_dir)
         merged.update(attempt.member.options)
         if self.prompt.options.model_fields_set:  # options given at prompt time
             given = self.prompt.options.model_dump(exclude_unset=True)
@@ -372,7 +288,7 @@ class Run:
             attempt,
             error=f"{failure.reason}: {message}",
             cooldown=cooldown,
-            known=failure.known,
+            stated=failure.known,
             **attempt.timings(),
         )
         if started or not failure.failover or not self.balancer.failover:
@@ -399,7 +315,8 @@ class Run:
         self._record(
             attempt,
             conversation=self.conversation_id if tied else None,
-            tokens=(response.input_tokens, response.output_tokens),
+            tokens_in=response.input_tokens or 0,
+            tokens_out=response.output_tokens or 0,
             **attempt.timings(),
         )
 
@@ -408,8 +325,8 @@ class Run:
             return None
         try:
             return self.store.claim(self.balancer, index)
-        except state.StateUnavailable as ex:
-            _warn_state(ex)
+        except StateUnavailable as ex:
+            warn_unavailable(ex)
             self.use_state = False
             return None
 
@@ -424,21 +341,17 @@ class Run:
             attempt.recorded = True
             try:
                 self.store.finish(self.balancer, attempt.index, attempt.ticket)
-            except state.StateUnavailable:
+            except StateUnavailable:
                 pass
 
-    def _record(self, attempt: Attempt, **kwargs) -> None:
+    def _record(self, attempt: Attempt, **outcome) -> None:
         attempt.recorded = True
         if not self.use_state:
             return
+        outcome = Outcome(
+            cooled=attempt.index in self.cooled, streamed=attempt.streamed, **outcome
+        )
         try:
-            self.store.record(
-                self.balancer,
-                attempt.index,
-                ticket=attempt.ticket,
-                cooled=attempt.index in self.cooled,
-                streamed=attempt.streamed,
-                **kwargs,
-            )
-        except state.StateUnavailable as ex:
-            _warn_state(ex)
+            self.store.record(self.balancer, attempt.index, outcome, ticket=attempt.ticket)
+        except StateUnavailable as ex:
+            warn_unavailable(ex)

@@ -29,13 +29,11 @@ def user_path(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_LOAD_PLUGINS", ",".join(LB_AND_ECHO))
     monkeypatch.delenv("LLM_LOADBALANCER_STATE", raising=False)
     monkeypatch.delenv("LLM_LOADBALANCER_STATE_KEY", raising=False)
-    from llm_loadbalancer import stores
+    from llm_loadbalancer import store
 
-    # what one process learns of Redis servers (connections, one found down, warnings given)
-    # is each test's own, as it is each llm command's
-    monkeypatch.setattr(stores, "_connections", {})
-    monkeypatch.setattr(stores, "_down", {})
-    monkeypatch.setattr(stores, "_warned", set())
+    # what one process learns of its stores (state files, Redis servers, one found down,
+    # warnings given) is each test's own, as it is each llm command's
+    store.new_process()
     return path
 
 
@@ -155,9 +153,9 @@ def end_cooldowns():
     import sqlite3
     from contextlib import closing
 
-    from llm_loadbalancer import state
+    from llm_loadbalancer import store
 
-    with closing(sqlite3.connect(state.path())) as db, db:
+    with closing(sqlite3.connect(store.file_of())) as db, db:
         db.execute("update cooldowns set until = 0")
 
 

@@ -1,142 +1,21 @@
-"""Weights, per-member rate limits and quotas, waiting for a free member (issue 10).
+"""Weights, per-member rate limits and quotas, waiting for a free member (issue 10), through
+llm: the member settings, and prompts against the local OpenAI-compatible server (several
+processes at once), which counts what reached each key.
 
 The window arithmetic and the choices are pure functions, tested in test_policy.py (what an
-exhausted quota looks like: test_failures.py). Here: what the state file counts, with an
-injected clock, and what crosses processes, with several processes against the local
-OpenAI-compatible server, which counts what reached each key."""
+exhausted quota looks like: test_failures.py); what the state counts (limit windows, waits,
+cooldowns, the rotation across processes), for each backend, in test_store.py."""
 
 import json
-import random
 import re
 import sqlite3
 import time
+from contextlib import closing
 
 import pytest
-from conftest import NOW, invoke, run_workers, save_lb
+from conftest import invoke, run_workers, save_lb
 
-from llm_loadbalancer import config, state
-
-# --- through the state file, with an injected clock ------------------------------------------
-
-
-def chosen(balancer, now):
-    result, ticket, *_ = state.select(balancer, now=now)
-    if ticket is not None:
-        state.record(balancer, result.order[0], ticket=ticket, now=now)
-    return result
-
-
-def test_rpm_is_never_exceeded_and_the_member_is_used_again_when_its_window_has_room():
-    save_lb("lim", "echo rpm=2", "echo example_bool=true rpm=1")
-    balancer = config.load("lim")
-    picks = [chosen(balancer, NOW + i).order[:1] for i in range(4)]
-    assert picks == [(0,), (1,), (0,), ()]  # the fourth finds every member at its limit
-    assert chosen(balancer, NOW + 3).wait == (NOW + 60, 0)  # a's first request ages out first
-    assert chosen(balancer, NOW + 61).order[0] in (0, 1)
-
-
-def test_token_limits_count_what_members_reported():
-    save_lb("tok", "echo tpm=100", "echo example_bool=true")
-    balancer = config.load("tok")
-    result, ticket, *_ = state.select(balancer, now=NOW)
-    state.record(balancer, 0, ticket=ticket, tokens=(70, 40), now=NOW)
-    for step in range(1, 4):
-        assert chosen(balancer, NOW + step).order[0] == 1  # 110 tokens: a has no room
-    assert chosen(balancer, NOW + 61).order[:1] in ((0,), (1,))
-    members = state.stats(balancer, now=NOW + 1)
-    assert (members[0]["input_tokens"], members[0]["output_tokens"]) == (70, 40)
-    assert members[0]["limits"] == {"tpm": {"used": 110, "limit": 100}}
-
-
-def test_tokens_reported_after_the_clock_was_set_back_still_count():
-    save_lb("back", "echo tpm=25", "echo example_bool=true")
-    balancer = config.load("back")
-    state.select(balancer, now=NOW)
-    state.record(balancer, 0, tokens=(10, 0), now=NOW)
-    state.record(balancer, 0, tokens=(20, 0), now=NOW - 30)  # the clock went back 30 s
-    # 30 tokens in the minute: a has no room, whatever the rotation says
-    assert [chosen(balancer, NOW + step).order[0] for step in (1, 2)] == [1, 1]
-    assert state.stats(balancer, now=NOW + 1)[0]["limits"]["tpm"]["used"] == 30
-
-
-def test_requests_sent_after_the_clock_was_set_back_still_count():
-    save_lb("back", "echo rpm=3", "echo example_bool=true")
-    balancer = config.load("back")
-    sent = [chosen(balancer, NOW).order[0]]
-    # the clock goes back 30 s, then moves on a second at a time
-    sent += [chosen(balancer, NOW - 30 + step).order[0] for step in range(10)]
-    assert sent.count(0) == 3  # never a 4th request in the minute
-    assert state.stats(balancer, now=NOW - 20)[0]["limits"]["rpm"]["used"] == 3
-    # two choices at one moment after the clock went back are numbered apart
-    save_lb("same", "echo rpm=5", "echo example_bool=true", flags=("--policy", "failover"))
-    same = config.load("same")
-    for now in (NOW, NOW - 30, NOW - 30):
-        assert state.select(same, now=now).plan.order[0] == 0
-    assert state.stats(same, now=NOW - 30)[0]["limits"]["rpm"]["used"] == 3
-
-
-def test_a_member_full_while_the_clock_ran_ahead_has_room_a_window_after_it_is_corrected():
-    ahead = NOW + 5 * 3600  # the clock was 5 hours ahead for a few prompts, then corrected
-    save_lb("ahead", "echo rpm=3", "echo example_bool=true", flags=("--policy", "failover"))
-    balancer = config.load("ahead")
-    assert [chosen(balancer, ahead + step).order[0] for step in range(3)] == [0, 0, 0]
-    assert chosen(balancer, NOW + 1).order[0] == 1  # those 3 count from now ...
-    assert chosen(balancer, NOW + 62).order[0] == 0  # ... for one minute, not five hours
-    # tokens reported while it was ahead, the same
-    save_lb("spent", "echo tpm=100", "echo example_bool=true", flags=("--policy", "failover"))
-    spent = config.load("spent")
-    state.record(spent, 0, ticket=state.select(spent, now=ahead).ticket, tokens=(100, 0), now=ahead)
-    assert [chosen(spent, NOW + step).order[0] for step in (1, 62)] == [1, 0]
-    # every member full: the wait is for one window, not for the hours the clock was ahead
-    save_lb("full", "echo rpm=1", "echo example_bool=true rpm=1")
-    full = config.load("full")
-    assert [chosen(full, ahead).order[0] for _ in range(2)] == [0, 1]
-    assert state.select(full, now=NOW + 120).plan.wait == (NOW + 180, 0)
-
-
-def test_a_least_busy_request_dated_again_after_a_clock_step_still_ends():
-    save_lb("busy", "echo", "echo example_bool=true", flags=("--policy", "least-busy"))
-    balancer = config.load("busy")
-    only_first = frozenset({1})  # both prompts go to member 1, the second after a step back
-    first = state.select(balancer, now=NOW, unavailable=only_first)
-    second = state.select(balancer, now=NOW - 30, unavailable=only_first)
-    state.record(balancer, 0, ticket=first.ticket, now=NOW - 25)
-    state.record(balancer, 0, ticket=second.ticket, now=NOW - 20)
-    # neither is in flight any more: least-busy goes on in rotation
-    assert [chosen(balancer, NOW - 10 + step).order[0] for step in range(4)] == [1, 0, 1, 0]
-
-
-def test_a_member_that_fails_again_after_its_cooldown_cools_down_twice_as_long():
-    save_lb("esc", "echo", "echo example_bool=true")
-    balancer = config.load("esc")
-    state.select(balancer, now=NOW)
-    lengths = []
-    now = NOW
-    for _ in range(4):
-        state.record(balancer, 0, error="500 server error: x", cooldown=30, now=now)
-        until = state.stats(balancer, now=now)[0]["cooling_down_until"]
-        lengths.append(until - now)
-        now = until + 1  # it fails again right after its cooldown ended
-    assert lengths == [30, 60, 120, 240]
-    state.record(balancer, 0, now=now)  # a success resets it
-    state.record(balancer, 0, error="500 server error: x", cooldown=30, now=now + 1)
-    assert state.stats(balancer, now=now + 1)[0]["cooling_down_until"] == now + 31
-    for _ in range(20):
-        state.record(balancer, 0, error="500 server error: x", cooldown=30, now=now)
-    assert state.stats(balancer, now=now)[0]["cooling_down_until"] == now + config.MAX_SECONDS
-
-
-def test_a_balancer_defined_again_starts_without_the_old_definitions_cooldowns():
-    save_lb("again", "echo", "echo example_bool=true")
-    state.select(config.load("again"), now=NOW)
-    state.record(config.load("again"), 1, error="500 server error: x", cooldown=300, now=NOW)
-    save_lb("again", "echo", "echo example_bool=false", "echo", flags=("--force",))
-    balancer = config.load("again")
-    choice = state.select(balancer, now=NOW + 1)
-    assert choice.plan.skipped == ()  # member 2 of this definition never failed
-    assert choice.cooled == frozenset()
-    assert [state.select(balancer, now=NOW + 1).plan.order[0] for _ in range(2)] == [1, 2]
-
+from llm_loadbalancer import config, store
 
 # --- settings --------------------------------------------------------------------------------
 
@@ -193,14 +72,6 @@ def test_rpm_is_exact_across_eight_processes(local_openai):
     assert sorted(seen) == sorted(["a/sk-work", "a/sk-personal", "b/sk-work", "b/sk-personal"] * 3)
 
 
-def test_weighted_order_is_exact_across_processes(local_openai):
-    save_lb("w", "local-a key=work weight=3", "local-a key=personal")
-    counts = run_workers("lb:w", 4, 10)
-    assert counts == [(10, 0)] * 4
-    keys = local_openai.seen("key")
-    assert (keys.count("sk-work"), keys.count("sk-personal")) == (30, 10)
-
-
 def test_token_limit_from_the_usage_the_server_reports(local_openai):
     save_lb("t", "local-a key=work tpm=10", "local-a key=personal", flags=("--max-wait", "0"))
     for _ in range(4):
@@ -214,9 +85,7 @@ def test_token_limit_from_the_usage_the_server_reports(local_openai):
 
 def age_requests(seconds):
     "Time moves through the state file: every request counted was sent ``seconds`` earlier."
-    import sqlite3
-
-    with sqlite3.connect(state.path()) as db:
+    with closing(sqlite3.connect(store.file_of())) as db, db:
         db.execute("update requests set at = at - ?", [seconds])
 
 
@@ -262,79 +131,6 @@ def test_retry_after_is_waited_for_not_asked_early(local_openai):
     assert len(local_openai.requests) == 2
 
 
-def test_statistics_still_add_up_once_requests_older_than_a_day_are_folded_into_totals():
-    save_lb("f", "echo tpm=1000", "echo")
-    balancer = config.load("f")
-    state.select(balancer)  # the definition is on record
-    two_days_ago = time.time() - 2 * 86400
-    state.record(balancer, 0, tokens=(3, 4), now=two_days_ago)
-    state.record(balancer, 0, error="429 rate limited: slow down", now=two_days_ago + 1)
-    state.record(balancer, 1, tokens=(1, 1), now=two_days_ago)
-    db = sqlite3.connect(state.path())
-    old = "select count(*) from outcomes where member = 0 and at < ?"
-    assert db.execute(old, [two_days_ago + 10]).fetchone()[0] == 2
-    # one record in PRUNE_EVERY (drawn at random, seeded here) folds the member's old rows
-    random.seed(5)
-    for count in range(1, 50 * state.PRUNE_EVERY):
-        state.record(balancer, 0, tokens=(1, 2))
-        if db.execute(old, [two_days_ago + 10]).fetchone()[0] == 0:
-            break
-    else:
-        pytest.fail("the old rows were never folded")
-    assert count > 1
-    folded = db.execute(
-        "select requests, successes, failures, input_tokens, output_tokens, last_error "
-        "from stats where balancer = 'f' and member = 0"
-    ).fetchone()
-    assert folded == (2, 1, 1, 3, 4, "429 rate limited: slow down")
-    first, second = state.stats(balancer)
-    assert (first["requests"], first["successes"], first["failures"]) == (2 + count, 1 + count, 1)
-    assert (first["input_tokens"], first["output_tokens"]) == (3 + count, 4 + 2 * count)
-    assert first["last_error"] == "429 rate limited: slow down"
-    assert first["last_used"] > two_days_ago + 86400  # the latest request, not a folded one
-    assert (second["requests"], second["input_tokens"]) == (1, 1)  # not folded: still counted
-    assert first["share"] == pytest.approx((2 + count) / (3 + count))
-
-
-def test_requests_chosen_at_the_same_time_are_counted_in_order():
-    save_lb("same", "echo rpm=3", "echo", flags=("--policy", "failover"))
-    balancer = config.load("same")
-    firsts = [state.select(balancer, now=NOW).plan.order[0] for _ in range(5)]
-    assert firsts == [0, 0, 0, 1, 1]  # never a 4th request in the minute
-
-
-def test_last_used_and_last_error_are_those_of_the_request_that_ended_last():
-    save_lb("ended", "echo rpm=100", "echo", flags=("--policy", "failover"))
-    balancer = config.load("ended")
-    long_one = state.select(balancer, now=NOW).ticket
-    short_one = state.select(balancer, now=NOW + 1).ticket
-    state.record(balancer, 0, ticket=short_one, error="500 server error: short", now=NOW + 2)
-    state.record(balancer, 0, ticket=long_one, error="429 rate limited: long", now=NOW + 60)
-    member = state.stats(balancer, now=NOW + 61)[0]
-    assert (member["last_used"], member["last_error"]) == (NOW + 60, "429 rate limited: long")
-
-
-def test_a_prompt_in_flight_across_a_reset_keeps_its_outcome_and_hides_no_request():
-    save_lb("z", "echo rpm=2", "echo", flags=("--policy", "failover"))
-    balancer = config.load("z")
-    in_flight = state.select(balancer, now=NOW).ticket
-    state.reset("z")
-    for moment in (NOW + 1, NOW + 2):  # member 1 reaches its limit again after the reset
-        assert state.select(balancer, now=moment).plan.order[0] == 0
-    state.record(balancer, 0, ticket=in_flight, tokens=(5, 5), now=NOW + 3)
-    assert state.stats(balancer, now=NOW + 3)[0]["input_tokens"] == 5
-    # its outcome does not hide the two requests counted since the reset
-    assert state.select(balancer, now=NOW + 4).plan.order[0] == 1
-
-
-def test_rpd_is_exact_when_many_processes_reach_it_at_once():
-    save_lb("race", "echo rpd=100", "echo rpd=100", flags=("--max-wait", "0"))
-    counts = run_workers("lb:race", 8, 40)
-    assert sum(done for done, _ in counts) == 200  # 2 members x 100, never a 101st
-    limits_now = [member["limits"]["rpd"] for member in state.stats(config.load("race"))]
-    assert limits_now == [{"used": 100, "limit": 100}] * 2
-
-
 def test_stats_show_limits_tokens_timings_and_a_bar(local_openai):
     save_lb("st", "local-a key=work rpm=3", "local-a key=personal")
     for _ in range(3):
@@ -368,10 +164,10 @@ def test_quota_exhausted_through_each_plugin_cools_the_member_down_for_an_hour(
 
 
 def test_model_option_defaults_are_read_again_when_they_change(run_llm, monkeypatch):
-    from llm_loadbalancer import delegate
+    from llm_loadbalancer import model_options
 
     clock = [1000.0]
-    monkeypatch.setattr(delegate, "_clock", lambda: clock[0])
+    monkeypatch.setattr(model_options, "clock", lambda: clock[0])
     save_lb("d", "echo", "echo")
     run_llm("models", "options", "set", "echo", "example_bool", "true")
     assert "example_bool" in run_llm("-m", "lb:d", "hi").stdout

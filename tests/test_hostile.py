@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import folder_snapshot, invoke, process_env, save_lb
-from llm_loadbalancer import config, state
+from llm_loadbalancer import config, store
 
 FOLDER = "loadbalancers"
 
@@ -137,7 +137,7 @@ def test_a_cooldown_stored_by_an_older_version_is_capped_and_stats_never_crash(
 ):
     save_lb("x", "flaky name=a", "flaky name=b")
     run_llm("-m", "lb:x", "hi")
-    with sqlite3.connect(state.path()) as db:  # what 0.1.0 stored for Retry-After: inf
+    with sqlite3.connect(store.file_of()) as db:  # what 0.1.0 stored for Retry-After: inf
         db.execute(
             "insert into cooldowns (balancer, member, until, reason) values ('x', 0, ?, 'inf')",
             [math.inf],
@@ -157,8 +157,8 @@ def test_stats_say_1_request(fake_models, run_llm):
 
 @pytest.mark.parametrize("value,expected", [("inf", 10), ("nan", 10), ("-5", 10), ("2.5", 2.5)])
 def test_the_state_timeout_from_the_environment_is_sane(monkeypatch, value, expected):
-    monkeypatch.setenv(state.TIMEOUT_ENV, value)
-    assert state.timeout() == expected
+    monkeypatch.setenv(store.TIMEOUT_ENV, value)
+    assert store.timeout() == expected
 
 
 # --- folders, files and editors in any state -------------------------------------------------
@@ -303,195 +303,11 @@ def test_a_broken_balancer_advertises_nothing_and_names_its_file(user_path, tmp_
 def test_a_corrupt_state_file_says_what_to_do(user_path):
     save_lb("x", "echo", "echo")
     (user_path / "loadbalancers.db").write_bytes(b"this is not a database" * 100)
-    state._connections.clear()
+    store.new_process()
     result = invoke("-m", "lb:x", "hi")
     assert result.exit_code == 0, result.output  # the prompt still runs
     line = one_line_error(invoke("lb", "stats", "x"))
     assert "the file is damaged; move it away" in line
-
-
-# --- the state file's schema -----------------------------------------------------------------
-
-OLD_TABLES = """
-create table rotation (balancer text primary key, signature text not null,
-    position integer not null default 0);
-create table cooldowns (balancer text not null, member integer not null, until real not null,
-    reason text, primary key (balancer, member));
-create table stats (balancer text not null, member integer not null,
-    requests integer not null default 0, successes integer not null default 0,
-    failures integer not null default 0, last_used real, last_error text,
-    primary key (balancer, member));
-create table affinity (balancer text not null, conversation text not null,
-    first_member integer not null, last_member integer not null, updated real not null,
-    primary key (balancer, conversation));
-"""
-
-
-def test_a_state_file_from_0_1_0_is_upgraded_and_keeps_rotation_and_statistics(user_path):
-    save_lb("x", "echo", "echo example_bool=true", "echo")
-    balancer = config.load("x")
-    with sqlite3.connect(user_path / "loadbalancers.db") as db:
-        db.executescript(OLD_TABLES)
-        db.execute("insert into rotation values ('x', ?, 2)", [balancer.signature])
-        db.execute("insert into stats values ('x', 0, 5, 5, 0, 1.0, null)")
-        db.execute("insert into cooldowns values ('x', 1, ?, 'inf')", [1e300])
-    state._connections.clear()
-    plan = state.select(balancer).plan
-    assert plan.order[0] == 2  # the rotation went on where it was
-    members = state.stats(balancer)
-    assert members[0]["requests"] == 5
-    assert members[1]["cooling_down_until"] <= time.time() + config.MAX_SECONDS + 1
-    assert_upgraded(user_path)
-
-
-def old_state_file(user_path, version, balancer):
-    "A state file with the tables of an older version, and the balancer's rotation on record."
-    db = sqlite3.connect(user_path / "loadbalancers.db")
-    for step in state.MIGRATIONS[:version]:
-        db.executescript(step)
-    db.execute(f"pragma user_version = {version}")
-    db.execute("insert into rotation values ('x', ?, 0)", [balancer.signature])
-    return db
-
-
-def assert_upgraded(user_path):
-    with sqlite3.connect(user_path / "loadbalancers.db") as db:
-        assert db.execute("pragma user_version").fetchone()[0] == state.VERSION
-
-
-def test_a_state_file_of_version_3_is_upgraded_and_keeps_counting_its_requests_and_tokens(
-    user_path,
-):
-    save_lb("x", "echo rpm=1", "echo tpm=100")
-    balancer = config.load("x")
-    now = time.time()
-    with old_state_file(user_path, 3, balancer) as db:
-        # what version 3 kept: rows under a rowid, each indexed apart
-        db.execute(
-            "insert into requests (id, balancer, member, at, seq, total) "
-            "values (7, 'x', 0, ?, 1, 0.5)",
-            [now - 10],
-        )
-        db.execute(
-            "insert into spent (id, balancer, member, at, tokens, cum) "
-            "values (3, 'x', 1, ?, 150, 150)",
-            [now - 10],
-        )
-        # version 3 counted each outcome in stats as it was recorded, its row besides
-        db.execute(
-            "insert into stats (balancer, member, requests, successes, failures, last_used, "
-            "input_tokens, output_tokens) values ('x', 0, 4, 4, 0, ?, 40, 60)",
-            [now - 10],
-        )
-        db.execute(
-            "insert into requests (id, balancer, member, at, tokens, total, streamed) "
-            "values (8, 'x', 0, ?, 100, 0.5, 1)",
-            [now - 20],
-        )
-    state._connections.clear()
-    choice = state.select(balancer, now=now)
-    assert choice.plan.order == ()  # both at their limits, as before the upgrade
-    assert choice.plan.wait == (pytest.approx(now + 50), 0)
-    members = state.stats(balancer, now=now)
-    assert [member["limits"] for member in members] == [
-        {"rpm": {"used": 1, "limit": 1}},
-        {"tpm": {"used": 150, "limit": 100}},
-    ]
-    # what stats had counted is counted once
-    assert (members[0]["requests"], members[0]["input_tokens"]) == (4, 40)
-    assert_upgraded(user_path)
-
-
-def test_a_state_file_of_version_4_is_upgraded_and_keeps_its_counts_outcomes_and_tokens(
-    user_path,
-):
-    save_lb("x", "echo rpm=1", "echo tpm=100")
-    balancer = config.load("x")
-    now = time.time()
-    with old_state_file(user_path, 4, balancer) as db:
-        # what version 4 kept: a request counted in advance, its outcome on its row ...
-        db.execute(
-            "insert into requests (balancer, member, at, id, seq, total, streamed, input_tokens, "
-            "output_tokens, ended) values ('x', 0, ?, 1, 1, 0.5, 1, 3, 5, ?)",
-            [now - 10, now - 9.5],
-        )
-        # ... an outcome recorded when it ended, and its tokens reported apart
-        db.execute(
-            "insert into requests (balancer, member, at, id, total, streamed, input_tokens, "
-            "output_tokens, error, ended) values ('x', 1, ?, 77, 0.5, 1, 100, 50, null, ?)",
-            [now - 20, now - 19.5],
-        )
-        for at, cum, tokens in ((now - 50, 30, 30), (now - 19.5, 180, 150)):
-            db.execute(
-                "insert into spent (balancer, member, at, cum, tokens) values ('x', 1, ?, ?, ?)",
-                [at, cum, tokens],
-            )
-        db.execute(
-            "insert into stats (balancer, member, requests, successes, failures, last_used, "
-            "input_tokens, output_tokens) values ('x', 0, 4, 4, 0, ?, 40, 60)",
-            [now - 100],
-        )
-    state._connections.clear()
-    choice = state.select(balancer, now=now)
-    assert choice.plan.order == ()  # both at their limits, as before the upgrade
-    # member 2 frees up first: a minute after its last tokens were reported
-    assert choice.plan.wait == (pytest.approx(now + 40.5, abs=0.01), 1)
-    members = state.stats(balancer, now=now)
-    assert [member["limits"] for member in members] == [
-        {"rpm": {"used": 1, "limit": 1}},
-        {"tpm": {"used": 180, "limit": 100}},
-    ]
-    with state.transaction(state.file_of(balancer)) as db:  # what choices count: 30 + 150
-        assert state._FileKnown(db, balancer, now, []).totals(1) == {60.0: (0, 180)}
-    # each outcome counted once, with its tokens and when it ended
-    assert [(m["requests"], m["input_tokens"], m["output_tokens"]) for m in members] == [
-        (5, 43, 65),
-        (1, 100, 50),
-    ]
-    assert members[1]["last_used"] == pytest.approx(now - 19.5)
-    # and the tokens reported from now on are added to the running total
-    state.record(balancer, 1, tokens=(7, 3), now=now + 1)
-    assert state.stats(balancer, now=now + 1)[1]["limits"]["tpm"]["used"] == 190
-    assert_upgraded(user_path)
-
-
-def test_a_new_state_file_that_another_process_is_creating_is_waited_for(user_path, monkeypatch):
-    # Another process holds the new file (creating its tables, before WAL mode): SQLite refuses
-    # to turn it to WAL at once, without its busy timeout. The prompt waits for the file instead
-    # of going without it (seen as 'database is locked' when processes start together).
-    save_lb("x", "echo", "echo")
-    other = sqlite3.connect(user_path / "loadbalancers.db", isolation_level=None)
-    other.execute("create table creating (x)")
-    other.execute("begin immediate")
-    other.execute("insert into creating values (1)")
-    pauses = []
-
-    def pause(seconds):  # the other process is done by the time this one tries again
-        pauses.append(seconds)
-        if other.in_transaction:
-            other.execute("commit")
-
-    monkeypatch.setattr(state, "_pause", pause)
-    state._connections.clear()
-    assert state.select(config.load("x")).plan.order[0] == 0
-    assert len(pauses) == 1
-    with sqlite3.connect(user_path / "loadbalancers.db") as db:
-        assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
-
-
-def test_a_state_file_from_a_newer_version_is_not_touched(user_path, monkeypatch):
-    from llm_loadbalancer import delegate
-
-    monkeypatch.setattr(delegate, "_warned", False)  # the warning is once per process
-    save_lb("x", "echo", "echo")
-    with sqlite3.connect(user_path / "loadbalancers.db") as db:
-        db.execute(f"pragma user_version = {state.VERSION + 1}")
-    state._connections.clear()
-    result = invoke("-m", "lb:x", "hi")
-    assert result.exit_code == 0
-    assert "from a newer llm-loadbalancer" in result.stderr
-    with sqlite3.connect(user_path / "loadbalancers.db") as db:
-        assert db.execute("pragma user_version").fetchone()[0] == state.VERSION + 1
 
 
 # --- found in review: values PyYAML or a model cannot build, FIFOs ---------------------------

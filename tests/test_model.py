@@ -5,12 +5,10 @@ another and at once."""
 import asyncio
 import importlib.metadata
 import json
-import random
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 
 import llm
 import pytest
@@ -89,14 +87,12 @@ def test_state_lives_in_sqlite_not_in_the_yaml(keyed, user_path):
     before = (user_path / "loadbalancers" / "s.yaml").read_text()
     llm.get_model("lb:s").prompt("x").text()
     assert (user_path / "loadbalancers" / "s.yaml").read_text() == before
-    db = sqlite3.connect(user_path / "loadbalancers.db")
-    assert db.execute("select position from rotation where balancer = 's'").fetchone() == (1,)
+    members = json.loads(invoke("lb", "stats", "s", "--json").stdout)[0]["members"]
+    assert [member["requests"] for member in members] == [1, 0]
+    assert (user_path / "loadbalancers.db").exists()
 
 
 def test_corrupt_state_file_warns_once_and_still_answers(keyed, user_path, capsys, monkeypatch):
-    import llm_loadbalancer.delegate as lb_model
-
-    monkeypatch.setattr(lb_model, "_warned", False)
     keyed("c", 2)
     (user_path / "loadbalancers.db").write_bytes(b"this is not a database" * 100)
     model = llm.get_model("lb:c")
@@ -107,9 +103,6 @@ def test_corrupt_state_file_warns_once_and_still_answers(keyed, user_path, capsy
 
 
 def test_locked_state_file_does_not_block_the_prompt(keyed, user_path, monkeypatch):
-    import llm_loadbalancer.delegate as lb_model
-
-    monkeypatch.setattr(lb_model, "_warned", False)
     monkeypatch.setenv("LLM_LOADBALANCER_STATE_TIMEOUT", "0.2")  # read as the file is opened
     keyed("l", 2)
     llm.get_model("lb:l").prompt("x").text()  # creates the state file
@@ -152,7 +145,7 @@ def test_member_options_defaults_and_prompt_options(run_llm, user_path):
 def test_a_balancer_keeps_its_state_and_model_options_in_the_llm_folder_it_came_from(
     run_llm, user_path, tmp_path, monkeypatch
 ):
-    from llm_loadbalancer import config, state
+    from llm_loadbalancer import config, store
 
     run_llm("lb", "save", "home", "echo", "echo")
     run_llm("models", "options", "set", "echo", "example_bool", "true")
@@ -164,13 +157,14 @@ def test_a_balancer_keeps_its_state_and_model_options_in_the_llm_folder_it_came_
     assert [answer["options"] for answer in answers] == [{"example_bool": True}] * 2
     assert not (elsewhere / "loadbalancers.db").exists()
     monkeypatch.setenv("LLM_USER_PATH", str(user_path))
-    assert [member["requests"] for member in state.stats(config.load("home"))] == [1, 1]
+    home = config.load("home")
+    assert [member["requests"] for member in store.open_store(home).stats(home)] == [1, 1]
 
 
 def test_a_members_prompt_is_a_copy_as_copy_copy_makes_it(user_path):
     import copy
 
-    from llm_loadbalancer.delegate import shallow_copy
+    from llm_loadbalancer.speed import shallow_copy
 
     prompt = llm.get_model("echo").conversation().prompt("hi", system="be brief").prompt
     copied = shallow_copy(prompt)
@@ -472,23 +466,3 @@ def test_key_name_that_is_not_stored(run_llm, user_path):
     path = user_path / "loadbalancers" / "ks.yaml"
     assert line.startswith(f"Error: lb:ks: {path}: member 1 (echo-needs-key, key: (not stored))")
     assert "not the name of a stored key" in line
-
-
-def test_conversation_ties_older_than_30_days_are_forgotten(keyed, user_path):
-    from llm_loadbalancer import config, state
-
-    keyed("old", 2, "--sticky")
-    balancer = config.load("old")
-    long_ago = time.time() - 31 * 86400
-    state.record(balancer, 1, conversation="ancient", now=long_ago)
-    db = sqlite3.connect(user_path / "loadbalancers.db")
-    ties = "select conversation, first_member from affinity order by conversation"
-    # old ties are forgotten as requests are recorded: by one in PRUNE_EVERY of them, drawn at
-    # random (seeded here)
-    random.seed(3)
-    for count in range(1, 50 * state.PRUNE_EVERY):
-        state.record(balancer, 0, conversation="recent")
-        if len(db.execute(ties).fetchall()) == 1:
-            break
-    assert db.execute(ties).fetchall() == [("recent", 0)]
-    assert count > 1  # not at once: the tie was there until a record pruned it

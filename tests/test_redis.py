@@ -1,18 +1,24 @@
 """Shared state in a real Redis server (issue 12): several llm user folders ("machines") with
-the same balancer and one redis-server on 127.0.0.1."""
+the same balancer and one redis-server on 127.0.0.1, through llm; and what is Redis's own:
+machines, the server's clock, a process's last snapshot, falling back to this machine's file,
+passwords and URLs. The rules of the state itself (rotation, limits, cooldowns, in flight,
+ties, statistics) are the store contract, tested for Redis and the file alike in
+test_store.py."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 import time
+import types
 
 import llm
 import pytest
 
-from conftest import invoke, process_env, run_workers, save_lb, set_keys
+from conftest import NOW, invoke, process_env, save_lb, set_keys
 from fake_models import CALLS
-from llm_loadbalancer import config, state, stores
-from llm_loadbalancer.redis_state import RedisState
+from llm_loadbalancer import config, store
+from llm_loadbalancer.store import Outcome
 
 PASSWORD = "s3cret-redis-password"
 
@@ -51,6 +57,12 @@ def ask(name):
     return llm.get_model(f"lb:{name}").prompt("hi").text()
 
 
+def shared(redis_server, user_path, name, **data):
+    "A balancer of two echo members (unless given) whose state is in the server."
+    data = {"members": [{"model": "echo"}] * 2, **data, "state": redis_server.url}
+    return dataclasses.replace(config.from_dict(name, data), user_dir=str(user_path))
+
+
 def test_the_rotation_continues_from_one_machine_to_the_other(machines, redis_server, fake_models):
     flags = ("--state", redis_server.url)
     on_both(machines, "team", "flaky name=a", "flaky name=b", "flaky name=c", flags=flags)
@@ -67,27 +79,6 @@ def test_the_rotation_continues_from_one_machine_to_the_other(machines, redis_se
     assert not (machines.folders["A"] / "loadbalancers.db").exists()
 
 
-def run_on_machines(machines, model_id, per_machine, prompts):
-    "Processes on both machines at once, each sending ``prompts``: [(done, failed)]."
-    envs = [{"LLM_USER_PATH": str(machines.folders[machine])} for machine in "AB"]
-    return run_workers(model_id, 2 * per_machine, prompts, envs)
-
-
-def test_weighted_rotation_is_exact_across_two_machines_and_eight_processes(machines, redis_server):
-    on_both(machines, "w", "echo weight=3", "echo", flags=("--state", redis_server.url))
-    assert run_on_machines(machines, "lb:w", 4, 100) == [(100, 0)] * 8
-    stats = members_stats("w")
-    assert [m["requests"] for m in stats] == [600, 200]  # 800 prompts, 3 to 1, exactly
-
-
-def test_a_limit_holds_across_machines(machines, redis_server):
-    flags = ("--state", redis_server.url, "--max-wait", "0")
-    on_both(machines, "capped", "echo rpd=3", "echo rpd=3", flags=flags)
-    counts = run_on_machines(machines, "lb:capped", 3, 4)
-    assert sum(done for done, _ in counts) == 6  # 2 members x 3 a day, from 6 processes
-    assert [m["limits"]["rpd"] for m in members_stats("capped")] == [{"used": 3, "limit": 3}] * 2
-
-
 def test_a_cooldown_set_on_one_machine_is_seen_on_the_other(machines, redis_server, fake_models):
     flags = ("--state", redis_server.url)
     on_both(machines, "x", "flaky name=a fail=429:100", "flaky name=b", flags=flags)
@@ -99,22 +90,6 @@ def test_a_cooldown_set_on_one_machine_is_seen_on_the_other(machines, redis_serv
     assert CALLS == ["b"] * 3  # B never asked a
     stats = members_stats("x")
     assert stats[0]["cooling_down_for"] == "429 rate limited"
-
-
-def test_cooldowns_escalate_and_a_success_resets_them(redis_server):
-    balancer = config.from_dict("esc", {"members": [{"model": "echo"}, {"model": "echo"}]})
-    shared = RedisState(redis_server.url)
-    now = 1_800_000_000.0
-    shared.record(balancer, 0, error="500 server error: x", cooldown=30, now=now)
-    shared.record(balancer, 0, error="500 server error: x", cooldown=30, now=now + 31)
-    until = shared.stats(balancer, now=now + 31)[0]["cooling_down_until"]
-    assert until == pytest.approx(now + 31 + 60)  # failed again right after: twice as long
-    shared.record(balancer, 0, items=7, now=now + 100)  # an embedding batch of 7 items
-    assert shared.stats(balancer, now=now + 100)[0]["items"] == 7
-    shared.record(balancer, 0, error="500 server error: x", cooldown=30, now=now + 200)
-    assert shared.stats(balancer, now=now + 200)[0]["cooling_down_until"] == pytest.approx(
-        now + 230
-    )
 
 
 @pytest.mark.parametrize("policy", ["failover", "least-busy", "lowest-latency", "random"])
@@ -187,30 +162,35 @@ def test_redis_stopped_mid_run_answers_from_the_local_file(user_path, redis_serv
         redis_server.start()
     # once it is back, the next process uses it again (this server keeps nothing on disk, so
     # it starts afresh: one request, this one)
-    stores._down.clear()
-    stores._connections.clear()
+    store.new_process()
     assert invoke("-m", "lb:down", "five").stderr == ""
     assert [m["requests"] for m in members_stats("down")] == [1, 0]
 
 
 def test_a_request_the_file_counted_while_the_server_was_down_ends_in_the_file(
-    user_path, redis_server, capsys
+    user_path, redis_server, capsys, monkeypatch
 ):
     save_lb("back", "echo rpm=100", "echo", flags=("--state", redis_server.url))
     balancer = config.load("back")
-    store = stores.for_balancer(balancer)
+    prompts = store.open_store(balancer)
     redis_server.stop()
     try:
-        choice = store.select(balancer)  # the file chooses, and counts the request
+        choice = prompts.choose(balancer)  # the file chooses, and counts the request
     finally:
         redis_server.start()
     assert "cannot use its Redis state" in capsys.readouterr().err
-    stores._down.clear()  # 30 s later the server is tried again, while the prompt still runs
-    stores._warned.clear()  # (a warning is given once per process: let a second one show)
-    store.record(balancer, choice.plan.order[0], ticket=choice.ticket, tokens=(2, 3))
-    assert capsys.readouterr().err == ""  # the server is back: nothing to warn about
-    assert not stores._is_down(redis_server.url)
-    assert state.stats(balancer)[choice.plan.order[0]]["input_tokens"] == 2
+    # TRY_AGAIN seconds later the server is tried again, while the prompt still runs
+    later = time.monotonic() + store.TRY_AGAIN
+    monkeypatch.setattr(store, "time", types.SimpleNamespace(monotonic=lambda: later))
+    member = choice.plan.order[0]
+    prompts.record(balancer, member, Outcome(tokens_in=2, tokens_out=3), ticket=choice.ticket)
+    here = dataclasses.replace(balancer, state="local")
+    assert store.open_store(here).stats(here)[member]["input_tokens"] == 2
+    assert store.open_store(balancer, fallback=False).stats(balancer)[member]["requests"] == 0
+    # the server is back and was not found down again: the next choice is stored there
+    prompts.choose(balancer)
+    assert capsys.readouterr().err == ""
+    assert redis_server.client().keys("llm-lb:*")
 
 
 def test_a_server_that_never_answers_is_left_after_its_timeout_and_the_prompt_answered(
@@ -247,7 +227,7 @@ def test_the_password_comes_from_a_stored_key_and_is_never_shown(user_path):
         assert "password from key redispw" in outputs[-1].stdout
         assert server.client().keys("llm-lb:*")  # the state is in the server
         set_keys(user_path, redispw="wrong")  # a wrong password: warned, answered locally
-        stores._connections.clear()
+        store.new_process()  # (a new llm command)
         outputs.append(invoke("-m", "lb:pw", "hi"))
         assert outputs[-1].exit_code == 0 and "cannot use its Redis state" in outputs[-1].stderr
         for result in outputs:
@@ -302,7 +282,7 @@ def test_lb_state_reports_the_server_and_what_it_holds(user_path, redis_server):
     assert "nothing stored yet" in result.stdout and "reachable: Redis" in result.stdout
     ask("s")
     report = json.loads(invoke("lb", "state", "s", "--json").stdout)
-    assert (report["known"], report["requests"], report["position"]) == (True, 1, 1)
+    assert (report["stored"], report["requests"], report["position"]) == (True, 1, 1)
     assert invoke("lb", "state", "l").stdout.startswith("lb:l: this machine's state file")
     stats = invoke("lb", "stats", "s").stdout
     assert stats.startswith(f"lb:s  (state: Redis at {redis_server.url})")
@@ -383,28 +363,19 @@ def test_stats_of_every_balancer_go_on_past_one_whose_server_is_down(user_path):
     assert "lb:here\n  1. echo" in result.stdout
 
 
-def test_ties_unused_for_30_days_are_forgotten_and_float_token_counts_are_fine(redis_server):
-    balancer = config.from_dict("t", {"sticky": True, "members": [{"model": "echo"}] * 2})
-    shared = RedisState(redis_server.url)
-    day = 86400.0
-    shared.record(balancer, 1, conversation="old", tokens=(12.0, 3), now=1e9)
-    shared.record(balancer, 0, conversation="new", now=1e9 + 31 * day)
-    ties = redis_server.client().hkeys(shared.prefix(balancer) + "ties")
-    assert ties == ["new"]
-    assert shared.stats(balancer, now=1e9 + 31 * day)[1]["input_tokens"] == 12
-
-
-def test_a_process_chooses_from_its_last_snapshot_in_one_round_trip(redis_server):
+def test_a_process_chooses_from_its_last_snapshot_in_one_round_trip(redis_server, user_path):
     "After its first prompt a process needs no separate read: the store is the round trip."
-    balancer = config.from_dict("one", {"members": [{"model": "echo"}] * 3})
-    mine, other = RedisState(redis_server.url), RedisState(redis_server.url)
+    balancer = shared(redis_server, user_path, "one", members=[{"model": "echo"}] * 3)
+    mine = store.open_store(balancer, fallback=False)
+    store.new_process()
+    other = store.open_store(balancer, fallback=False)  # another process's
     reads = []
     read = mine.read
     mine.read = lambda **kwargs: reads.append(1) or read(**kwargs)
 
-    def prompt(store):
-        choice = store.select(balancer)
-        store.record(balancer, choice.plan.order[0], ticket=choice.ticket)
+    def prompt(shared_store):
+        choice = shared_store.choose(balancer)
+        shared_store.record(balancer, choice.plan.order[0], Outcome(), ticket=choice.ticket)
         return choice.plan.order[0]
 
     firsts = [prompt(mine)]  # the first needs a read
@@ -415,16 +386,38 @@ def test_a_process_chooses_from_its_last_snapshot_in_one_round_trip(redis_server
     assert reads == [1]
 
 
-def test_prompts_in_flight_on_one_machine_count_for_least_busy_on_the_other(redis_server):
-    balancer = config.from_dict(
-        "busy", {"policy": "least-busy", "members": [{"model": "echo"}] * 2}
+ON_ANOTHER_MACHINE = """
+import dataclasses, json, sys
+from llm_loadbalancer import config, store
+name, data, user_dir, now = sys.argv[1:]
+balancer = dataclasses.replace(config.from_dict(name, json.loads(data)), user_dir=user_dir)
+shared = store.open_store(balancer, fallback=False)
+shared.host = "machine-a"
+print(shared.choose(balancer, now=float(now)).plan.order[0])
+"""
+
+
+def test_prompts_in_flight_on_another_machine_count_until_they_are_an_hour_old(
+    redis_server, user_path
+):
+    balancer = shared(redis_server, user_path, "busy", policy="least-busy")
+    # a process of machine A chooses member 1, and ends before the prompt does
+    done = subprocess.run(
+        [sys.executable, "-c", ON_ANOTHER_MACHINE, balancer.name]
+        + [json.dumps(balancer.to_dict()), balancer.user_dir, repr(NOW)],
+        capture_output=True,
+        text=True,
+        env=process_env(),
+        timeout=60,
     )
-    a, b = RedisState(redis_server.url), RedisState(redis_server.url)
-    a.host = "machine-a"  # another machine: its process cannot be looked up from here
-    first = a.select(balancer)  # member 1, in flight on machine A
-    assert first.plan.order[0] == 0
-    seen_from_b = b.select(balancer)
-    assert seen_from_b.plan.order[0] == 1 and "1: 1, 2: 0" in seen_from_b.plan.why
-    b.record(balancer, 1, ticket=seen_from_b.ticket)
-    a.record(balancer, 0, ticket=first.ticket)  # both answered: nothing in flight
-    assert "1: 0, 2: 0" in b.select(balancer).plan.why
+    assert (done.returncode, done.stdout) == (0, "0\n"), done.stderr
+    here = store.open_store(balancer, fallback=False)
+    # its process cannot be looked up from this machine: the prompt counts
+    seen = here.choose(balancer, now=NOW + 1)
+    assert seen.plan.order[0] == 1 and seen.plan.why.endswith("(in flight by member: 1: 1, 2: 0)")
+    here.record(balancer, 1, Outcome(), ticket=seen.ticket, now=NOW + 2)
+    assert here.choose(balancer, now=NOW + 3).plan.why.endswith("(in flight by member: 1: 1, 2: 0)")
+    # until it is an hour old
+    assert here.choose(balancer, now=NOW + 3700).plan.why.endswith(
+        "(in flight by member: 1: 0, 2: 0)"
+    )

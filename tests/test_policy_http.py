@@ -1,7 +1,8 @@
 """Policies that follow the members' real speed: least-busy, lowest-latency and weighted random
-(issue 11). The choices are pure functions, tested in test_policy.py; here, what the state
-tells them (prompts in flight), and, across processes against the local server, the counting
-of prompts in flight and each policy through llm."""
+(issue 11), through llm: prompts against the local OpenAI-compatible server (a member that
+hangs or is slow, a process killed mid-prompt), and random over fake models. The choices are
+pure functions, tested in test_policy.py; what the state tells them (prompts in flight,
+timings), for each backend, in test_store.py."""
 
 import json
 import random
@@ -10,36 +11,9 @@ import sys
 import threading
 
 import llm
+from conftest import invoke, save_lb
 
-from conftest import NOW, invoke, save_lb
-from llm_loadbalancer import config, delegate, state
-
-
-def test_prompts_in_flight_of_a_process_that_is_gone_stop_counting(user_path):
-    save_lb("busy", "echo", "echo example_bool=true", flags=("--policy", "least-busy"))
-    balancer = config.load("busy")
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    ).stdout.strip()
-    first = state.select(balancer, now=NOW)  # member 1, in flight in this process
-    assert first.plan.order[0] == 0
-    import sqlite3
-
-    with sqlite3.connect(state.path()) as db:  # member 2, in flight in a process that ended
-        db.execute(
-            "insert into requests (balancer, member, at, seq, pid) values ('busy', 1, ?, 1, ?)",
-            [NOW, int(gone)],
-        )
-    choice = state.select(balancer, now=NOW + 1)
-    assert choice.plan.order[0] == 1  # 1 in flight for member 1, none that counts for member 2
-    assert "1: 1, 2: 0" in choice.plan.why
-    # and one older than an hour stops counting too
-    assert state.select(balancer, now=NOW + 3700).plan.why.endswith(
-        "(in flight by member: 1: 0, 2: 0)"
-    )
-
-
-# --- across processes, against the local server ----------------------------------------------
+from llm_loadbalancer import delegate
 
 
 def test_least_busy_sends_the_next_prompt_to_an_idle_member(local_openai):

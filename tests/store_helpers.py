@@ -1,0 +1,16 @@
+"""What the store tests (test_store.py, test_store_sqlite.py) share."""
+
+from llm_loadbalancer.store import Outcome
+
+
+def echo(**settings):
+    "A member (echo), with its settings: weight, rpm, rpd, tpm, tpd."
+    return {"model": "echo", **settings}
+
+
+def chosen(st, balancer, now, **kwargs):
+    "The plan of one prompt at ``now`` that then succeeds (its request counted, not in flight)."
+    choice = st.choose(balancer, now=now, **kwargs)
+    if choice.ticket is not None:
+        st.record(balancer, choice.plan.order[0], Outcome(), ticket=choice.ticket, now=now)
+    return choice.plan

@@ -1,0 +1,707 @@
+"""The store contract (``llm_loadbalancer.store.Store``): what every backend keeps for a
+balancer across prompts and processes, tested through the Store API alone, once per backend:
+``[sqlite]``, this machine's state file, and ``[redis]``, a real redis-server. Time moves only
+through the ``now=`` the store is given (never by sleeping).
+
+The rotation and the weighted cycle, limit windows (rpm, rpd, tpm, tpd) and waiting, claims,
+cooldowns (stated or guessed, doubling, quotas, cleared by a success), prompts in flight
+(least-busy), timings (lowest-latency), conversation ties (sticky, tool turns, forgotten after
+KEEP_DAYS), reset, remove, a new definition, statistics, and what crosses processes (a few
+real ones, where processes are the point). The choices themselves are policy.plan's, tested in
+test_policy.py; what is the SQLite file's own (clock steps, folding old rows) is in
+test_store_sqlite.py; what is Redis's own (machines, snapshots, fallback) in test_redis.py."""
+
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+from conftest import NOW, invoke, process_env, run_workers, save_lb
+from store_helpers import chosen, echo
+
+from llm_loadbalancer import config, store
+from llm_loadbalancer.policy import schedule
+from llm_loadbalancer.store import Outcome, rules
+from llm_loadbalancer.store import sqlite as sqlite_store
+
+DAY = 86400.0
+
+class Backend:
+    "Balancers whose state is in one backend, and their stores."
+
+    def __init__(self, request, kind, user_path, server=None):
+        self.request = request
+        self.kind = kind
+        self.user_path = user_path
+        self.server = server
+        self.url = server.url if server is not None else None
+
+    def __repr__(self):
+        return self.kind
+
+    def balancer(self, name, *members, **settings) -> config.Balancer:
+        "config.from_dict(name, {members, settings}), its state in this backend."
+        data = {**settings, "members": list(members)}
+        if self.url is not None:
+            data["state"] = self.url
+        return dataclasses.replace(config.from_dict(name, data), user_dir=str(self.user_path))
+
+    def store(self, balancer):
+        return store.open_store(balancer, fallback=False)
+
+    def open(self, name, *members, **settings):
+        "(a balancer, its store)"
+        balancer = self.balancer(name, *members, **settings)
+        return balancer, self.store(balancer)
+
+    # --- real processes ---------------------------------------------------------------------
+
+    def save(self, name, *members):
+        """llm lb save NAME MEMBERS, the state in this backend; for Redis on two machines (two
+        llm folders): this test's and machine B's."""
+        flags = () if self.url is None else ("--state", self.url)
+        save_lb(name, *members, flags=flags)
+        if self.url is not None:
+            other = self.machine_b()
+            result = invoke("lb", "save", name, *members, *flags, env={"LLM_USER_PATH": other})
+            assert result.exit_code == 0, result.output
+
+    def machine_b(self) -> str:
+        folder = self.user_path.parent / "machine-B"
+        folder.mkdir(exist_ok=True)
+        return str(folder)
+
+    def worker_envs(self):
+        "run_workers' envs: Redis's processes take turns between the two machines."
+        if self.url is None:
+            return None
+        return [{"LLM_USER_PATH": str(self.user_path)}, {"LLM_USER_PATH": self.machine_b()}]
+
+    def stats(self, name):
+        balancer = config.load(name)
+        return self.store(balancer).stats(balancer)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request, user_path):
+    server = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    return Backend(request, request.param, user_path, server)
+
+
+def failed(error="500 server error: x", cooldown=30.0, stated=False):
+    return Outcome(error=error, cooldown=cooldown, stated=stated)
+
+
+# --- the rotation ----------------------------------------------------------------------------
+
+
+def test_the_rotation_gives_each_member_its_turn(backend):
+    balancer, st = backend.open("rr", echo(), echo(), echo())
+    choices = [st.choose(balancer, now=NOW + step) for step in range(4)]
+    assert [c.plan.order for c in choices] == [(0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 1, 2)]
+    assert all(c.plan.skipped == () and c.plan.wait is None for c in choices)
+    assert all(c.ticket is None and c.cooled == frozenset() for c in choices)
+    assert [c.now for c in choices] == [NOW + step for step in range(4)]
+
+
+def test_weights_follow_the_smooth_weighted_cycle(backend):
+    balancer, st = backend.open("w", echo(weight=5), echo(), echo(weight=2))
+    firsts = [st.choose(balancer, now=NOW + step).plan.order[0] for step in range(16)]
+    assert firsts == list(schedule((5, 1, 2))) * 2
+
+
+def test_the_rotation_and_statistics_are_shared_by_every_process(backend):
+    balancer = backend.balancer("shared", echo(weight=3), echo())
+    first = backend.store(balancer)
+    store.new_process()  # what follows is another process's
+    second = backend.store(balancer)
+    assert first is not second
+    turns = [first, second, second, first, first, second, first, second]
+    firsts = []
+    for step, st in enumerate(turns):
+        member = st.choose(balancer, now=NOW + step).plan.order[0]
+        st.record(balancer, member, Outcome(), now=NOW + step)
+        firsts.append(member)
+    assert firsts == list(schedule((3, 1))) * 2
+    for st in (first, second):
+        assert [m["requests"] for m in st.stats(balancer, now=NOW + 8)] == [6, 2]
+
+
+def test_the_weighted_rotation_is_exact_across_processes(backend):
+    # 4 processes at once (Redis: on two machines), 200 prompts each, weights 3 and 1
+    backend.save("w", "echo weight=3", "echo")
+    assert run_workers("lb:w", 4, 200, backend.worker_envs()) == [(200, 0)] * 4
+    assert [m["requests"] for m in backend.stats("w")] == [600, 200]  # 3 to 1, exactly
+
+
+def test_a_request_is_counted_when_chosen_only_for_limits_and_least_busy(backend):
+    plain, plain_store = backend.open("plain", echo(), echo())
+    limited, limited_store = backend.open("limited", echo(rpm=10), echo())
+    busy, busy_store = backend.open("busy", echo(), echo(), policy="least-busy")
+    assert plain_store.choose(plain, now=NOW).ticket is None
+    first = limited_store.choose(limited, now=NOW)
+    assert first.plan.order[0] == 0 and first.ticket is not None
+    assert limited_store.choose(limited, now=NOW + 1).ticket is None  # member 2: no limits
+    assert limited_store.stats(limited, now=NOW + 1)[0]["limits"] == {
+        "rpm": {"used": 1, "limit": 10}
+    }
+    tickets = [busy_store.choose(busy, now=NOW + step).ticket for step in range(2)]
+    assert None not in tickets and tickets[0] != tickets[1]
+
+
+def test_unavailable_members_are_never_chosen(backend):
+    balancer, st = backend.open("u", echo(), echo(), echo())
+    missing = frozenset({1})
+    orders = [st.choose(balancer, unavailable=missing, now=NOW + s).plan.order for s in range(4)]
+    assert orders == [(0, 2), (2, 0), (0, 2), (2, 0)]
+    nothing = st.choose(balancer, unavailable=frozenset({0, 1, 2}), now=NOW + 4).plan
+    assert (nothing.order, nothing.wait) == ((), None)
+
+
+# --- limits and waiting ----------------------------------------------------------------------
+
+
+def test_rpm_is_never_exceeded_and_the_member_is_used_again_when_its_window_has_room(backend):
+    balancer, st = backend.open("lim", echo(rpm=2), echo(rpm=1))
+    picks = [chosen(st, balancer, NOW + i).order[:1] for i in range(4)]
+    assert picks == [(0,), (1,), (0,), ()]  # the fourth finds every member at its limit
+    assert chosen(st, balancer, NOW + 3).wait == (NOW + 60, 0)  # a's first ages out first
+    assert chosen(st, balancer, NOW + 61).order[0] == 1  # its turn, and room again
+
+
+def test_rpd_holds_for_a_day(backend):
+    balancer, st = backend.open("day", echo(rpd=2), echo())
+    firsts = [chosen(st, balancer, NOW + hour * 3600).order for hour in range(6)]
+    assert [order[0] for order in firsts] == [0, 1, 0, 1, 1, 1]
+    assert firsts[4] == (1,)  # member 1 is left out, not tried last
+    assert st.stats(balancer, now=NOW + 5 * 3600)[0]["limits"] == {
+        "rpd": {"used": 2, "limit": 2}
+    }
+    assert chosen(st, balancer, NOW + DAY - 1).order == (1,)
+    assert chosen(st, balancer, NOW + DAY).order[0] == 0  # its first request aged out
+
+
+def test_token_limits_count_what_members_reported(backend):
+    balancer, st = backend.open("tok", echo(tpm=100), echo())
+    choice = st.choose(balancer, now=NOW)
+    st.record(balancer, 0, Outcome(tokens_in=70, tokens_out=40), ticket=choice.ticket, now=NOW)
+    for step in range(1, 4):
+        assert chosen(st, balancer, NOW + step).order[0] == 1  # 110 tokens: a has no room
+    assert chosen(st, balancer, NOW + 61).order[:1] == (0,)
+    members = st.stats(balancer, now=NOW + 1)
+    assert (members[0]["input_tokens"], members[0]["output_tokens"]) == (70, 40)
+    assert members[0]["limits"] == {"tpm": {"used": 110, "limit": 100}}
+
+
+def test_tpd_has_room_while_the_days_tokens_are_below_it(backend):
+    balancer, st = backend.open("daily", echo(tpd=1000), echo(), policy="failover")
+    first = st.choose(balancer, now=NOW)
+    st.record(balancer, 0, Outcome(tokens_in=100, tokens_out=500), ticket=first.ticket, now=NOW)
+    second = st.choose(balancer, now=NOW + 3600)
+    assert second.plan.order[0] == 0  # 600 of 1000: room
+    st.record(balancer, 0, Outcome(tokens_in=500), ticket=second.ticket, now=NOW + 3600)
+    assert chosen(st, balancer, NOW + 7200).order == (1,)  # 1100: left out for the day
+    assert st.stats(balancer, now=NOW + 7200)[0]["limits"] == {
+        "tpd": {"used": 1100, "limit": 1000}
+    }
+    assert chosen(st, balancer, NOW + DAY - 1).order == (1,)
+    assert chosen(st, balancer, NOW + DAY).order[0] == 0  # the first 600 aged out
+
+
+def test_when_every_member_is_full_the_plan_waits_for_the_first_to_have_room(backend):
+    balancer, st = backend.open("full", echo(rpm=1), echo(tpm=10))
+    assert chosen(st, balancer, NOW).order[0] == 0
+    choice = st.choose(balancer, now=NOW + 10)
+    assert choice.plan.order[0] == 1
+    st.record(balancer, 1, Outcome(tokens_in=20), ticket=choice.ticket, now=NOW + 10)
+    waiting = st.choose(balancer, now=NOW + 20)
+    assert (waiting.plan.order, waiting.plan.wait, waiting.ticket) == ((), (NOW + 60, 0), None)
+    assert st.stats(balancer, now=NOW + 20)[0]["limits"]["rpm"]["used"] == 1  # nothing counted
+    assert chosen(st, balancer, NOW + 60).order[0] == 0
+    assert st.choose(balancer, now=NOW + 61).plan.wait == (NOW + 70, 1)  # its tokens age out
+
+
+def test_requests_chosen_at_the_same_time_are_counted_in_order(backend):
+    balancer, st = backend.open("same", echo(rpm=3), echo(), policy="failover")
+    firsts = [st.choose(balancer, now=NOW).plan.order[0] for _ in range(5)]
+    assert firsts == [0, 0, 0, 1, 1]  # never a 4th request in the minute
+
+
+def test_a_claim_counts_a_request_while_the_member_has_room(backend):
+    balancer, st = backend.open("claim", echo(), echo(rpm=2))
+    assert st.choose(balancer, now=NOW).plan.order == (0, 1)  # member 2's request not counted
+    tickets = [st.claim(balancer, 1, now=NOW + step) for step in (1, 2)]  # failing over to it
+    assert None not in tickets and tickets[0] != tickets[1]
+    assert st.claim(balancer, 1, now=NOW + 3) is None  # at its limit: skip it
+    assert st.stats(balancer, now=NOW + 3)[1]["limits"] == {"rpm": {"used": 2, "limit": 2}}
+    # what was claimed counts for choices too: member 2's turn, and it is full
+    assert chosen(st, balancer, NOW + 4).order == (0,)
+    assert st.claim(balancer, 1, now=NOW + 62) is not None  # both aged out
+
+
+def test_a_claim_is_refused_inside_a_stated_cooldown_not_a_guessed_one(backend):
+    balancer, st = backend.open("claimcd", echo(rpm=100), echo(rpm=100))
+    st.choose(balancer, now=NOW)
+    st.record(balancer, 0, failed("429 rate limited: wait", 100, stated=True), now=NOW)
+    st.record(balancer, 1, failed("500 server error: x", 100), now=NOW)
+    assert st.claim(balancer, 0, now=NOW + 99) is None
+    assert st.claim(balancer, 1, now=NOW + 99) is not None
+    assert st.claim(balancer, 0, now=NOW + 100) is not None  # its reset has come
+
+
+def test_the_request_limit_is_exact_when_many_processes_reach_it_at_once(backend):
+    # 4 processes at once (Redis: on two machines), 80 prompts each, 100 a day per member
+    backend.save("race", "echo rpd=100", "echo rpd=100")
+    counts = run_workers("lb:race", 4, 80, backend.worker_envs())
+    assert sum(done for done, _ in counts) == 200  # 2 members x 100, never a 101st
+    limits_now = [member["limits"]["rpd"] for member in backend.stats("race")]
+    assert limits_now == [{"used": 100, "limit": 100}] * 2
+
+
+# --- cooldowns -------------------------------------------------------------------------------
+
+
+def test_a_stated_cooldown_blocks_the_member_and_is_waited_for(backend):
+    balancer, st = backend.open("ra", echo(), echo())
+    assert st.choose(balancer, now=NOW).plan.order[0] == 0
+    st.record(balancer, 0, failed("429 rate limited: slow down", 100, stated=True), now=NOW)
+    choice = st.choose(balancer, now=NOW + 1)
+    assert (choice.plan.order, choice.plan.skipped) == ((1,), ())  # not even tried last
+    assert choice.cooled == frozenset({0})
+    st.record(balancer, 1, failed("429 rate limited: later", 50, stated=True), now=NOW + 1)
+    waiting = st.choose(balancer, now=NOW + 2).plan
+    assert (waiting.order, waiting.wait) == ((), (NOW + 51, 1))
+    assert st.choose(balancer, now=NOW + 51).plan.order == (1,)
+    assert st.choose(balancer, now=NOW + 100).plan.order == (0, 1)
+
+
+def test_a_guessed_cooldown_skips_the_member_only_while_others_are_available(backend):
+    balancer, st = backend.open("cd", echo(), echo(), echo())
+    assert st.choose(balancer, now=NOW).plan.order[0] == 0
+    st.record(balancer, 0, failed(cooldown=30), now=NOW)
+    plan = st.choose(balancer, now=NOW + 1).plan
+    assert (plan.order, plan.skipped) == ((1, 2), (0,))
+    st.record(balancer, 1, failed(cooldown=10), now=NOW + 1)
+    st.record(balancer, 2, failed(cooldown=60), now=NOW + 1)
+    everyone = st.choose(balancer, now=NOW + 2).plan  # all cooling down: the soonest first
+    assert (everyone.order, everyone.skipped, everyone.wait) == ((1, 0, 2), (), None)
+    later = st.choose(balancer, now=NOW + 30).plan  # member 1's and 2's have ended
+    assert (later.order, later.skipped) == ((0, 1), (2,))
+
+
+def test_a_member_that_fails_again_after_its_cooldown_cools_down_twice_as_long(backend):
+    balancer, st = backend.open("esc", echo(), echo())
+    st.choose(balancer, now=NOW)
+    lengths = []
+    now = NOW
+    for _ in range(4):
+        st.record(balancer, 0, failed(cooldown=30), now=now)
+        until = st.stats(balancer, now=now)[0]["cooling_down_until"]
+        lengths.append(until - now)
+        now = until + 1  # it fails again right after its cooldown ended
+    assert lengths == [30, 60, 120, 240]
+    st.record(balancer, 0, Outcome(), now=now)  # a success resets it
+    st.record(balancer, 0, failed(cooldown=30), now=now + 1)
+    assert st.stats(balancer, now=now + 1)[0]["cooling_down_until"] == now + 31
+    for _ in range(20):
+        st.record(balancer, 0, failed(cooldown=30), now=now)
+    assert st.stats(balancer, now=now)[0]["cooling_down_until"] == now + config.MAX_SECONDS
+
+
+def test_a_quota_cooldown_says_what_it_is_for(backend):
+    balancer, st = backend.open("q", echo(), echo())
+    st.choose(balancer, now=NOW)
+    error = "429 quota exhausted: insufficient_quota"
+    st.record(balancer, 0, failed(error, 3600, stated=True), now=NOW)
+    member = st.stats(balancer, now=NOW + 1)[0]
+    assert member["cooling_down_for"] == "429 quota exhausted"
+    assert member["cooling_down_until"] == NOW + 3600
+    assert member["last_error"] == error
+    assert [st.choose(balancer, now=NOW + s).plan.order for s in (2, 3)] == [(1,), (1,)]
+    ended = st.stats(balancer, now=NOW + 3600)[0]
+    assert (ended["cooling_down_until"], ended["cooling_down_for"]) == (None, None)
+
+
+def test_a_success_clears_the_cooldown_on_record(backend):
+    balancer, st = backend.open("clear", echo(), echo())
+    st.choose(balancer, now=NOW)
+    st.record(balancer, 0, failed(cooldown=30), now=NOW)
+    assert st.choose(balancer, now=NOW + 1).cooled == frozenset({0})
+    # a success while it cools down (a prompt that started before): asked again at once
+    st.record(balancer, 0, Outcome(), now=NOW + 2)
+    choice = st.choose(balancer, now=NOW + 3)
+    assert (choice.plan.skipped, choice.cooled) == ((), frozenset())
+    assert st.stats(balancer, now=NOW + 3)[0]["cooling_down_until"] is None
+    # one that ended stays on record (a failure after it lasts twice as long) until a success
+    st.record(balancer, 0, failed(cooldown=30), now=NOW + 4)
+    assert st.choose(balancer, now=NOW + 40).cooled == frozenset({0})
+    st.record(balancer, 0, Outcome(), now=NOW + 41)
+    assert st.choose(balancer, now=NOW + 42).cooled == frozenset()
+    st.record(balancer, 0, failed(cooldown=30), now=NOW + 43)
+    assert st.stats(balancer, now=NOW + 43)[0]["cooling_down_until"] == NOW + 73  # not 60
+
+
+# --- prompts in flight (least-busy) ----------------------------------------------------------
+
+
+def in_flight(plan) -> str:
+    "The prompts in flight per member that a least-busy plan was chosen by: '1: 0, 2: 1'."
+    prefix = "least busy (in flight by member: "
+    assert plan.why.startswith(prefix) and plan.why.endswith(")"), plan.why
+    return plan.why[len(prefix) : -1]
+
+
+def test_prompts_in_flight_count_for_least_busy_until_recorded_or_finished(backend):
+    balancer, st = backend.open("busy", echo(), echo(), echo(), policy="least-busy")
+    choices = [st.choose(balancer, now=NOW + step) for step in range(4)]
+    assert [c.plan.order[0] for c in choices] == [0, 1, 2, 0]
+    assert in_flight(choices[1].plan) == "1: 1, 2: 0, 3: 0"
+    assert in_flight(choices[3].plan) == "1: 1, 2: 1, 3: 1"
+    st.record(balancer, 0, Outcome(), ticket=choices[0].ticket, now=NOW + 4)  # answered
+    st.finish(balancer, 1, choices[1].ticket, now=NOW + 4)  # the caller stopped reading
+    after = st.choose(balancer, now=NOW + 5).plan
+    assert after.order[0] == 1 and in_flight(after) == "1: 1, 2: 0, 3: 1"
+
+
+def test_prompts_in_flight_in_one_process_count_in_another(backend):
+    balancer = backend.balancer("busy", echo(), echo(), policy="least-busy")
+    mine = backend.store(balancer)
+    first = mine.choose(balancer, now=NOW)  # member 1, in flight in this process
+    assert first.plan.order[0] == 0
+    store.new_process()
+    other = backend.store(balancer)
+    seen = other.choose(balancer, now=NOW + 1)
+    assert seen.plan.order[0] == 1 and in_flight(seen.plan) == "1: 1, 2: 0"
+    other.record(balancer, 1, Outcome(), ticket=seen.ticket, now=NOW + 2)
+    mine.record(balancer, 0, Outcome(), ticket=first.ticket, now=NOW + 2)  # nothing in flight
+    assert in_flight(other.choose(balancer, now=NOW + 3).plan) == "1: 0, 2: 0"
+
+
+def test_a_prompt_in_flight_still_ends_after_the_clock_stepped_back(backend):
+    balancer, st = backend.open("busy", echo(), echo(), policy="least-busy")
+    only_first = frozenset({1})  # both prompts go to member 1, the second after a step back
+    first = st.choose(balancer, now=NOW, unavailable=only_first)
+    second = st.choose(balancer, now=NOW - 30, unavailable=only_first)
+    st.record(balancer, 0, Outcome(), ticket=first.ticket, now=NOW - 25)
+    st.record(balancer, 0, Outcome(), ticket=second.ticket, now=NOW - 20)
+    # neither is in flight any more: least-busy goes on in rotation
+    assert [chosen(st, balancer, NOW - 10 + step).order[0] for step in range(4)] == [1, 0, 1, 0]
+
+
+CHOOSER = """
+import dataclasses, json, sys
+from llm_loadbalancer import config, store
+name, data, user_dir, now = sys.argv[1:]
+balancer = dataclasses.replace(config.from_dict(name, json.loads(data)), user_dir=user_dir)
+print(store.open_store(balancer, fallback=False).choose(balancer, now=float(now)).plan.order[0])
+"""
+
+
+def choose_in_a_process_that_ends(balancer, now) -> int:
+    "The member a new process chooses first at ``now``, leaving the prompt in flight as it ends."
+    done = subprocess.run(
+        [sys.executable, "-c", CHOOSER, balancer.name, json.dumps(balancer.to_dict())]
+        + [balancer.user_dir, repr(now)],
+        capture_output=True,
+        text=True,
+        env=process_env(),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def test_prompts_in_flight_of_a_process_that_is_gone_stop_counting(backend):
+    balancer, st = backend.open("busy", echo(), echo(), policy="least-busy")
+    assert st.choose(balancer, now=NOW).plan.order[0] == 0  # in flight in this process
+    assert choose_in_a_process_that_ends(balancer, NOW + 1) == 1  # in one that ended
+    choice = st.choose(balancer, now=NOW + 2)
+    assert choice.plan.order[0] == 1  # 1 in flight for member 1, none that counts for member 2
+    assert in_flight(choice.plan) == "1: 1, 2: 0"
+    # and one older than an hour stops counting too
+    assert in_flight(st.choose(balancer, now=NOW + 3700).plan) == "1: 0, 2: 0"
+
+
+def test_prompts_in_flight_longer_than_an_hour_stop_counting(backend):
+    balancer, st = backend.open("stale", echo(), echo(), policy="least-busy")
+    hour = rules.IN_FLIGHT_HOURS * 3600
+    assert st.choose(balancer, now=NOW).plan.order[0] == 0
+    assert in_flight(st.choose(balancer, now=NOW + hour - 1).plan) == "1: 1, 2: 0"
+    assert in_flight(st.choose(balancer, now=NOW + hour).plan) == "1: 0, 2: 1"
+
+
+def test_a_prompt_in_flight_across_a_reset_is_counted_and_ends_no_other(backend):
+    balancer, st = backend.open("z", echo(), echo(), policy="least-busy")
+    before = st.choose(balancer, now=NOW)
+    st.reset(balancer)
+    since = st.choose(balancer, now=NOW + 1).plan  # nothing in flight after the reset
+    assert since.order[0] == 0 and in_flight(since) == "1: 0, 2: 0"
+    st.record(balancer, 0, Outcome(tokens_in=5, tokens_out=5), ticket=before.ticket, now=NOW + 2)
+    member = st.stats(balancer, now=NOW + 2)[0]
+    assert (member["requests"], member["input_tokens"]) == (1, 5)
+    # its outcome does not end the prompt chosen since the reset
+    assert in_flight(st.choose(balancer, now=NOW + 3).plan) == "1: 1, 2: 0"
+
+
+def test_a_prompt_in_flight_across_a_reset_keeps_its_outcome_and_hides_no_request(backend):
+    balancer, st = backend.open("z", echo(rpm=2), echo(), policy="failover")
+    in_flight = st.choose(balancer, now=NOW).ticket
+    st.reset(balancer)
+    for moment in (NOW + 1, NOW + 2):  # member 1 reaches its limit again after the reset
+        assert st.choose(balancer, now=moment).plan.order[0] == 0
+    st.record(balancer, 0, Outcome(tokens_in=5, tokens_out=5), ticket=in_flight, now=NOW + 3)
+    assert st.stats(balancer, now=NOW + 3)[0]["input_tokens"] == 5
+    # its outcome does not hide the two requests counted since the reset
+    assert st.choose(balancer, now=NOW + 4).plan.order[0] == 1
+
+
+# --- timings (lowest-latency) ----------------------------------------------------------------
+
+
+class NeverExplore:
+    "An rng under which lowest-latency never goes in rotation order to explore."
+
+    def random(self):
+        return 0.99
+
+
+def timed(first_chunk, total, streamed=True):
+    return Outcome(first_chunk=first_chunk, total=total, streamed=streamed)
+
+
+def test_lowest_latency_puts_the_fastest_recent_member_first(backend):
+    balancer, st = backend.open("fast", echo(), echo(), echo(), policy="lowest-latency")
+    fresh = st.choose(balancer, rng=NeverExplore(), now=NOW).plan
+    assert (fresh.order, fresh.why) == ((0, 1, 2), "no recent timing yet")
+    st.record(balancer, 0, timed(0.5, 1.0), now=NOW)
+    st.record(balancer, 1, timed(0.125, 0.5), now=NOW)
+    st.record(balancer, 1, timed(0.25, 0.5), now=NOW + 1)
+    st.record(balancer, 1, timed(0.375, 0.5), now=NOW + 2)
+    # a member without a timing goes first, then the fastest (member 2: median 250 ms)
+    assert st.choose(balancer, rng=NeverExplore(), now=NOW + 3).plan.order == (2, 1, 0)
+    st.record(balancer, 2, timed(0.3, 0.5), now=NOW + 3)
+    plan = st.choose(balancer, rng=NeverExplore(), now=NOW + 4).plan
+    assert (plan.order, plan.why) == ((1, 2, 0), "lowest recent latency (250 ms)")
+
+
+def test_lowest_latency_judges_streaming_and_other_prompts_by_their_own_timings(backend):
+    balancer, st = backend.open("kinds", echo(), echo(), policy="lowest-latency")
+    st.choose(balancer, now=NOW)
+    st.record(balancer, 0, timed(0.125, 2.0), now=NOW)  # fast to start, slow to end
+    st.record(balancer, 1, timed(0.5, 0.75), now=NOW)
+    assert st.choose(balancer, stream=True, rng=NeverExplore(), now=NOW + 1).plan.order == (0, 1)
+    unknown = st.choose(balancer, stream=False, rng=NeverExplore(), now=NOW + 2).plan
+    assert unknown.why == "no recent timing yet"  # no prompt without streaming timed yet
+    st.record(balancer, 0, timed(None, 2.0, streamed=False), now=NOW + 3)
+    st.record(balancer, 1, timed(None, 0.75, streamed=False), now=NOW + 3)
+    assert st.choose(balancer, stream=False, rng=NeverExplore(), now=NOW + 4).plan.order == (1, 0)
+    assert st.choose(balancer, stream=True, rng=NeverExplore(), now=NOW + 5).plan.order == (0, 1)
+
+
+def test_timings_older_than_an_hour_no_longer_judge_a_member(backend):
+    balancer, st = backend.open("old", echo(), echo(), policy="lowest-latency")
+    st.choose(balancer, now=NOW)
+    st.record(balancer, 0, timed(2.0, 3.0), now=NOW)
+    st.record(balancer, 1, timed(0.125, 1.0), now=NOW + 10)
+    hour = rules.RECENT_HOURS * 3600
+    assert st.choose(balancer, rng=NeverExplore(), now=NOW + hour - 1).plan.order == (1, 0)
+    # member 1's timing is recent, member 0's is not: member 0 has none, and goes first
+    plan = st.choose(balancer, rng=NeverExplore(), now=NOW + hour).plan
+    assert (plan.order[0], plan.why) == (0, "no recent timing yet")
+
+
+# --- conversations ---------------------------------------------------------------------------
+
+
+def test_a_sticky_conversation_keeps_its_first_member(backend):
+    balancer, st = backend.open("sticky", echo(), echo(), echo(), sticky=True)
+    assert st.choose(balancer, conversation="talk", now=NOW).plan.order[0] == 0
+    st.record(balancer, 0, Outcome(conversation="talk"), now=NOW)
+    assert st.choose(balancer, now=NOW + 1).plan.order[0] == 1  # other prompts move on
+    plan = st.choose(balancer, conversation="talk", now=NOW + 2).plan
+    assert (plan.order, plan.why) == ((0, 2, 1), "the conversation's member")
+    assert st.choose(balancer, now=NOW + 3).plan.order[0] == 2  # the rotation did not move
+    # another member answered one turn (a failover): the first member is kept ...
+    st.record(balancer, 2, Outcome(conversation="talk"), now=NOW + 4)
+    assert st.choose(balancer, conversation="talk", now=NOW + 5).plan.order[0] == 0
+    # ... but a tool turn goes back to the member that made the tool calls
+    tools = st.choose(balancer, conversation="talk", tool_turn=True, now=NOW + 6).plan
+    assert tools.order == (2,)
+    # a member cooling down is not preferred
+    st.record(balancer, 0, failed(cooldown=30), now=NOW + 7)
+    cooling = st.choose(balancer, conversation="talk", now=NOW + 8).plan
+    assert cooling.order[0] != 0 and cooling.skipped == (0,)
+    # a failure ties nothing
+    st.record(balancer, 1, Outcome(error="500 server error: x", conversation="other"), now=NOW + 9)
+    assert st.choose(balancer, conversation="other", now=NOW + 10).plan.why == "rotation"
+
+
+def test_a_tool_turn_goes_back_to_the_member_that_made_the_tool_calls(backend):
+    balancer, st = backend.open("tools", echo(), echo(), echo())  # not sticky
+    for step, member in enumerate((0, 1)):
+        assert st.choose(balancer, conversation="c", now=NOW + step).plan.order[0] == member
+        st.record(balancer, member, Outcome(conversation="c"), now=NOW + step)
+    plan = st.choose(balancer, conversation="c", tool_turn=True, now=NOW + 2).plan
+    assert plan.order == (1,)  # the last member, alone
+    assert st.choose(balancer, now=NOW + 3).plan.order[0] == 2  # the rotation did not move
+    # cooling down after a guessed time, it is still the one to answer
+    st.record(balancer, 1, failed(cooldown=30), now=NOW + 4)
+    assert st.choose(balancer, conversation="c", tool_turn=True, now=NOW + 5).plan.order == (1,)
+    # inside a stated reset, it is waited for
+    st.record(balancer, 1, failed("429 rate limited: x", 100, stated=True), now=NOW + 6)
+    waiting = st.choose(balancer, conversation="c", tool_turn=True, now=NOW + 7).plan
+    assert (waiting.order, waiting.wait) == ((), (NOW + 106, 1))
+
+
+def test_ties_unused_for_30_days_are_forgotten(backend):
+    balancer, st = backend.open("t", echo(), echo())
+    st.choose(balancer, now=NOW)
+    st.record(balancer, 1, Outcome(conversation="old"), now=NOW)
+    st.record(balancer, 1, Outcome(conversation="recent"), now=NOW + 2 * DAY)
+    later = NOW + (rules.KEEP_DAYS + 1) * DAY  # 31 days after "old", 29 after "recent"
+
+    def tied(conversation):
+        plan = st.choose(balancer, conversation=conversation, tool_turn=True, now=later).plan
+        return plan.order == (1,)
+
+    # the SQLite file forgets them at random, one record in PRUNE_EVERY (seeded here)
+    random.seed(5)
+    for _ in range(50 * sqlite_store.PRUNE_EVERY):
+        st.record(balancer, 0, Outcome(conversation="new"), now=later)
+        if not tied("old"):
+            break
+    else:
+        pytest.fail("the tie unused for 31 days was never forgotten")
+    assert tied("recent")
+    assert st.choose(balancer, conversation="new", tool_turn=True, now=later).plan.order == (0,)
+
+
+# --- reset, remove, a new definition ---------------------------------------------------------
+
+
+def test_a_reset_forgets_rotation_cooldowns_limits_ties_and_statistics(backend):
+    balancer, st = backend.open("r", echo(rpm=5), echo(), echo(), sticky=True)
+    first = st.choose(balancer, now=NOW)
+    st.record(balancer, 0, Outcome(tokens_in=3), ticket=first.ticket, now=NOW)
+    st.record(balancer, 1, failed("429 rate limited: x", 100, stated=True), now=NOW)
+    st.record(balancer, 2, Outcome(conversation="c"), now=NOW)
+    assert st.choose(balancer, conversation="c", now=NOW + 1).plan.order[0] == 2
+    st.reset(balancer)
+    choice = st.choose(balancer, conversation="c", now=NOW + 2)
+    assert (choice.plan.order, choice.plan.why) == ((0, 1, 2), "rotation")
+    assert choice.cooled == frozenset()
+    members = st.stats(balancer, now=NOW + 2)
+    assert [m["requests"] for m in members] == [0, 0, 0]
+    assert members[0]["limits"] == {"rpm": {"used": 1, "limit": 5}}  # this one choice only
+    assert [m["cooling_down_until"] for m in members] == [None] * 3
+    assert [m["last_used"] for m in members] == [None] * 3
+
+
+def test_remove_forgets_the_state_kept_under_the_name(backend):
+    balancer, st = backend.open("gone", echo(), echo())
+    st.choose(balancer, now=NOW)
+    st.record(balancer, 0, failed(cooldown=300), now=NOW)
+    store.remove("gone", balancer)
+    members = st.stats(balancer, now=NOW + 1)
+    assert [(m["requests"], m["cooling_down_until"]) for m in members] == [(0, None)] * 2
+    choice = st.choose(balancer, now=NOW + 1)
+    assert (choice.plan.order, choice.cooled) == ((0, 1), frozenset())
+
+
+def test_a_new_definition_of_a_name_starts_afresh(backend):
+    old, st = backend.open("again", echo(), echo(weight=2))
+    st.choose(old, now=NOW)
+    st.record(old, 1, failed(cooldown=300), now=NOW)
+    st.record(old, 0, Outcome(tokens_in=4), now=NOW)
+    new = backend.balancer("again", echo(), echo(rpm=5), echo())
+    choice = st.choose(new, now=NOW + 1)
+    assert choice.plan.order[0] == 0  # the rotation starts again
+    assert choice.plan.skipped == ()  # member 2 of this definition never failed
+    assert choice.cooled == frozenset()
+    assert [st.choose(new, now=NOW + 1).plan.order[0] for _ in range(2)] == [1, 2]
+    assert [m["requests"] for m in st.stats(new, now=NOW + 1)] == [0, 0, 0]
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def test_statistics_of_each_member(backend):
+    balancer, st = backend.open("s", echo(rpm=10, tpm=1000), echo(), echo())
+    choice = st.choose(balancer, now=NOW)  # member 1, its request counted
+    answer = Outcome(tokens_in=12.0, tokens_out=3, first_chunk=0.25, total=1.0)  # a float count
+    st.record(balancer, 0, answer, ticket=choice.ticket, now=NOW)
+    assert st.choose(balancer, now=NOW + 1).plan.order[0] == 1
+    failure = Outcome(error="500 server error: boom", cooldown=30, total=0.5)
+    st.record(balancer, 1, failure, now=NOW + 1)
+    third = Outcome(tokens_in=1, tokens_out=2, first_chunk=0.75, total=3.0)
+    st.record(balancer, 0, third, now=NOW + 2)
+    st.record(balancer, 0, Outcome(items=7), now=NOW + 3)  # an embedding batch of 7 items
+    first, second, third = st.stats(balancer, now=NOW + 4)
+    assert first == {
+        "member": 1,
+        "requests": 3,
+        "successes": 3,
+        "failures": 0,
+        "share": 0.75,
+        "input_tokens": 13,
+        "output_tokens": 5,
+        "items": 7,
+        "first_chunk": {"median": 0.5, "p95": 0.75},
+        "total_time": {"median": 2.0, "p95": 3.0},
+        "limits": {"rpm": {"used": 1, "limit": 10}, "tpm": {"used": 18, "limit": 1000}},
+        "last_used": NOW + 3,
+        "last_error": None,
+        "cooling_down_until": None,
+        "cooling_down_for": None,
+    }
+    assert second == {
+        "member": 2,
+        "requests": 1,
+        "successes": 0,
+        "failures": 1,
+        "share": 0.25,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "items": 0,
+        "first_chunk": None,
+        "total_time": {"median": 0.5, "p95": 0.5},
+        "limits": {},
+        "last_used": NOW + 1,
+        "last_error": "500 server error: boom",
+        "cooling_down_until": NOW + 31,
+        "cooling_down_for": "500 server error",
+    }
+    assert third == {
+        "member": 3,
+        "requests": 0,
+        "successes": 0,
+        "failures": 0,
+        "share": 0.0,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "items": 0,
+        "first_chunk": None,
+        "total_time": None,
+        "limits": {},
+        "last_used": None,
+        "last_error": None,
+        "cooling_down_until": None,
+        "cooling_down_for": None,
+    }
+    # limits now: the window has moved on
+    assert st.stats(balancer, now=NOW + 61)[0]["limits"] == {
+        "rpm": {"used": 0, "limit": 10},
+        "tpm": {"used": 3, "limit": 1000},
+    }
+
+
+def test_last_used_and_last_error_are_those_of_the_attempt_that_ended_last(backend):
+    balancer, st = backend.open("ended", echo(rpm=100), echo(), policy="failover")
+    long_one = st.choose(balancer, now=NOW).ticket
+    short_one = st.choose(balancer, now=NOW + 1).ticket
+    st.record(balancer, 0, failed("500 server error: short", None), ticket=short_one, now=NOW + 2)
+    st.record(balancer, 0, failed("429 rate limited: long", None), ticket=long_one, now=NOW + 60)
+    member = st.stats(balancer, now=NOW + 61)[0]
+    assert (member["last_used"], member["last_error"]) == (NOW + 60, "429 rate limited: long")
