@@ -1,7 +1,8 @@
 """Which member goes first: policy.plan and policy.schedule for every policy (cooldowns, pinned
 and preferred members, weights, members at their limits), and the window arithmetic of limits
 (issues 3, 10, 11). Pure functions, tested with an injected clock and seeded random generators;
-what the state tells them is tested in test_capacity.py and test_policies.py."""
+what the state tells them is tested in test_store.py (every backend), the policies through
+llm and a local server in test_policy_http.py."""
 
 import random
 
