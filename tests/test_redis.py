@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import time
-import types
 
 import llm
 import pytest
@@ -181,7 +180,7 @@ def test_a_request_the_file_counted_while_the_server_was_down_ends_in_the_file(
     assert "cannot use its Redis state" in capsys.readouterr().err
     # TRY_AGAIN seconds later the server is tried again, while the prompt still runs
     later = time.monotonic() + store.TRY_AGAIN
-    monkeypatch.setattr(store, "time", types.SimpleNamespace(monotonic=lambda: later))
+    monkeypatch.setattr(store, "clock", lambda: later)
     member = choice.plan.order[0]
     prompts.record(balancer, member, Outcome(tokens_in=2, tokens_out=3), ticket=choice.ticket)
     here = dataclasses.replace(balancer, state="local")

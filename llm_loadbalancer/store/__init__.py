@@ -33,6 +33,7 @@ TIMEOUT_ENV = "LLM_LOADBALANCER_STATE_TIMEOUT"
 DEFAULT_TIMEOUT = 10.0
 LOCAL = "this machine's state file"
 TRY_AGAIN = 30.0  # seconds after which a process tries a server it found unusable again
+clock = time.monotonic  # when a server was found down, and when to try it again (tests move it)
 
 
 class StateUnavailable(Exception):
@@ -251,7 +252,7 @@ class _Process:
         self.files: dict[str, object] = {}  # path: SQLiteStore
         self.folders: dict[str, object] = {}  # llm folder: SQLiteStore (a prompt's look-up)
         self.servers: dict[tuple, object] = {}  # (url, password key name): RedisStore
-        self.down: dict[str, float] = {}  # url: when it was found unusable (time.monotonic())
+        self.down: dict[str, float] = {}  # url: when it was found unusable (clock())
         self.warned: set[str] = set()
 
     def local(self, user_dir: str | None):
@@ -289,10 +290,10 @@ class _Process:
     def is_down(self, url: str) -> bool:
         "Whether the server was found unusable in this process less than TRY_AGAIN s ago."
         since = self.down.get(url)
-        return since is not None and time.monotonic() - since < TRY_AGAIN
+        return since is not None and clock() - since < TRY_AGAIN
 
     def fall_back(self, balancer: Balancer, url: str, problem: Exception) -> None:
-        self.down[url] = time.monotonic()
+        self.down[url] = clock()
         self.warn_once(
             url,
             f"Warning: {balancer.model_id}: cannot use its Redis state ({problem}); using "
