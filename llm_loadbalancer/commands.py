@@ -635,7 +635,7 @@ def lb_state(name, json_):
         f"  reachable: Redis {found['redis_version']}, round trip "
         f"{found['round_trip'] * 1000:.2f} ms"
     )
-    if not found["stored"]:
+    if not found["known"]:
         click.echo(f"  nothing stored yet for this definition (keys {found['prefix']}*)")
         return
     click.echo(

@@ -281,7 +281,7 @@ def test_lb_state_reports_the_server_and_what_it_holds(user_path, redis_server):
     assert "nothing stored yet" in result.stdout and "reachable: Redis" in result.stdout
     ask("s")
     report = json.loads(invoke("lb", "state", "s", "--json").stdout)
-    assert (report["stored"], report["requests"], report["position"]) == (True, 1, 1)
+    assert (report["known"], report["requests"], report["position"]) == (True, 1, 1)
     assert invoke("lb", "state", "l").stdout.startswith("lb:l: this machine's state file")
     stats = invoke("lb", "stats", "s").stdout
     assert stats.startswith(f"lb:s  (state: Redis at {redis_server.url})")

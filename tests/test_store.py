@@ -130,10 +130,10 @@ def test_the_rotation_and_statistics_are_shared_by_every_process(backend):
 
 
 def test_the_weighted_rotation_is_exact_across_processes(backend):
-    # 4 processes at once (Redis: on two machines), 200 prompts each, weights 3 and 1
+    # 8 processes at once (Redis: on two machines), 50 prompts each, weights 3 and 1
     backend.save("w", "echo weight=3", "echo")
-    assert run_workers("lb:w", 4, 200, backend.worker_envs()) == [(200, 0)] * 4
-    assert [m["requests"] for m in backend.stats("w")] == [600, 200]  # 3 to 1, exactly
+    assert run_workers("lb:w", 8, 50, backend.worker_envs()) == [(50, 0)] * 8
+    assert [m["requests"] for m in backend.stats("w")] == [300, 100]  # 3 to 1, exactly
 
 
 def test_a_request_is_counted_when_chosen_only_for_limits_and_least_busy(backend):
@@ -252,9 +252,9 @@ def test_a_claim_is_refused_inside_a_stated_cooldown_not_a_guessed_one(backend):
 
 
 def test_the_request_limit_is_exact_when_many_processes_reach_it_at_once(backend):
-    # 4 processes at once (Redis: on two machines), 80 prompts each, 100 a day per member
+    # 8 processes at once (Redis: on two machines), 40 prompts each, 100 a day per member
     backend.save("race", "echo rpd=100", "echo rpd=100")
-    counts = run_workers("lb:race", 4, 80, backend.worker_envs())
+    counts = run_workers("lb:race", 8, 40, backend.worker_envs())
     assert sum(done for done, _ in counts) == 200  # 2 members x 100, never a 101st
     limits_now = [member["limits"]["rpd"] for member in backend.stats("race")]
     assert limits_now == [{"used": 100, "limit": 100}] * 2
@@ -567,13 +567,16 @@ def test_ties_unused_for_30_days_are_forgotten(backend):
         return plan.order == (1,)
 
     # the SQLite file forgets them at random, one record in PRUNE_EVERY (seeded here)
+    # (a Redis server at the first tie recorded after it: it deletes the ties that are too old)
     random.seed(5)
-    for _ in range(50 * sqlite_store.PRUNE_EVERY):
+    for count in range(1, 50 * sqlite_store.PRUNE_EVERY):
         st.record(balancer, 0, Outcome(conversation="new"), now=later)
         if not tied("old"):
             break
     else:
         pytest.fail("the tie unused for 31 days was never forgotten")
+    if backend.kind == "sqlite":
+        assert count > 1  # not at once: the tie was there until a record pruned it
     assert tied("recent")
     assert st.choose(balancer, conversation="new", tool_turn=True, now=later).plan.order == (0,)
 

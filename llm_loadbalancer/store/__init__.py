@@ -17,7 +17,6 @@ Prompts and every ``llm lb`` command go through it.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -66,9 +65,10 @@ class Choice(NamedTuple):
     now: float  # the time of the choice, by the store's clock (a Redis server's: its own)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Outcome:
-    "How one attempt of a member ended, as a store records it."
+class Outcome(NamedTuple):
+    """How one attempt of a member ended, as a store records it. (A NamedTuple rather than a
+    frozen dataclass: defining that class cost every ``llm -m lb:NAME`` process 1.2 ms, a
+    NamedTuple 0.3 ms, and building one per prompt 1.9 us against 0.6 us.)"""
 
     error: str | None = None  # "reason: message" of a failure; None for a success
     cooldown: float | None = None  # seconds the failure calls for (the store escalates it)

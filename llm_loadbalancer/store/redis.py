@@ -33,6 +33,9 @@ from . import Busy, Choice, Outcome, Unreachable, rules, timeout
 CONNECT_TIMEOUT = 0.25  # seconds to connect, at most
 TIMEOUT = 0.5  # seconds for one reply, at most
 KEEP = int(rules.KEEP_DAYS * rules.DAY)  # seconds a balancer's keys are kept without use
+# A cooldown is stored only if the one on record is still the one it was escalated from; each
+# try that finds another means another process recorded one in between
+RECORD_TRIES = 50
 LUA = Path(__file__).with_name("lua")
 
 
@@ -194,7 +197,10 @@ class RedisStore:
             if raw is None:
                 raw = (self.call(self.read, args=[prefix, want]), time.monotonic())
             snapshot = _ServerSnapshot(self, balancer, raw, included, now)
-            if member in snapshot.blocked or free_at(balancer, snapshot, member, snapshot.now):
+            if (
+                member in snapshot.blocked
+                or free_at(balancer, snapshot, member, snapshot.now) is not None
+            ):
                 return None
             reply = self._commit(balancer, snapshot.version, want, member=member, now=snapshot.now)
             if reply[0] == 1:
@@ -221,9 +227,10 @@ class RedisStore:
             "keep": KEEP,
             "timings_kept": rules.RECENT,
         }
-        for name in ("error", "conversation"):
-            if getattr(outcome, name):
-                fields[name] = getattr(outcome, name)
+        if outcome.error is not None:
+            fields["error"] = outcome.error
+        if outcome.conversation:
+            fields["conversation"] = outcome.conversation
         for name in ("first_chunk", "total"):
             if getattr(outcome, name) is not None:
                 fields[name] = f"{getattr(outcome, name):.6f}"
@@ -236,7 +243,7 @@ class RedisStore:
         if speculates:
             args.append(self._want(balancer, now=now)[0])
         on_record = ""  # the member's cooldown as the script finds it; none, most often
-        while True:
+        for _ in range(RECORD_TRIES):
             if outcome.cooldown:
                 previous = float(on_record.split("|")[2]) if on_record else None
                 fields["cooldown"] = rules.next_cooldown(outcome.cooldown, previous)
@@ -245,7 +252,12 @@ class RedisStore:
             reply = self.call(self.recorder, args=args)
             if reply[0] == 1:
                 break
-            on_record = reply[1]  # another cooldown was recorded since: escalate from it
+            on_record = reply[1]  # another cooldown is on record: escalate from that one
+        else:
+            raise Busy(
+                f"{shown_url(self.url)}: too busy: every record of a cooldown was overtaken by "
+                f"another process's, {RECORD_TRIES} times"
+            )
         if speculates:
             self.snapshots[args[0]] = (reply[1], time.monotonic())
 
@@ -321,7 +333,7 @@ class RedisStore:
             "redis_version": info.get("redis_version"),
             "round_trip": trip,
             "prefix": prefix,
-            "stored": bool(exists),
+            "known": bool(exists),  # (the name llm lb state --json has always given it)
             "position": int(position or 0),
             "requests": requests,
             "cooldowns": cooldowns,

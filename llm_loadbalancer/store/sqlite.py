@@ -293,8 +293,10 @@ class _Transaction:
             self.db = store.connect()
             self.db.execute("begin immediate" if self.write else "begin")
         except BaseException as ex:
-            store.lock.release()
-            store.unavailable(ex)
+            try:
+                store.unavailable(ex)  # (under the lock: it closes the shared connection)
+            finally:
+                store.lock.release()
             raise
         return self.db
 
@@ -478,13 +480,22 @@ def _in_flight(db, balancer: Balancer, now: float) -> dict[int, int]:
 
 
 def _latencies(db, balancer: Balancer, now: float, stream: bool) -> dict[int, float]:
-    "Each member's recent latency (``rules.median_latency``); members without one left out."
+    """Each member's recent latency (``rules.median_latency``); members without one left out.
+    (Only the timings of the prompt's kind are fetched, as many as the rule reads.)"""
+    column = "first_chunk" if stream else "total"
     found = {}
     for member in range(len(balancer.members)):
         timings = db.execute(
             "select at, first_chunk, total, streamed from outcomes where balancer = ? "
-            "and member = ? and at > ? order by at desc limit ?",
-            [balancer.name, member, now - rules.RECENT_HOURS * 3600, rules.RECENT],
+            f"and member = ? and streamed = ? and {column} > 0 and at > ? "
+            "order by at desc limit ?",
+            [
+                balancer.name,
+                member,
+                int(stream),
+                now - rules.RECENT_HOURS * 3600,
+                rules.RECENT_TIMINGS,
+            ],
         )
         median = rules.median_latency(timings, now, stream)
         if median is not None:
