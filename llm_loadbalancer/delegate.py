@@ -288,7 +288,7 @@ class Run:
             attempt,
             error=f"{failure.reason}: {message}",
             cooldown=cooldown,
-            stated=failure.known,
+            stated=failure.stated,
             **attempt.timings(),
         )
         if started or not failure.failover or not self.balancer.failover:

@@ -86,9 +86,9 @@ class Failure(NamedTuple):
     reason: str  # one line for the user, e.g. "429 rate limited"
     failover: bool  # another member may not have this problem
     cooldown: float | None  # seconds to skip the member for, or None
-    # the provider said how long (Retry-After, or its quota is spent): a request before then is
+    # the provider stated how long (Retry-After, or its quota is spent): a request before then is
     # known to be refused, so the member is waited for, never asked early
-    known: bool = False
+    stated: bool = False
 
 
 QUOTA_MARKERS = ("insufficient_quota", "credit balance is too low")

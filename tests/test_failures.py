@@ -141,7 +141,7 @@ def test_missing_key_fails_over_and_cools_down_long():
 def test_quota_exhausted_in_each_providers_shape(error):
     failure = classify(error, 30.0, quota_cooldown=3600.0)
     assert failure.reason.endswith("quota exhausted")
-    assert (failure.failover, failure.cooldown, failure.known) == (True, 3600.0, True)
+    assert (failure.failover, failure.cooldown, failure.stated) == (True, 3600.0, True)
 
 
 def test_a_plain_rate_limit_is_not_a_quota():
