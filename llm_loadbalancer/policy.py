@@ -13,7 +13,7 @@ import random
 from typing import NamedTuple
 
 
-POLICIES = ("roundrobin", "failover", "least-busy", "lowest-latency", "random")
+# The policies' names are config.POLICIES: a model lookup reads them without this module.
 EXPLORE = 0.1  # lowest-latency: the share of prompts that go in rotation, to keep estimates fresh
 
 

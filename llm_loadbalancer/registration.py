@@ -19,7 +19,6 @@ import llm
 
 from . import config
 from .config import CHAT, EMBEDDING, ConfigError
-from .embedding import EmbeddingBalancer
 from .members import Catalog, check_saved, load_stored_keys
 from .model import AsyncLoadBalancerModel, LoadBalancerModel
 
@@ -121,6 +120,10 @@ def register_embedding_balancers(register) -> None:
         loaded = _load_cached(name, entry)
         if loaded.kind == CHAT:
             continue
+        # imported here, not at the top, and only for an embedding balancer: a chat model lookup
+        # (every prompt makes one) does not need it (0.2 ms per process, by -X importtime)
+        from .embedding import EmbeddingBalancer
+
         if isinstance(loaded, ConfigError):
             register(EmbeddingBalancer(name, None, str(loaded)))
         else:
