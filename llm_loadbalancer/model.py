@@ -74,22 +74,13 @@ class _Shared:
         return explicit_key
 
 
-_Run = None  # delegate.Run, imported on the first prompt
-
-
-def _run(lb, prompt, conversation, key, stream):
-    "The decisions for one prompt (``delegate.Run``)."
-    global _Run
-    if _Run is None:
-        from .delegate import Run
-
-        _Run = Run
-    return _Run(lb, prompt, conversation, key, stream)
-
-
 class LoadBalancerModel(_Shared, llm.KeyModel):
     def execute(self, prompt, stream, response, conversation=None, key=None):
-        run = _run(self, prompt, conversation, key, stream)
+        # imported on the first prompt, not with this module, which every model lookup imports
+        # (after the first prompt the import statement costs about 2 us)
+        from .delegate import Run
+
+        run = Run(self, prompt, conversation, key, stream)
         while (delay := run.wait()) is not None:
             time.sleep(delay)
         for attempt in run.attempts():
@@ -110,7 +101,9 @@ class AsyncLoadBalancerModel(_Shared, llm.AsyncKeyModel):
     is_async = True
 
     async def execute(self, prompt, stream, response, conversation=None, key=None):
-        run = _run(self, prompt, conversation, key, stream)
+        from .delegate import Run  # (as in LoadBalancerModel.execute)
+
+        run = Run(self, prompt, conversation, key, stream)
         while (delay := run.wait()) is not None:
             await asyncio.sleep(delay)
         for attempt in run.attempts():
