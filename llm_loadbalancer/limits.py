@@ -1,10 +1,10 @@
 """Is there room under a member's limits, and when will there be? Pure decisions, no I/O.
 
 A member may allow at most ``rpm`` / ``rpd`` requests and ``tpm`` / ``tpd`` tokens (input +
-output, as the member reported them) in any 60 s / 24 h window. ``state.py`` keeps one row per
-request sent (its time and, once known, its tokens) and asks these functions, inside the same
-transaction that then records the next request, so that concurrent processes never exceed a
-limit. A request whose usage is unknown counts as 0 tokens; a token limit has room while the
+output, as the member reported them) in any 60 s / 24 h window. The store keeps the requests
+counted and the tokens reported, and ``selection.free_at`` asks these functions inside the
+same transaction (or snapshot) that then counts the next request, so that concurrent
+processes never exceed a limit. A request whose usage is unknown counts as 0 tokens; a token limit has room while the
 tokens already used in its window are below it (the next request's size is not known before
 it is sent).
 """
