@@ -1,9 +1,9 @@
 """Which member goes first: pure decisions, no I/O.
 
-``plan`` gets what the state file knows (the rotation position, cooldowns, members at their
-limits, a member the conversation is tied to) and returns the order in which members are tried
-and the next rotation position, or, when no member may be asked now, which one to wait for.
-``state.py`` stores the result in the same transaction.
+``plan`` gets what the store knows (the rotation position, cooldowns, members at their limits,
+a member the conversation is tied to), through ``selection.choose``, and returns the order in
+which members are tried and the next rotation position, or, when no member may be asked now,
+which one to wait for. The store keeps the result in the same transaction (or snapshot).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import random
 from typing import NamedTuple
-
 
 # The policies' names are config.POLICIES: a model lookup reads them without this module.
 EXPLORE = 0.1  # lowest-latency: the share of prompts that go in rotation, to keep estimates fresh

@@ -7,7 +7,6 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import folder_snapshot, llm_process, set_keys
 
 

@@ -12,7 +12,6 @@ import textwrap
 
 import llm
 import pytest
-
 from conftest import invoke, last_logged, llm_process, set_keys
 
 KEYS = {"k1": "value-1", "k2": "value-2", "k3": "value-3", "k4": "value-4"}

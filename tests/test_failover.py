@@ -7,7 +7,6 @@ import time
 
 import llm
 import pytest
-
 from conftest import end_cooldowns, save_lb
 from fake_models import CALLS
 

@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import folder_snapshot, invoke, process_env, save_lb
+
 from llm_loadbalancer import config, store
 
 FOLDER = "loadbalancers"

@@ -11,7 +11,6 @@ import sys
 
 import llm
 import pytest
-
 from conftest import (
     end_cooldowns,
     invoke,

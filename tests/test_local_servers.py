@@ -13,9 +13,8 @@ import httpx2
 import llm
 import openai
 import pytest
-from llm.parts import ReasoningPart
-
 from conftest import invoke
+from llm.parts import ReasoningPart
 
 CHEAP = "claude-haiku-4.5"  # anthropic/claude-haiku-4-5-20251001
 ANSWER = ["answer ", "from ", "anthropic ", "with ", "sk-ant-default"]

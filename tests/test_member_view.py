@@ -6,8 +6,8 @@ import threading
 
 import llm
 import pytest
-
 from conftest import invoke, last_logged, save_lb
+
 from llm_loadbalancer.failures import MemberError, renamed
 from llm_loadbalancer.view import MemberView
 

@@ -13,9 +13,9 @@ import time
 
 import llm
 import pytest
-
 from conftest import NOW, invoke, process_env, save_lb, set_keys
 from fake_models import CALLS
+
 from llm_loadbalancer import config, store
 from llm_loadbalancer.store import Outcome
 
