@@ -41,6 +41,22 @@ def run_timed(command, env) -> float:
     return time.perf_counter() - start
 
 
+def instructions(command, env) -> int:
+    "The CPU instructions a command runs, counted by valgrind's callgrind."
+    with tempfile.TemporaryDirectory() as folder:
+        done = subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={folder}/out", *command],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    for line in done.stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.split(":")[-1])
+    raise RuntimeError(f"callgrind printed no count: {done.stderr[-300:]}")
+
+
 def alternate(pairs: int, a, b) -> tuple[list[float], list[float]]:
     "Run a and b alternately (a first in even rounds, b first in odd ones)."
     times_a, times_b = [], []
@@ -129,6 +145,41 @@ class Bench:
                 "ratio <= 1.02",
             )
         )
+
+    # 1c --------------------------------------------------------------------------------
+    def instructions(self):
+        """Steps 1 and 2 counted in CPU instructions (valgrind's callgrind), which repeat from
+        run to run whatever else the machine does, where whole-process times on a shared
+        2-core machine move by several hundredths. One run each; full mode only (a callgrind
+        run takes about 30 s). The plugin's modules are compiled, as pip installs them."""
+        if self.quick or shutil.which("valgrind") is None:
+            print("    (skipped: quick mode, or valgrind is not installed)", file=sys.stderr)
+            return
+        for name, target, lb_args, lb_env, base_args, base_env in (
+            (
+                "1c. instructions: llm -m lb:bench --no-log hi vs llm -m echo --no-log hi",
+                "ratio <= 1.02",
+                ("-m", "lb:bench", "--no-log", "hi"),
+                self.plugin_env,
+                ("-m", "echo", "--no-log", "hi"),
+                self.plugin_env,  # as in step 1: what lb:NAME costs over its member
+            ),
+            (
+                "1c. instructions: llm models, plugin + 50 balancers vs no plugin",
+                "ratio <= 1.05",
+                ("models",),
+                self.plugin_env,
+                ("models",),
+                self.no_plugin_env,
+            ),
+        ):
+            counts = []
+            for args, env in ((lb_args, lb_env), (base_args, base_env)):
+                self.llm(*args, env=env)  # once first: the state file exists, as it does later
+                counts.append(instructions(llm_command(*args), env) / 1e6)
+            self.results.append(
+                comparison(name, "M instr", [counts[0]], [counts[1]], target)
+            )
 
     # 2 ---------------------------------------------------------------------------------
     def startup(self):
@@ -306,6 +357,7 @@ class Bench:
         self.setup()
         steps = [
             self.one_shot_cli,
+            self.instructions,
             self.startup,
             self.hostile_files,
             self.in_process,
