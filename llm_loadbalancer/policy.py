@@ -83,7 +83,7 @@ def plan(
     if pinned is not None and 0 <= pinned < count:
         if pinned in blocked:
             return Plan((), (), position, (blocked[pinned], pinned))
-        return Plan((pinned,), (), position)
+        return Plan((pinned,), (), position, why="the member that made the tool calls")
     start = 0 if policy == "failover" else position
     slots = [*range(start, len(cycle)), *range(start)]  # the cycle, from start
     base = []

@@ -48,6 +48,7 @@ def test_pinned_member_answers_alone_and_the_rotation_stays():
     result = plan("roundrobin", 3, 0, {2: NOW + 10}, NOW, pinned=2)
     assert result.order == (2,)
     assert result.position == 0
+    assert result.why == "the member that made the tool calls"  # what the debug line says
 
 
 def test_preferred_member_goes_first_unless_cooling_down():
