@@ -6,6 +6,7 @@ version (store/migrations.py) are upgraded in place and keep what they counted; 
 another process is creating is waited for; a file from a newer version is left alone."""
 
 import dataclasses
+import os
 import random
 import sqlite3
 import time
@@ -296,3 +297,59 @@ def test_a_state_file_from_a_newer_version_is_not_touched(user_path, monkeypatch
     assert "from a newer llm-loadbalancer" in result.stderr
     with sqlite3.connect(user_path / "loadbalancers.db") as db:
         assert db.execute("pragma user_version").fetchone()[0] == migrations.VERSION + 1
+
+
+# --- the file's own safety -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX's")
+def test_the_state_file_and_its_wal_are_private_to_their_user(user_path):
+    save_lb("x", "echo", "echo")
+    balancer = config.load("x")
+    store.open_store(balancer).choose(balancer)  # the connection stays open: -wal, -shm exist
+    files = sorted(user_path.glob("loadbalancers.db*"))
+    assert [path.name for path in files] == [
+        "loadbalancers.db",
+        "loadbalancers.db-shm",
+        "loadbalancers.db-wal",
+    ]
+    assert {oct(path.stat().st_mode & 0o777) for path in files} == {"0o600"}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX's")
+def test_a_state_file_an_earlier_version_made_readable_by_others_becomes_private(user_path):
+    save_lb("x", "echo", "echo")
+    balancer = config.load("x")
+    store.open_store(balancer).choose(balancer)
+    store.new_process()  # the connection of that process is gone; the next one opens the file
+    for path in user_path.glob("loadbalancers.db*"):
+        path.chmod(0o644)
+    assert store.open_store(balancer).choose(balancer).plan.order[0] == 1  # the rotation kept
+    assert {p.stat().st_mode & 0o777 for p in user_path.glob("loadbalancers.db*")} == {0o600}
+
+
+def test_a_state_file_that_is_a_link_is_never_written_through(user_path, tmp_path):
+    save_lb("x", "echo", "echo")
+    target = tmp_path / "elsewhere.db"
+    target.write_bytes(b"")
+    (user_path / "loadbalancers.db").symlink_to(target)
+    result = invoke("-m", "lb:x", "hi")
+    assert result.exit_code == 0, result.output  # answered, without the state
+    assert "cannot use its state file" in result.stderr and "it is a link" in result.stderr
+    assert target.read_bytes() == b""
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name != "llm-user") == [
+        "elsewhere.db"  # no journal beside the link's target
+    ]
+    stats = invoke("lb", "stats", "x")
+    assert stats.exit_code == 1
+    assert stats.stderr.startswith("Error: cannot read statistics: ")
+    assert "it is a link" in stats.stderr and len(stats.stderr.splitlines()) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX's")
+def test_a_state_file_that_is_not_a_regular_file_is_not_opened(user_path):
+    save_lb("x", "echo", "echo")
+    os.mkfifo(user_path / "loadbalancers.db")
+    result = invoke("-m", "lb:x", "hi")
+    assert result.exit_code == 0, result.output
+    assert "it is not a regular file: move it away" in result.stderr

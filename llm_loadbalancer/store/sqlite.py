@@ -21,6 +21,7 @@ import functools
 import os
 import random
 import sqlite3
+import stat
 import threading
 import time
 
@@ -48,6 +49,7 @@ class SQLiteStore:
 
     def connect(self) -> sqlite3.Connection:
         if self.db is None:
+            _private_regular_file(self.path)
             db = sqlite3.connect(
                 self.path, timeout=timeout(), isolation_level=None, check_same_thread=False
             )
@@ -276,6 +278,33 @@ class SQLiteStore:
 
     def report(self, balancer: Balancer) -> dict:
         return {"file": self.path}
+
+
+def _private_regular_file(path: str) -> None:
+    """Make sure the state file is a regular file of its own, private to its user: created 0600
+    (SQLite gives its -wal and -shm files the mode of the file), an older file's mode narrowed
+    to that, and never followed through a link (SQLite would create its journal beside the
+    link's target) or opened when it is a device, a FIFO or a folder."""
+    if os.path.islink(path):
+        raise StateUnavailable(
+            "it is a link, which the state is never written through: move it away (rotation, "
+            "cooldowns and statistics start afresh)"
+        )
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    descriptor = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o600)
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise StateUnavailable("it is not a regular file: move it away")
+        if os.name == "posix" and info.st_mode & 0o077:  # made by an earlier version: 0644
+            os.fchmod(descriptor, 0o600)
+            for suffix in ("-wal", "-shm"):
+                try:
+                    os.chmod(path + suffix, 0o600)
+                except FileNotFoundError:
+                    pass
+    finally:
+        os.close(descriptor)
 
 
 class _Transaction:
