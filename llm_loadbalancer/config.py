@@ -14,11 +14,12 @@ import os
 import re
 import stat
 import tempfile
-from dataclasses import dataclass, field
-from operator import attrgetter
+from dataclasses import field
 from pathlib import Path
 
 import llm
+
+from .speed import FACTORY, Frozen, frozen_record
 
 _KEY_VALUE = re.compile(r"(?<![\w-])key=\S*")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -68,78 +69,8 @@ class ConfigError(ValueError):
         self.kind = kind
 
 
-class _Factory:
-    "An argument not given, whose value the field's default_factory makes."
-
-    def __repr__(self) -> str:
-        return "<factory>"  # as dataclass's own shows it in a signature
-
-
-_FACTORY = _Factory()
-
-
-class _Frozen:
-    """The methods that ``@dataclass(frozen=True)`` would give Member and Balancer, written once.
-
-    ``dataclass`` builds each of them from source with ``exec`` when the class is created, and
-    every llm process that looks up a model creates these two classes: that cost 1.6 ms per
-    process (importing config.py took 2.1 ms, and takes 0.5 ms with these: the median of 300
-    imports, bytecode cached; -X importtime: 2.6 and 0.9 ms, a first import). ``_record`` keeps
-    the classes dataclasses (``dataclasses.fields``, ``replace``); what these methods compare,
-    hash and show follows the fields' own flags, as dataclass's generated methods do.
-    tests/test_import_cost.py compares them with a ``@dataclass(frozen=True)`` of the same
-    fields."""
-
-    __slots__ = ()
-    # set by _record: the class itself, attrgetters of the fields that it compares, hashes and
-    # shows, and the names of those it shows
-    _frozen_class = _compared = _hashed = _shown = None
-    _shown_names = ()
-
-    def __eq__(self, other):
-        if other.__class__ is self.__class__:
-            return self._compared(self) == self._compared(other)
-        return NotImplemented
-
-    def __hash__(self):
-        return hash(self._hashed(self))
-
-    def __repr__(self):
-        values = self._shown(self)
-        shown = ", ".join(f"{name}={value!r}" for name, value in zip(self._shown_names, values))
-        return f"{self.__class__.__qualname__}({shown})"
-
-    def __setattr__(self, name, value):
-        if type(self) is self._frozen_class or name in self.__dataclass_fields__:
-            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
-        super().__setattr__(name, value)
-
-    def __delattr__(self, name):
-        if type(self) is self._frozen_class or name in self.__dataclass_fields__:
-            raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
-        super().__delattr__(name)
-
-
-def _record(cls):
-    "A dataclass with _Frozen's methods and the class's own ``__init__``."
-    cls = dataclass(init=False, repr=False, eq=False)(cls)
-    fields = dataclasses.fields(cls)
-    shown = tuple(f.name for f in fields if f.repr)
-    for attribute, names in (
-        ("_compared", [f.name for f in fields if f.compare]),
-        ("_hashed", [f.name for f in fields if (f.compare if f.hash is None else f.hash)]),
-        ("_shown", shown),
-    ):
-        # more than one name: attrgetter then gives a tuple, as dataclass's methods build one
-        assert len(names) > 1, names
-        setattr(cls, attribute, staticmethod(attrgetter(*names)))
-    cls._shown_names = shown
-    cls._frozen_class = cls
-    return cls
-
-
-@_record
-class Member(_Frozen):
+@frozen_record
+class Member(Frozen):
     "One member of a balancer: a model (id or alias), a stored key's name, settings, options."
 
     model: str
@@ -155,7 +86,7 @@ class Member(_Frozen):
         self,
         model: str,
         key: str | None = None,
-        options: dict = _FACTORY,
+        options: dict = FACTORY,
         weight: int = 1,
         rpm: int | None = None,
         rpd: int | None = None,
@@ -167,7 +98,7 @@ class Member(_Frozen):
         self.__dict__.update(
             model=model,
             key=key,
-            options={} if options is _FACTORY else options,
+            options={} if options is FACTORY else options,
             weight=weight,
             rpm=rpm,
             rpd=rpd,
@@ -217,8 +148,8 @@ class Member(_Frozen):
         return data
 
 
-@_record
-class Balancer(_Frozen):
+@frozen_record
+class Balancer(Frozen):
     "A balancer's definition, as its file holds it (and the folder it was read from)."
 
     name: str

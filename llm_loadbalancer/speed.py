@@ -1,12 +1,15 @@
-"""The prompt path's speed tricks, fenced here: each does what the plain code beside it in the
-docstring does, faster, with the saving that bench/run.py measured (step 3, added time per
-prompt in-process). Keep one only while the benchmark shows its saving.
+"""The speed tricks, fenced here: each does what the plain code its docstring names does,
+faster, with the saving measured (bench/run.py; -X importtime for what every process pays).
+Keep one only while the measurement shows its saving.
 """
 
 from __future__ import annotations
 
 import copy
 import copyreg
+import dataclasses
+from dataclasses import dataclass
+from operator import attrgetter
 
 _plain: dict[type, bool] = {}  # class: whether copy.copy would copy its instances' __dict__
 
@@ -38,3 +41,76 @@ def shallow_copy(obj):
     new = object.__new__(cls)
     new.__dict__.update(obj.__dict__)
     return new
+
+
+# --- Member and Balancer (config.py): frozen dataclasses without dataclass's exec ------------
+
+
+class _Factory:
+    "An argument not given, whose value the field's default_factory makes."
+
+    def __repr__(self) -> str:
+        return "<factory>"  # as dataclass's own shows it in a signature
+
+
+FACTORY = _Factory()
+
+
+class Frozen:
+    """The methods that ``@dataclass(frozen=True)`` would give Member and Balancer, written once.
+
+    ``dataclass`` builds each of them from source with ``exec`` when the class is created, and
+    every llm process that looks up a model creates these two classes: that cost 1.6 ms per
+    process (importing config.py took 2.1 ms, and takes 0.5 ms with these: the median of 300
+    imports, bytecode cached; -X importtime: 2.6 and 0.9 ms, a first import). ``frozen_record``
+    keeps the classes dataclasses (``dataclasses.fields``, ``replace``); what these methods compare,
+    hash and show follows the fields' own flags, as dataclass's generated methods do.
+    tests/test_import_cost.py compares them with a ``@dataclass(frozen=True)`` of the same
+    fields."""
+
+    __slots__ = ()
+    # set by frozen_record: the class itself, attrgetters of the fields that it compares, hashes
+    # and shows, and the names of those it shows
+    _frozen_class = _compared = _hashed = _shown = None
+    _shown_names = ()
+
+    def __eq__(self, other):
+        if other.__class__ is self.__class__:
+            return self._compared(self) == self._compared(other)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(self._hashed(self))
+
+    def __repr__(self):
+        values = self._shown(self)
+        shown = ", ".join(f"{name}={value!r}" for name, value in zip(self._shown_names, values))
+        return f"{self.__class__.__qualname__}({shown})"
+
+    def __setattr__(self, name, value):
+        if type(self) is self._frozen_class or name in self.__dataclass_fields__:
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if type(self) is self._frozen_class or name in self.__dataclass_fields__:
+            raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+        super().__delattr__(name)
+
+
+def frozen_record(cls):
+    "A dataclass with Frozen's methods and the class's own ``__init__``."
+    cls = dataclass(init=False, repr=False, eq=False)(cls)
+    fields = dataclasses.fields(cls)
+    shown = tuple(f.name for f in fields if f.repr)
+    for attribute, names in (
+        ("_compared", [f.name for f in fields if f.compare]),
+        ("_hashed", [f.name for f in fields if (f.compare if f.hash is None else f.hash)]),
+        ("_shown", shown),
+    ):
+        # more than one name: attrgetter then gives a tuple, as dataclass's methods build one
+        assert len(names) > 1, names
+        setattr(cls, attribute, staticmethod(attrgetter(*names)))
+    cls._shown_names = shown
+    cls._frozen_class = cls
+    return cls

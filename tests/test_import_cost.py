@@ -25,6 +25,7 @@ LOOKUP = {
     "llm_loadbalancer.config",
     "llm_loadbalancer.members",
     "llm_loadbalancer.model",
+    "llm_loadbalancer.speed",
 }
 COMMANDS_ONLY = {"llm_loadbalancer.commands"}
 EMBEDDING_ONLY = {"llm_loadbalancer.embedding", "llm_loadbalancer.batch"}
