@@ -4,7 +4,8 @@ the error shown?
 Pure decisions on an exception: the HTTP status is read from the exception's attributes
 (``status_code``, ``response.status_code``, ``status``: the openai, anthropic and httpx
 shapes), never from message text; connection, timeout and protocol errors are recognised by
-type along the exception's cause chain.
+type along the exception's cause chain, and so is a header the HTTP client refused to send (a
+key with a newline in it).
 
 | failure (before the first chunk)            | fail over | cooldown                        |
 |---------------------------------------------|-----------|---------------------------------|
@@ -14,6 +15,7 @@ type along the exception's cause chain.
 | no first chunk within the balancer's timeout| yes       | the balancer's                  |
 | an answer that cannot be decoded (protocol) | yes       | the balancer's                  |
 | 401, 403, 404, missing key                  | yes       | KEY_COOLDOWN (10 minutes)       |
+| a key the HTTP client refuses (a newline)   | yes       | KEY_COOLDOWN (10 minutes)       |
 | 408, 409                                    | yes       | none                            |
 | other 4xx (400, 422 ...), anything else     | no        | none                            |
 """
@@ -92,6 +94,10 @@ class Failure(NamedTuple):
 
 
 QUOTA_MARKERS = ("insufficient_quota", "credit balance is too low")
+REFUSED_HEADER = (
+    "the HTTP client refused to send a header: its value (not shown: it may be the key) has a "
+    "line break or another character headers cannot carry"
+)
 
 
 def _error_texts(ex: BaseException) -> list[str]:
@@ -196,10 +202,26 @@ def _is_protocol_error(ex: BaseException) -> bool:
     )
 
 
+def _refused_header(ex: BaseException) -> bool:
+    """Whether the HTTP client refused to send a header's value, so sent no request: h11's
+    LocalProtocolError (through httpx, in the SDK's APIConnectionError) for a line break, a
+    control character or a space at either end; httpx's UnicodeEncodeError, its reason naming
+    the header, for a character that is not ASCII. The value is nearly always the member's key."""
+    for item in _chain(ex):
+        names = {cls.__name__ for cls in type(item).__mro__}
+        if "LocalProtocolError" in names and str(item).startswith("Illegal header value"):
+            return True
+        if isinstance(item, UnicodeEncodeError) and "(header " in item.reason:
+            return True
+    return False
+
+
 def classify(ex: BaseException, default_cooldown: float, quota_cooldown: float = 3600.0) -> Failure:
     "What a member's exception means for the balancer (the table at the top of this module)."
     if isinstance(ex, llm.NeedsKeyException):
         return Failure("missing key", True, KEY_COOLDOWN)
+    if _refused_header(ex):  # an APIConnectionError that no retry mends: the key must be set again
+        return Failure("bad key", True, KEY_COOLDOWN)
     if isinstance(ex, FirstChunkTimeout):
         return Failure("timed out", True, default_cooldown)
     status = status_of(ex)
@@ -228,12 +250,24 @@ def classify(ex: BaseException, default_cooldown: float, quota_cooldown: float =
 
 
 def one_line(ex: BaseException, secrets=(), limit: int = 200) -> str:
-    "The first line of an error, without any secret in it, shortened."
-    text = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+    """The first line of an error, without any secret in it, shortened. A refused header's own
+    text is never shown: it holds the value, escaped (b'Bearer sk-...\\n')."""
+    if _refused_header(ex):
+        text = REFUSED_HEADER
+    else:
+        text = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+        for form in _written(secret or ""):
+            text = text.replace(form, "***")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _written(secret: str) -> list[str]:
+    """How an error's text may hold a secret: as it is, escaped as a repr escapes it, or one of
+    its lines (the first line of an error ends where a key with a newline breaks); longest first."""
+    forms = {secret, repr(secret)[1:-1], repr(secret.encode(errors="backslashreplace"))[2:-1]}
+    forms.update(line.strip() for line in secret.splitlines())
+    return sorted(filter(None, forms), key=len, reverse=True)
 
 
 def renamed(ex: Exception, message: str) -> Exception:

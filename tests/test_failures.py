@@ -1,9 +1,10 @@
 """What a member's error means: failures.classify by HTTP status, exception class and shape,
-an exhausted quota in each provider's shape, a missing key, Retry-After in its forms, and
-one_line hiding secrets (issues 4, 10). Pure functions, tested with the exceptions the SDKs
-raise."""
+an exhausted quota in each provider's shape, a missing key, a key no header can carry,
+Retry-After in its forms, and one_line hiding secrets (issues 4, 10, 20). Pure functions,
+tested with the exceptions the SDKs raise."""
 
 import email.utils
+import socket
 
 import anthropic
 import httpx2
@@ -166,3 +167,46 @@ def test_one_line_hides_secrets_and_stays_short():
     ex = RuntimeError("Incorrect API key provided: sk-secret-123\nmore detail")
     assert one_line(ex, secrets=["sk-secret-123"]) == "Incorrect API key provided: ***"
     assert len(one_line(RuntimeError("x" * 500))) == 200
+
+
+def refused(sdk, key):
+    """The exception an SDK raises when its HTTP client, connected (to a socket that listens
+    and never answers), refuses to send ``key`` in a header."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+    client = sdk(api_key=key, base_url=url, max_retries=0)
+    with listening, pytest.raises(Exception) as caught:
+        if sdk is anthropic.Anthropic:
+            client.messages.create(model="m", max_tokens=1, messages=[])
+        else:
+            client.chat.completions.create(model="m", messages=[])
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "sdk,key",
+    [
+        (openai.OpenAI, "sk-secret-123\n"),
+        (openai.OpenAI, "sk-secret-123\r\nsk-secret-456"),
+        (openai.OpenAI, "sk-secret-123 "),
+        (openai.OpenAI, "sk-secret-\x00123"),
+        (openai.OpenAI, "sk-secret-é123"),
+        (anthropic.Anthropic, "sk-secret-123\nsk-secret-456"),
+    ],
+    ids=["newline", "two-lines", "space", "nul", "not-ascii", "anthropic"],
+)
+def test_a_key_no_header_can_carry_is_a_bad_key_never_shown(sdk, key):
+    error = refused(sdk, key)  # openai's APIConnectionError from httpx's LocalProtocolError
+    failure = classify(error, 30.0)
+    assert (failure.reason, failure.failover, failure.cooldown) == ("bad key", True, KEY_COOLDOWN)
+    line = one_line(error, secrets=[key])
+    assert line.startswith("the HTTP client refused to send a header: its value (not shown")
+    assert "secret" not in one_line(error) and "secret" not in line
+
+
+def test_one_line_hides_a_secret_escaped_or_broken_over_lines():
+    key = "sk-secret-123\nsk-secret-456"
+    escaped = RuntimeError("Invalid header value b'Bearer sk-secret-123\\nsk-secret-456'")
+    assert one_line(escaped, secrets=[key]) == "Invalid header value b'Bearer ***'"
+    raw = RuntimeError(f"Incorrect API key provided: {key}")
+    assert one_line(raw, secrets=[key]) == "Incorrect API key provided: ***"

@@ -8,11 +8,12 @@ and click's runner, unless a new process is the point."""
 import asyncio
 import json
 import threading
+import time
 
 import llm
 import pytest
 import yaml
-from conftest import invoke, last_logged, llm_process, save_lb
+from conftest import invoke, last_logged, llm_process, save_lb, set_keys
 
 CLAUDE = "anthropic/claude-haiku-4-5-20251001"  # what claude-haiku-4.5 resolves to
 
@@ -344,6 +345,52 @@ def test_404_fails_over_and_cools_down_like_a_bad_key(servers):
     import time
 
     assert first["cooling_down_until"] > time.time() + 500  # 10 minutes, as after a 401
+
+
+BROKEN = "sk-broken-secret\nsecond-line"  # a key stored with a line break in it
+
+
+def files_with(user_path, text):
+    "The files under the llm folder, besides keys.json, that hold ``text``."
+    return [
+        path.name
+        for path in user_path.rglob("*")
+        if path.is_file() and path.name != "keys.json" and text.encode() in path.read_bytes()
+    ]
+
+
+@pytest.mark.parametrize("plugin", ["openai", "anthropic"])
+def test_a_key_with_a_newline_is_a_bad_key_and_fails_over(servers, plugin, user_path):
+    gateway, anthropic = servers
+    set_keys(user_path, broken=BROKEN)
+    first = "claude-haiku-4.5 key=broken" if plugin == "anthropic" else "gw-claude key=broken"
+    other = "gw-claude" if plugin == "anthropic" else "claude-haiku-4.5"
+    save_lb("nl", first, other)
+    result = invoke("-m", "lb:nl", "hi", env={"LLM_LOADBALANCER_DEBUG": "1"})
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("answer from")
+    assert "member 1 (" in result.stderr and "failed (bad key), trying member 2" in result.stderr
+    assert len((anthropic if plugin == "anthropic" else gateway).requests) == 0  # none was sent
+    text = cli("lb", "stats", "nl")
+    assert "last error: bad key: the HTTP client refused to send a header: its value" in text
+    (member, _) = json.loads(cli("lb", "stats", "nl", "--json"))[0]["members"]
+    assert member["cooling_down_until"] > time.time() + 500  # 10 minutes, as after a 401
+    for shown in (result.output, text, cli("lb", "stats", "nl", "--json")):
+        assert "secret" not in shown and "second-line" not in shown
+    assert files_with(user_path, "broken-secret") == []
+
+
+def test_every_member_failing_names_the_bad_key(servers, user_path):
+    _, anthropic = servers
+    anthropic.fail("429")
+    set_keys(user_path, broken=BROKEN)
+    save_lb("nl", "gw-claude key=broken", "claude-haiku-4.5")
+    result = invoke("-m", "lb:nl", "hi")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: lb:nl: all 2 members failed: gw-claude (key: broken): bad key; "
+        "claude-haiku-4.5: 429 rate limited\n"
+    )
 
 
 @pytest.mark.parametrize("plugin", ["openai", "anthropic"])
