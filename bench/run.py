@@ -122,6 +122,7 @@ class Bench:
         )
         limited = "rpm=1000000000 rpd=1000000000 tpm=1000000000 tpd=1000000000"
         self.llm("lb", "save", "limited", f"echo {limited}", f"echo {limited}")
+        self.llm("lb", "save", "heavy", "echo", "echo weight=1000000000")
         # 46 more, so that 50 balancers are saved for the start-up measurements
         folder = self.dir / "user" / "loadbalancers"
         template = (folder / "bench.yaml").read_text()
@@ -239,24 +240,36 @@ class Bench:
 
     # 3 ---------------------------------------------------------------------------------
     def in_process(self):
-        prompts = 200 if self.quick else 5000
         # lb:limited has every limit set on both members (never reached) and each prompt is
         # the first of a conversation (as every CLI prompt is): the most work a prompt does
         for label, balancer, conversation in (
             ("lb:bench vs echo", "bench", False),
             ("lb:limited vs echo, limits on, in a conversation", "limited", True),
         ):
-            times = self._in_process_times(balancer, prompts, conversation)
-            self.results.append(
-                comparison(
-                    f"3. in-process, {prompts} prompts: {label}, per prompt",
-                    "us",
-                    times["lb"],
-                    times["echo"],
-                    "added <= 150 us",
-                    scale=1e6,
-                )
+            self._in_process_row("3", label, balancer, "added <= 150 us", conversation)
+
+    # 3b --------------------------------------------------------------------------------
+    def heavy_weights(self):
+        """Weights 1 and 1,000,000,000 against 1 and 1 (lb:bench): the weighted cycle is never
+        built, so a prompt costs about the same whatever the weights (issue 20)."""
+        self._in_process_row(
+            "3b", "weights 1, 10**9 vs 1, 1", "heavy", "added <= 25 us", baseline="lb:bench"
+        )
+
+    def _in_process_row(self, step, label, balancer, target, conversation=False, baseline="echo"):
+        "One row: prompts through lb:BALANCER against ``baseline`` in one process, per prompt."
+        prompts = 200 if self.quick else 5000
+        times = self._in_process_times(balancer, prompts, conversation, baseline)
+        self.results.append(
+            comparison(
+                f"{step}. in-process, {prompts} prompts: {label}, per prompt",
+                "us",
+                times["lb"],
+                times["echo"],
+                target,
+                scale=1e6,
             )
+        )
 
     def _in_process_times(
         self, balancer: str, prompts: int, conversation: bool, baseline: str = "echo"
@@ -361,6 +374,7 @@ class Bench:
             self.startup,
             self.hostile_files,
             self.in_process,
+            self.heavy_weights,
             self.concurrency,
             self.weighted,
         ]
@@ -393,17 +407,12 @@ class Bench:
                     break
             url = f"redis://127.0.0.1:{port}/0"
             self.llm("lb", "save", "bench-redis", "echo", "echo", "--state", url)
-            prompts = 200 if self.quick else 5000
-            times = self._in_process_times("bench-redis", prompts, False, baseline="lb:bench")
-            self.results.append(
-                comparison(
-                    f"9. in-process, {prompts} prompts: Redis state vs SQLite file, per prompt",
-                    "us",
-                    times["lb"],
-                    times["echo"],
-                    "added < 1000 us",
-                    scale=1e6,
-                )
+            self._in_process_row(
+                "9",
+                "Redis state vs SQLite file",
+                "bench-redis",
+                "added < 1000 us",
+                baseline="lb:bench",
             )
             machine_b = self.dir / "machine-b"
             (machine_b / "loadbalancers").mkdir(parents=True, exist_ok=True)

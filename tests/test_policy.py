@@ -5,12 +5,13 @@ what the state tells them is tested in test_store.py (every backend), the polici
 llm and a local server in test_policy_http.py."""
 
 import random
+from fractions import Fraction
 
 import pytest
 from conftest import NOW
 
 from llm_loadbalancer import limits
-from llm_loadbalancer.policy import EXPLORE, plan, schedule
+from llm_loadbalancer.policy import BUILT_UP_TO, EXPLORE, plan, rotation, schedule
 
 # --- roundrobin and failover: cooldowns, pinned and preferred members ------------------------
 
@@ -74,6 +75,94 @@ def test_weighted_rotation_goes_on_from_the_stored_position():
         order.append("abc"[result.order[0]])
         position = result.position
     assert "".join(order) == "aabacaa" * 2
+
+
+def firsts(weights, position, prompts):
+    "The member each of so many prompts goes to, from a stored position, and the position after."
+    chosen = []
+    for _ in range(prompts):
+        result = plan("roundrobin", len(weights), position, {}, NOW, weights=weights)
+        chosen.append(result.order[0])
+        position = result.position
+    return chosen, position
+
+
+def in_key_order(weights):
+    """The cycle for totals above BUILT_UP_TO, enumerated: member j's k-th appearance has the key
+    (2k + 1) / (2 * weight), appearances in key order, ties to the member listed first."""
+    keyed = [(Fraction(2 * k + 1, 2 * w), j) for j, w in enumerate(weights) for k in range(w)]
+    return [member for _, member in sorted(keyed)]
+
+
+LARGE = [(70, 30, 1), (700, 300, 1), (1, 150), (40, 40, 40), (3, 97, 5, 64)]
+
+
+@pytest.mark.parametrize("weights", LARGE)
+def test_a_large_total_gives_each_member_exactly_its_weight_spread_out(weights):
+    total = sum(weights)
+    assert total > BUILT_UP_TO
+    chosen, position = firsts(weights, 0, total)
+    assert position == 0  # one whole cycle
+    assert [chosen.count(member) for member in range(len(weights))] == list(weights)
+    # spread out: between two turns of a member, about total / weight others (give or take one
+    # per member), never a run of the heavy member and then the light ones
+    for member, weight in enumerate(weights):
+        turns = [slot for slot, first in enumerate(chosen) if first == member]
+        gaps = [b - a for a, b in zip(turns, turns[1:] + [turns[0] + total])]
+        assert max(gaps) <= total / weight + len(weights)
+
+
+@pytest.mark.parametrize("weights", LARGE)
+def test_a_large_total_follows_the_cycle_in_key_order_from_every_position(weights):
+    cycle = in_key_order(weights)
+    total = len(cycle)
+    assert firsts(weights, 0, total)[0] == cycle
+    for start in range(total):
+        # every member in the order the cycle reaches it from start, and the slot where it does
+        reached = {}
+        for slot in [*range(start, total), *range(start)]:
+            reached.setdefault(cycle[slot], slot)
+        members, slot = rotation(weights, start)
+        assert members == list(reached)
+        assert {member: slot(member) for member in members} == reached
+
+
+def test_small_totals_keep_nginx_order_up_to_the_threshold():
+    weights = (BUILT_UP_TO - 2, 1, 1)  # as 5, 1, 1: nginx's order is not the key order
+    assert firsts(weights, 0, BUILT_UP_TO)[0] == list(schedule(weights))
+    assert schedule(weights) != tuple(in_key_order(weights))
+
+
+def test_a_large_total_still_skips_cooling_blocked_and_unavailable_members():
+    # slot 0 is member 0, slot 1 member 1; member 2 (weight 1) comes at slot 1,000,000,000
+    weights = (10**9, 10**9, 1)
+    result = plan("roundrobin", 3, 0, {0: NOW + 10}, NOW, weights=weights)
+    assert (result.order, result.skipped, result.position) == ((1, 2), (0,), 2)
+    result = plan("roundrobin", 3, 0, {0: NOW + 10, 1: NOW + 5}, NOW, weights=weights)
+    assert (result.order, result.position) == ((2,), 10**9 + 1)
+    result = plan("roundrobin", 3, 0, {}, NOW, weights=weights, unavailable=frozenset({0, 1}))
+    assert (result.order, result.position) == ((2,), 10**9 + 1)
+    cooling = {0: NOW + 30, 1: NOW + 5, 2: NOW + 10}
+    result = plan("roundrobin", 3, 0, cooling, NOW, weights=weights)
+    assert (result.order, result.skipped, result.position) == ((1, 2, 0), (), 2)
+    result = plan("roundrobin", 3, 0, {}, NOW, weights=weights, blocked={0: NOW + 9, 1: NOW + 4})
+    assert result.order == (2,) and result.wait is None
+    result = plan("roundrobin", 3, 0, {}, NOW, weights=weights, blocked={2: NOW + 9}, pinned=2)
+    assert result.order == () and result.wait == (NOW + 9, 2)
+
+
+def test_weights_1_and_1_000_000_000_plan_without_building_the_cycle():
+    weights = (1, 10**9)
+    # member 0's one turn has the key 1/2: after the 500,000,000 of member 1's keys below it
+    turn = 5 * 10**8
+    chosen, position = firsts(weights, 0, 1000)
+    assert chosen == [1] * 1000 and position == 1000
+    chosen, position = firsts(weights, turn - 500, 1000)
+    assert chosen == [1] * 500 + [0] + [1] * 499 and position == turn + 500
+    # from anywhere in the cycle, member 0 is next reached at that one slot: it appears once
+    for start in (0, turn, turn + 1, sum(weights) - 1):
+        assert rotation(weights, start)[1](0) == turn
+    assert plan("roundrobin", 2, sum(weights) - 1, {}, NOW, weights=weights).position == 0
 
 
 # --- members at their limits -----------------------------------------------------------------
