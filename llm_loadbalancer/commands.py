@@ -239,10 +239,45 @@ def lb_save(
         _check_state(balancer)
     except ConfigError as ex:
         _fail(ex)
+    old = _previous(name)
     config.write(balancer)
+    _tell_the_state(old, balancer)
     click.echo(
         f"Saved load balancer lb:{name} with {_count(len(balancer.members), 'member')}", err=True
     )
+
+
+def _previous(name: str) -> Balancer | None:
+    "The definition saved under the name, if there is a valid one."
+    try:
+        return config.load(name) if config.path_for(name).exists() else None
+    except ConfigError:
+        return None
+
+
+def _tell_the_state(old: Balancer | None, new: Balancer | None) -> None:
+    """A definition saved: its limits are declared for their keys, and what the definition it
+    replaced kept is forgotten (not the keys' windows: they belong to the keys)."""
+    if new is None:
+        return
+    try:
+        store.saved(new, old)
+    except store.StateUnavailable as ex:
+        _warn(
+            new.name,
+            f"the state could not be updated ({_state_problem(ex)}); the old definition's "
+            f"rotation and statistics stay until 'llm lb reset {new.name}', and its limits "
+            "apply to other balancers from its first prompt",
+        )
+
+
+def _warn(name: str, message: str) -> None:
+    click.echo(f"Warning: lb:{name}: {message}", err=True)
+
+
+def _state_problem(ex: Exception) -> str:
+    "What went wrong with the state, as a message says it."
+    return _unreachable(ex) if isinstance(ex, store.Unreachable) else str(ex)
 
 
 def _check_state(balancer: Balancer) -> None:
@@ -376,6 +411,40 @@ def _summary(balancer: Balancer, keys: dict) -> dict:
     return data
 
 
+def _stricter_limits(balancers: list[Balancer]) -> dict[str, list[dict]]:
+    """A limit belongs to the provider's bucket (a model and a key) in one state: where another
+    member using the bucket gives a stricter limit than a member's own (or one it lacks), that
+    one applies to it. {balancer name: [{member, limits, given_by}]}"""
+    from .store import rules
+
+    given: dict[tuple, list] = {}  # (where the state is, bucket): [(limits, balancer name)]
+    for balancer in balancers:
+        place = store.location(balancer)[0]
+        for member in balancer.members:
+            if member.limits:
+                given.setdefault((place, rules.bucket(member)), []).append(
+                    (member.limits, balancer.model_id)
+                )
+    found: dict[str, list[dict]] = {}
+    for balancer in balancers:
+        place = store.location(balancer)[0]
+        for index, member in enumerate(balancer.members):
+            stricter, given_by = {}, set()
+            for member_limits, model_id in given.get((place, rules.bucket(member)), ()):
+                for name, value in member_limits.items():
+                    own = member.limits.get(name)
+                    if (own is None or value < own) and value < stricter.get(name, value + 1):
+                        stricter[name] = value
+            for member_limits, model_id in given.get((place, rules.bucket(member)), ()):
+                if any(member_limits.get(name) == value for name, value in stricter.items()):
+                    given_by.add(model_id)
+            if stricter:
+                found.setdefault(balancer.name, []).append(
+                    {"member": index + 1, "limits": stricter, "given_by": sorted(given_by)}
+                )
+    return found
+
+
 @lb.command(name="list")
 @click.option("json_", "--json", is_flag=True, help="Output as JSON")
 def lb_list(json_):
@@ -403,6 +472,10 @@ def lb_list(json_):
             if warnings:
                 row["warnings"] = warnings
             rows.append((row, balancer))
+    stricter = _stricter_limits([balancer for _, balancer in rows if balancer is not None])
+    for row, balancer in rows:
+        if balancer is not None and balancer.name in stricter:
+            row["stricter_limits"] = stricter[balancer.name]
     if _printed_json_or_nothing([row for row, _ in rows], json_):
         return
     width = max(len(row["model_id"]) for row, _ in rows)
@@ -417,6 +490,14 @@ def lb_list(json_):
             click.echo(f"{'':<{width}}  state: {row['state_lives']}")
         for warning in row.get("warnings", ()):
             click.echo(f"{'':<{width}}  warning: {warning}")
+        for found in row.get("stricter_limits", ()):
+            index = found["member"] - 1
+            applies = ", ".join(f"{name}={value}" for name, value in found["limits"].items())
+            click.echo(
+                f"{'':<{width}}  note: {balancer.members[index].describe(index + 1, keys)}: "
+                f"{applies} applies, the strictest given for its model and key (by "
+                f"{', '.join(found['given_by'])})"
+            )
 
 
 @lb.command(name="show")
@@ -481,8 +562,12 @@ def lb_remove(name):
     path.unlink()
     try:
         store.remove(name, balancer)
-    except store.Unreachable as ex:
-        click.echo(f"Warning: lb:{name}: {_unreachable(ex)}", err=True)
+    except store.StateUnavailable as ex:
+        _warn(
+            name,
+            f"its state could not be cleared ({_state_problem(ex)}); its rotation and "
+            "statistics stay there",
+        )
     click.echo(f"Removed load balancer lb:{name}", err=True)
 
 
@@ -525,10 +610,12 @@ def lb_edit(name):
             "it is saved once what you write is a valid balancer",
             err=True,
         )
+    old = _previous(name)
     edited = _edit_in_editor(name, text)
     if edited is None:
         click.echo(f"No changes to lb:{name}", err=True)
         return
+    _tell_the_state(old, _previous(name))
     click.echo(f"Saved load balancer lb:{name}", err=True)
 
 
@@ -595,8 +682,7 @@ def lb_reset(name):
     try:
         store.reset(balancer)
     except store.StateUnavailable as ex:
-        problem = _unreachable(ex) if isinstance(ex, store.Unreachable) else ex
-        raise click.ClickException(f"cannot reset lb:{name}: {problem}")
+        raise click.ClickException(f"cannot reset lb:{name}: {_state_problem(ex)}")
     click.echo(f"Reset lb:{name}", err=True)
 
 

@@ -20,9 +20,8 @@ from . import drive, failures, model_options
 from .config import Balancer, ConfigError, Member
 from .members import build_options, load_stored_keys
 from .policy import plan
-from .selection import counted_ahead
 from .speed import shallow_copy
-from .store import Outcome, StateUnavailable, open_store, warn_unavailable
+from .store import Outcome, StateUnavailable, open_store, process_leases, warn_unavailable
 from .view import MemberView
 
 logger = logging.getLogger("llm_loadbalancer")
@@ -55,7 +54,7 @@ class Attempt:
         self.member: Member = run.balancer.members[index]
         self.model = run.member_model(index)
         self.secret = None
-        self.ticket: tuple | str | None = None  # its request, counted when it was chosen
+        self.ticket = None  # its request, counted when it was chosen (the store's own value)
         self.recorded = False
         self.streamed = True
         self.prepare()
@@ -165,7 +164,8 @@ class Run:
             warn_unavailable(ex)
             self.use_state = False
             count = len(self.balancer.members)
-            position = 0 if self.balancer.policy == "failover" else RNG.randrange(count)
+            slots = sum(self.balancer.weights or (1,) * count)  # the weighted cycle's length
+            position = 0 if self.balancer.policy == "failover" else RNG.randrange(slots)
             self.plan = plan(
                 self.balancer.policy,
                 count,
@@ -198,13 +198,14 @@ class Run:
         "Each member to try in turn; after the last failure, the error that lists them all."
         at_limit = []
         for number, index in enumerate(self.order):
-            ahead = counted_ahead(self.balancer, index)
-            ticket = self.ticket if number == 0 else self._claim(index) if ahead else None
-            if number and ahead and ticket is None and self.use_state:
+            ticket = self.ticket if number == 0 else self._claim(index)
+            if ticket is False:
                 at_limit.append(index)
                 continue
             attempt = self.attempt_class(self, index)
             attempt.ticket = ticket
+            if ticket is not None and self.balancer.policy == "least-busy":
+                process_leases().hold(self.store, self.balancer, index, ticket)
             if self.debug:
                 key = f"key: {attempt.member.key}" if attempt.member.key else "no key of its own"
                 logger.info(
@@ -320,7 +321,7 @@ class Run:
             **attempt.timings(),
         )
 
-    def _claim(self, index: int) -> tuple | str | None:
+    def _claim(self, index: int):
         if not self.use_state:
             return None
         try:
@@ -339,6 +340,7 @@ class Run:
             self._record(attempt, **attempt.timings())
         elif attempt.ticket is not None:
             attempt.recorded = True
+            process_leases().release(attempt.ticket)
             try:
                 self.store.finish(self.balancer, attempt.index, attempt.ticket)
             except StateUnavailable:
@@ -348,6 +350,8 @@ class Run:
         attempt.recorded = True
         if not self.use_state:
             return
+        if attempt.ticket is not None:
+            process_leases().release(attempt.ticket)
         outcome = Outcome(
             cooled=attempt.index in self.cooled, streamed=attempt.streamed, **outcome
         )

@@ -18,12 +18,19 @@ class Snapshot(Protocol):
     position: int  # the rotation position
     cooling: dict[int, float]  # {member: until} cooling down after a guessed time
     blocked: dict[int, float]  # {member: until} inside a provider's Retry-After
+    redated: dict[int, float]  # {member: until} of cooldowns to store again (a clock step)
     tie: tuple[int, int] | None  # the conversation's (first, last) member, where asked for
     busy: dict[int, int] | None  # least-busy: prompts in flight per member
     latency: dict[int, float] | None  # lowest-latency: recent median per member
 
+    def limits(self, member: int) -> dict:
+        """The limits that apply to the member: its own, and those other members (of any
+        balancer) declared for its provider's bucket, the strictest of each
+        (``rules.strictest``)."""
+
     def totals(self, member: int) -> dict[float, tuple[int, int]]:
-        "{window seconds: (requests, tokens)} of the member in each window of its limits, now."
+        """{window seconds: (requests, tokens)} of the member's bucket in each window of the
+        limits that apply to it, now."""
 
     def events(self, member: int, since: float) -> tuple[list, list]:
         "(time, 0) of each request and (time, tokens) of each report of the member since then."
@@ -79,7 +86,7 @@ def free_at(balancer: Balancer, snapshot: Snapshot, member: int, now: float) -> 
     """None when the member has room under every limit now; otherwise when it will. The common
     case costs the backend a few look-ups (``totals``); only a member at a limit has its
     events read, to tell until when."""
-    member_limits = balancer.members[member].limits
+    member_limits = snapshot.limits(member)
     if not member_limits or not limits.full(member_limits, snapshot.totals(member)):
         return None
     since = now - max(limits.WINDOWS[name] for name in member_limits)
@@ -97,7 +104,7 @@ def of_kind(member_limits: dict, kind: str) -> dict:
     return {name: value for name, value in member_limits.items() if name.startswith(kind)}
 
 
-def counted_ahead(balancer: Balancer, member: int) -> bool:
+def counted_ahead(balancer: Balancer, snapshot: Snapshot, member: int) -> bool:
     """Whether a request of this member is recorded when it is chosen, not only when it ends:
-    for its limits, and for least-busy, which counts the prompts in flight."""
-    return bool(balancer.members[member].limits) or balancer.policy == "least-busy"
+    for the limits that apply to it, and for least-busy, which counts the prompts in flight."""
+    return balancer.policy == "least-busy" or bool(snapshot.limits(member))

@@ -1,11 +1,17 @@
 """What the store tests (test_store.py, test_store_sqlite.py) share."""
 
+import itertools
+
 from llm_loadbalancer.store import Outcome
 
 
+_keys = itertools.count(1)
+
+
 def echo(**settings):
-    "A member (echo), with its settings: weight, rpm, rpd, tpm, tpd."
-    return {"model": "echo", **settings}
+    """A member (echo), with its settings: weight, rpm, rpd, tpm, tpd, and a key of its own
+    (``key=`` to share one): each member is its own provider's bucket, unless a test says."""
+    return {"model": "echo", "key": f"k{next(_keys)}", **settings}
 
 
 def chosen(st, balancer, now, **kwargs):

@@ -114,7 +114,8 @@ def test_locked_state_file_does_not_block_the_prompt(keyed, user_path, monkeypat
     assert result.exit_code == 0, result.output
     assert member_of(result.stdout) in (1, 2)
     assert "cannot use its state file" in result.stderr
-    assert "database is locked" in result.stderr
+    assert "it is busy: another process holds its lock" in result.stderr
+    assert "now hold only within this process" in result.stderr
 
 
 # --- delegation: options, keys ----------------------------------------------------------

@@ -139,7 +139,8 @@ def test_a_cooldown_stored_by_an_older_version_is_capped_and_stats_never_crash(
     run_llm("-m", "lb:x", "hi")
     with sqlite3.connect(store.file_of()) as db:  # what 0.1.0 stored for Retry-After: inf
         db.execute(
-            "insert into cooldowns (balancer, member, until, reason) values ('x', 0, ?, 'inf')",
+            "insert into cooldowns (balancer, member, until, reason) "
+            "select balancer, 0, ?, 'inf' from rotation where balancer like 'x:%'",
             [math.inf],
         )
     result = run_llm("lb", "stats", "x", "--json")

@@ -86,7 +86,7 @@ def test_token_limit_from_the_usage_the_server_reports(local_openai):
 def age_requests(seconds):
     "Time moves through the state file: every request counted was sent ``seconds`` earlier."
     with closing(sqlite3.connect(store.file_of())) as db, db:
-        db.execute("update requests set at = at - ?", [seconds])
+        db.execute("update bucket_requests set at = at - ?", [seconds])
 
 
 def test_waiting_for_a_member_says_so_and_then_sends(local_openai):
@@ -177,3 +177,27 @@ def test_model_option_defaults_are_read_again_when_they_change(run_llm, monkeypa
     assert "example_bool" in run_llm("-m", "lb:d", "hi").stdout
     clock[0] += 0.5
     assert "example_bool" not in run_llm("-m", "lb:d", "hi").stdout
+
+
+def test_a_keys_limit_holds_across_a_save_force_and_a_second_balancer(local_openai):
+    flags = ("--max-wait", "0", "--policy", "failover")
+    save_lb("one", "local-a key=work rpm=2", "local-a key=personal", flags=flags)
+    for _ in range(2):
+        assert invoke("-m", "lb:one", "hi").exit_code == 0
+    # saved again with member 2 changed: key work has had its 2 requests of the minute
+    save_lb("one", "local-a key=work rpm=2", "local-b key=personal", flags=(*flags, "--force"))
+    assert invoke("-m", "lb:one", "hi").exit_code == 0
+    # and a second balancer using the key is held by the same limit
+    save_lb("two", "local-a key=work rpm=5", "local-b key=personal", flags=flags)
+    assert invoke("-m", "lb:two", "hi").exit_code == 0
+    assert local_openai.seen("key") == ["sk-work", "sk-work", "sk-personal", "sk-personal"]
+    listed = invoke("lb", "list")
+    assert (
+        "note: member 1 (local-a, key: work, rpm=5): rpm=2 applies, the strictest given for its "
+        "model and key (by lb:one)"
+    ) in listed.stdout
+    rows = {row["name"]: row for row in json.loads(invoke("lb", "list", "--json").stdout)}
+    assert rows["two"]["stricter_limits"] == [
+        {"member": 1, "limits": {"rpm": 2}, "given_by": ["lb:one"]}
+    ]
+    assert "stricter_limits" not in rows["one"]

@@ -6,14 +6,17 @@ timings), for each backend, in test_store.py."""
 
 import json
 import random
+import sqlite3
 import subprocess
 import sys
 import threading
+from contextlib import closing
 
 import llm
 from conftest import invoke, save_lb
 
-from llm_loadbalancer import delegate
+from llm_loadbalancer import delegate, store
+from llm_loadbalancer.store import rules
 
 
 def test_least_busy_sends_the_next_prompt_to_an_idle_member(local_openai):
@@ -46,10 +49,15 @@ def test_a_killed_processes_prompt_stops_counting_as_in_flight(local_openai):
     assert local_openai.wait_hung(timeout=60)
     proc.kill()
     proc.wait()
+    # a's prompt still counts while its lease lasts (nothing asks the system about a process) ...
+    assert invoke("-m", "lb:lb", "hi").stdout.strip() == "answer from b with sk-b"
+    # ... and not once it has run out: time moves through the state, by a lease
+    with closing(sqlite3.connect(store.file_of())) as db, db:
+        db.execute("update requests set at = at - ?1, lease = lease - ?1", [rules.LEASE])
     # a's prompt is gone with its process: both members are idle, and the rotation decides
     assert [invoke("-m", "lb:lb", "hi").stdout.strip() for _ in range(2)] == [
-        "answer from b with sk-b",
         "answer from a with sk-a",
+        "answer from b with sk-b",
     ]
 
 

@@ -7,17 +7,20 @@ test_store.py."""
 
 import dataclasses
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import llm
 import pytest
-from conftest import NOW, invoke, process_env, save_lb, set_keys
+from conftest import invoke, process_env, save_lb, set_keys
 from fake_models import CALLS
 
 from llm_loadbalancer import config, store
 from llm_loadbalancer.store import Outcome
+from llm_loadbalancer.store.redis import RedisStore
 
 PASSWORD = "s3cret-redis-password"
 
@@ -130,7 +133,8 @@ def test_reset_and_remove_are_for_every_machine(machines, redis_server):
     assert [m["requests"] for m in members_stats("r")] == [0, 0]
     ask("r")
     assert invoke("lb", "remove", "r").exit_code == 0
-    assert redis_server.client().keys("llm-lb:*") == []
+    # what is left is the server's, not the balancer's: the format of the keys, the last ticket
+    assert set(redis_server.client().keys("llm-lb:*")) <= {"llm-lb:2:ids", "llm-lb:format"}
 
 
 def test_redis_stopped_mid_run_answers_from_the_local_file(user_path, redis_server):
@@ -311,9 +315,9 @@ def test_redis_py_is_not_imported_by_llm_when_no_balancer_uses_it(user_path):
 
 
 def test_selections_keep_the_servers_clock_not_the_machines(user_path, redis_server, monkeypatch):
-    save_lb(
-        "skew", "echo rpm=1", "echo rpm=1", flags=("--state", redis_server.url, "--max-wait", "0")
-    )
+    set_keys(user_path, a="key-a", b="key-b")  # (each member its own provider's bucket)
+    flags = ("--state", redis_server.url, "--max-wait", "0")
+    save_lb("skew", "echo key=a rpm=1", "echo key=b rpm=1", flags=flags)
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() - 120)  # this machine is 2 minutes behind
     assert [invoke("-m", "lb:skew", "hi").exit_code for _ in range(3)] == [0, 0, 1]
@@ -385,38 +389,102 @@ def test_a_process_chooses_from_its_last_snapshot_in_one_round_trip(redis_server
     assert reads == [1]
 
 
-ON_ANOTHER_MACHINE = """
-import dataclasses, json, sys
-from llm_loadbalancer import config, store
-name, data, user_dir, now = sys.argv[1:]
-balancer = dataclasses.replace(config.from_dict(name, json.loads(data)), user_dir=user_dir)
-shared = store.open_store(balancer, fallback=False)
-shared.host = "machine-a"
-print(shared.choose(balancer, now=float(now)).plan.order[0])
-"""
+# --- whatever the server holds, a prompt is answered -----------------------------------------
+
+MALFORMED = {
+    "a rotation that is not a number": ("roundrobin", "hset", "rotation", ("position", "abc")),
+    "a cooldown that is not one": ("roundrobin", "hset", "cooldowns", ("0", "garbage")),
+    "a prompt in flight of 5 fields": ("least-busy", "hset", "flight", ("7", "0|a|b|c|d")),
+    "a timing that is not numbers": ("lowest-latency", "lpush", "timings:0", ("a|b|c|d",)),
+    "a timing of 5 fields": ("lowest-latency", "lpush", "timings:1", ("1|2|3|4|5",)),
+}
 
 
-def test_prompts_in_flight_on_another_machine_count_until_they_are_an_hour_old(
-    redis_server, user_path
+@pytest.mark.parametrize("what", MALFORMED)
+def test_a_malformed_value_in_the_server_falls_back_to_the_file_with_one_warning(
+    user_path, redis_server, what
 ):
-    balancer = shared(redis_server, user_path, "busy", policy="least-busy")
-    # a process of machine A chooses member 1, and ends before the prompt does
-    done = subprocess.run(
-        [sys.executable, "-c", ON_ANOTHER_MACHINE, balancer.name]
-        + [json.dumps(balancer.to_dict()), balancer.user_dir, repr(NOW)],
-        capture_output=True,
-        text=True,
-        env=process_env(),
-        timeout=60,
-    )
-    assert (done.returncode, done.stdout) == (0, "0\n"), done.stderr
-    here = store.open_store(balancer, fallback=False)
-    # its process cannot be looked up from this machine: the prompt counts
-    seen = here.choose(balancer, now=NOW + 1)
-    assert seen.plan.order[0] == 1 and seen.plan.why.endswith("(in flight by member: 1: 1, 2: 0)")
-    here.record(balancer, 1, Outcome(), ticket=seen.ticket, now=NOW + 2)
-    assert here.choose(balancer, now=NOW + 3).plan.why.endswith("(in flight by member: 1: 1, 2: 0)")
-    # until it is an hour old
-    assert here.choose(balancer, now=NOW + 3700).plan.why.endswith(
-        "(in flight by member: 1: 0, 2: 0)"
-    )
+    policy, command, key, args = MALFORMED[what]
+    save_lb("bad", "echo", "echo", flags=("--state", redis_server.url, "--policy", policy))
+    prefix = RedisStore.prefix(config.load("bad"))
+    getattr(redis_server.client(), command)(prefix + key, *args)
+    results = [invoke("-m", "lb:bad", text) for text in ("one", "two")]
+    assert [r.exit_code for r in results] == [0, 0], results[0].output
+    warning = results[0].stderr
+    assert len(warning.splitlines()) == 1, warning
+    assert warning.startswith("Warning: lb:bad: cannot use its Redis state (")
+    assert "unexpected data for lb:bad" in warning and "'llm lb reset bad' clears it" in warning
+    assert results[1].stderr == ""  # one warning per process
+    # llm lb reset clears it, and the next process uses the server again
+    assert invoke("lb", "reset", "bad").exit_code == 0
+    store.new_process()
+    assert invoke("-m", "lb:bad", "three").stderr == ""
+
+
+def test_a_malformed_limit_declared_for_a_key_falls_back_with_one_warning(user_path, redis_server):
+    set_keys(user_path, work="sk-work")
+    save_lb("decl", "echo key=work rpm=5", "echo", flags=("--state", redis_server.url))
+    member = config.load("decl").members[0]
+    redis_server.client().hset(RedisStore.bucket(member) + "limits", "someone#0", "x|y")
+    result = invoke("-m", "lb:decl", "one")
+    assert result.exit_code == 0 and "unexpected data for lb:decl" in result.stderr
+
+
+def test_a_server_of_a_newer_format_is_left_for_the_file_with_a_warning_to_upgrade(
+    user_path, redis_server
+):
+    save_lb("newer", "echo", "echo", flags=("--state", redis_server.url))
+    redis_server.client().set("llm-lb:format", 3)  # written by a later llm-loadbalancer
+    result = invoke("-m", "lb:newer", "one")
+    assert result.exit_code == 0
+    assert "in a newer format" in result.stderr
+    assert "upgrade llm-loadbalancer on this machine" in result.stderr
+
+
+class AnswersOK:
+    "A server that answers +OK to every command: not Redis, though it speaks its protocol."
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            connection, _ = self.listener.accept()
+            threading.Thread(target=self.answer, args=(connection,), daemon=True).start()
+
+    def answer(self, connection):
+        buffer = b""
+        with connection:
+            while data := connection.recv(65536):
+                buffer += data
+                while (end := _command_end(buffer)) is not None:
+                    buffer = buffer[end:]
+                    connection.sendall(b"+OK\r\n")
+
+
+def _command_end(buffer: bytes):
+    "Where the first whole command (a RESP array of bulk strings) of the buffer ends, or None."
+    if not buffer.startswith(b"*") or b"\r\n" not in buffer:
+        return None
+    head, _, rest = buffer.partition(b"\r\n")
+    at = len(head) + 2
+    for _ in range(int(head[1:])):
+        line_end = buffer.find(b"\r\n", at)
+        if line_end < 0:
+            return None
+        size = int(buffer[at + 1 : line_end])
+        at = line_end + 2 + size + 2
+        if at > len(buffer):
+            return None
+    return at
+
+
+def test_a_server_answering_ok_to_everything_is_left_for_the_file(user_path):
+    server = AnswersOK()
+    save_lb("ok", "echo", "echo", flags=("--state", server.url))
+    results = [invoke("-m", "lb:ok", text) for text in ("one", "two")]
+    assert [r.exit_code for r in results] == [0, 0], results[0].output
+    assert "cannot use its Redis state" in results[0].stderr
+    assert len(results[0].stderr.splitlines()) == 1 and results[1].stderr == ""

@@ -12,13 +12,11 @@ test_policy.py; what is the SQLite file's own (clock steps, folding old rows) is
 test_store_sqlite.py; what is Redis's own (machines, snapshots, fallback) in test_redis.py."""
 
 import dataclasses
-import json
+import pathlib
 import random
-import subprocess
-import sys
 
 import pytest
-from conftest import NOW, invoke, process_env, run_workers, save_lb
+from conftest import NOW, invoke, run_workers, save_lb, set_keys
 from store_helpers import chosen, echo
 
 from llm_loadbalancer import config, store
@@ -233,12 +231,13 @@ def test_a_claim_counts_a_request_while_the_member_has_room(backend):
     balancer, st = backend.open("claim", echo(), echo(rpm=2))
     assert st.choose(balancer, now=NOW).plan.order == (0, 1)  # member 2's request not counted
     tickets = [st.claim(balancer, 1, now=NOW + step) for step in (1, 2)]  # failing over to it
-    assert None not in tickets and tickets[0] != tickets[1]
-    assert st.claim(balancer, 1, now=NOW + 3) is None  # at its limit: skip it
+    assert False not in tickets and None not in tickets
+    assert st.claim(balancer, 1, now=NOW + 3) is False  # at its limit: skip it
     assert st.stats(balancer, now=NOW + 3)[1]["limits"] == {"rpm": {"used": 2, "limit": 2}}
     # what was claimed counts for choices too: member 2's turn, and it is full
     assert chosen(st, balancer, NOW + 4).order == (0,)
-    assert st.claim(balancer, 1, now=NOW + 62) is not None  # both aged out
+    assert st.claim(balancer, 1, now=NOW + 62) not in (None, False)  # both aged out
+    assert st.claim(balancer, 0, now=NOW + 63) is None  # no limits: nothing counted
 
 
 def test_a_claim_is_refused_inside_a_stated_cooldown_not_a_guessed_one(backend):
@@ -246,18 +245,88 @@ def test_a_claim_is_refused_inside_a_stated_cooldown_not_a_guessed_one(backend):
     st.choose(balancer, now=NOW)
     st.record(balancer, 0, failed("429 rate limited: wait", 100, stated=True), now=NOW)
     st.record(balancer, 1, failed("500 server error: x", 100), now=NOW)
-    assert st.claim(balancer, 0, now=NOW + 99) is None
-    assert st.claim(balancer, 1, now=NOW + 99) is not None
-    assert st.claim(balancer, 0, now=NOW + 100) is not None  # its reset has come
+    assert st.claim(balancer, 0, now=NOW + 99) is False
+    assert st.claim(balancer, 1, now=NOW + 99) not in (None, False)
+    assert st.claim(balancer, 0, now=NOW + 100) not in (None, False)  # its reset has come
 
 
 def test_the_request_limit_is_exact_when_many_processes_reach_it_at_once(backend):
     # 8 processes at once (Redis: on two machines), 40 prompts each, 100 a day per member
-    backend.save("race", "echo rpd=100", "echo rpd=100")
+    for folder in (backend.user_path, backend.machine_b()):
+        set_keys(pathlib.Path(folder), a="key-a", b="key-b")
+    backend.save("race", "echo key=a rpd=100", "echo key=b rpd=100")
     counts = run_workers("lb:race", 8, 40, backend.worker_envs())
     assert sum(done for done, _ in counts) == 200  # 2 members x 100, never a 101st
     limits_now = [member["limits"]["rpd"] for member in backend.stats("race")]
     assert limits_now == [{"used": 100, "limit": 100}] * 2
+
+
+# --- the provider's bucket: a limit belongs to the key (and the model) -----------------------
+
+
+def test_two_balancers_using_one_key_share_its_limit(backend):
+    one, st = backend.open("one", echo(key="work", rpm=2), echo(), policy="failover")
+    two = backend.balancer("two", echo(key="work", rpm=2), echo(), policy="failover")
+    assert chosen(st, one, NOW).order[0] == 0
+    assert chosen(st, two, NOW + 1).order[0] == 0
+    # key work has had its 2 requests of the minute, whichever balancer sent them
+    assert [chosen(st, b, NOW + 2).order[0] for b in (one, two)] == [1, 1]
+    assert st.stats(two, now=NOW + 2)[0]["limits"] == {"rpm": {"used": 2, "limit": 2}}
+    assert chosen(st, two, NOW + 61).order[0] == 0  # a minute later, room again
+
+
+def test_the_strictest_limit_given_for_a_key_applies_to_every_member_using_it(backend):
+    strict, st = backend.open("strict", echo(key="work", rpm=2), echo(), policy="failover")
+    loose = backend.balancer("loose", echo(key="work", rpm=5), echo(), policy="failover")
+    free = backend.balancer("free", echo(key="work"), echo(), policy="failover")
+    assert chosen(st, strict, NOW).order[0] == 0  # rpm=2 is declared for key work
+    assert [chosen(st, b, NOW + 1).order[0] for b in (loose, free)] == [0, 1]
+    assert chosen(st, loose, NOW + 2).order[0] == 1  # 2 in the minute: rpm=2 applies to all
+    assert st.claim(free, 0, now=NOW + 3) is False
+    # the same model with another key, or another model with the key, is another bucket
+    other = backend.balancer("other", echo(key="personal", rpm=5), echo())
+    assert chosen(st, other, NOW + 4).order[0] == 0
+
+
+def test_a_limit_applies_to_every_member_using_the_key_from_when_it_is_declared(backend):
+    strict, st = backend.open("strict", echo(), echo(key="work", rpm=1), policy="failover")
+    free = backend.balancer("free", echo(key="work"), echo(), policy="failover")
+    st.declare(strict, now=NOW)  # llm lb save strict: before any prompt of lb:strict
+    assert [chosen(st, free, NOW + step).order[0] for step in (1, 2)] == [0, 1]
+    # not renewed for a day (no process used lb:strict), the declaration is forgotten
+    assert [chosen(st, free, NOW + DAY + step).order[0] for step in (1, 2)] == [0, 0]
+
+
+def test_a_new_definition_of_a_balancer_keeps_the_keys_windows(backend):
+    old, st = backend.open("again", echo(key="work", rpm=2), echo(), policy="failover")
+    assert [chosen(st, old, NOW + step).order[0] for step in (0, 1, 2)] == [0, 0, 1]
+    # saved again with member 2's options changed: key work has had its 2 requests all the same
+    new = backend.balancer(
+        "again", echo(key="work", rpm=2), echo(options={"example_bool": True}), policy="failover"
+    )
+    assert [chosen(st, new, NOW + step).order[0] for step in (3, 4)] == [1, 1]
+    assert st.stats(new, now=NOW + 4)[0]["limits"] == {"rpm": {"used": 2, "limit": 2}}
+    store.saved(new, old)  # llm lb save --force: the old definition's rows are forgotten
+    assert chosen(st, new, NOW + 5).order[0] == 1
+    assert chosen(st, new, NOW + 61).order[0] == 0
+
+
+def test_a_process_holding_an_older_definition_and_one_holding_the_new_never_reset_each_other(
+    backend,
+):
+    member = echo(key="work", rpm=2)
+    old, st = backend.open("long", member, echo(), echo())
+    new = backend.balancer("long", member, echo(), echo(), echo())  # saved since with 4 members
+    orders = []
+    for step in range(10):  # a long-running llm chat, and new llm processes, in turn
+        for balancer in (old, new):
+            orders.append(chosen(st, balancer, NOW + step).order[0])
+    assert orders.count(0) == 2  # key work received 2 requests in the minute, not 20
+    # each keeps its own rotation and statistics (a look records only member 1's answers)
+    assert [m["requests"] for m in st.stats(old, now=NOW + 10)] == [1, 0, 0]
+    assert [m["requests"] for m in st.stats(new, now=NOW + 10)] == [1, 0, 0, 0]
+    assert orders[0::2] == [0, 1, 2, 1, 2, 1, 2, 1, 2, 1]
+    assert orders[1::2] == [0, 1, 2, 3, 1, 2, 3, 1, 2, 3]
 
 
 # --- cooldowns -------------------------------------------------------------------------------
@@ -322,6 +391,20 @@ def test_a_quota_cooldown_says_what_it_is_for(backend):
     assert [st.choose(balancer, now=NOW + s).plan.order for s in (2, 3)] == [(1,), (1,)]
     ended = st.stats(balancer, now=NOW + 3600)[0]
     assert (ended["cooling_down_until"], ended["cooling_down_for"]) == (None, None)
+
+
+def test_a_cooldown_recorded_while_the_clock_ran_ahead_lasts_its_own_length(backend):
+    balancer, st = backend.open("ahead", echo(), echo())
+    st.record(balancer, 0, failed(cooldown=30), now=NOW + 10 * DAY)  # the clock 10 days ahead
+    back = st.choose(balancer, now=NOW)  # the clock is right again
+    assert back.plan.skipped == (0,)  # cooling down: for 30 s from now, not 10 days
+    assert st.stats(balancer, now=NOW)[0]["cooling_down_until"] == pytest.approx(NOW + 30)
+    assert st.choose(balancer, now=NOW + 31).plan.skipped == ()
+    # a stated reset the same: its own length from now at most
+    st.record(balancer, 1, failed("429 rate limited: x", 100, stated=True), now=NOW + 10 * DAY)
+    assert st.choose(balancer, now=NOW + 40).plan.order == (0,)
+    assert st.choose(balancer, now=NOW + 141).plan.order[0] in (0, 1)
+    assert st.claim(balancer, 1, now=NOW + 141) is not False
 
 
 def test_a_success_clears_the_cooldown_on_record(backend):
@@ -390,46 +473,37 @@ def test_a_prompt_in_flight_still_ends_after_the_clock_stepped_back(backend):
     assert [chosen(st, balancer, NOW - 10 + step).order[0] for step in range(4)] == [1, 0, 1, 0]
 
 
-CHOOSER = """
-import dataclasses, json, sys
-from llm_loadbalancer import config, store
-name, data, user_dir, now = sys.argv[1:]
-balancer = dataclasses.replace(config.from_dict(name, json.loads(data)), user_dir=user_dir)
-print(store.open_store(balancer, fallback=False).choose(balancer, now=float(now)).plan.order[0])
-"""
-
-
-def choose_in_a_process_that_ends(balancer, now) -> int:
-    "The member a new process chooses first at ``now``, leaving the prompt in flight as it ends."
-    done = subprocess.run(
-        [sys.executable, "-c", CHOOSER, balancer.name, json.dumps(balancer.to_dict())]
-        + [balancer.user_dir, repr(now)],
-        capture_output=True,
-        text=True,
-        env=process_env(),
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout)
-
-
-def test_prompts_in_flight_of_a_process_that_is_gone_stop_counting(backend):
+def test_a_prompt_in_flight_counts_while_its_lease_is_renewed(backend):
     balancer, st = backend.open("busy", echo(), echo(), policy="least-busy")
-    assert st.choose(balancer, now=NOW).plan.order[0] == 0  # in flight in this process
-    assert choose_in_a_process_that_ends(balancer, NOW + 1) == 1  # in one that ended
-    choice = st.choose(balancer, now=NOW + 2)
-    assert choice.plan.order[0] == 1  # 1 in flight for member 1, none that counts for member 2
-    assert in_flight(choice.plan) == "1: 1, 2: 0"
-    # and one older than an hour stops counting too
-    assert in_flight(st.choose(balancer, now=NOW + 3700).plan) == "1: 0, 2: 0"
+    kept = st.choose(balancer, now=NOW)  # member 1: its process renews its lease
+    gone = st.choose(balancer, now=NOW + 1)  # member 2: its process died, renewing nothing
+    assert (kept.plan.order[0], in_flight(gone.plan)) == (0, "1: 1, 2: 0")
+    st.renew(balancer, 0, kept.ticket, now=NOW + rules.RENEW)
+    st.renew(balancer, 0, kept.ticket, now=NOW + 2 * rules.RENEW)
+    # (each look is a prompt that ends at once: it leaves nothing in flight)
+    assert in_flight(chosen(st, balancer, NOW + rules.LEASE)) == "1: 1, 2: 1"
+    # member 2's lease ended: a dead process's prompt stops counting within a lease, whatever
+    # became of its process id and wherever it ran
+    assert in_flight(chosen(st, balancer, NOW + 1 + rules.LEASE + 0.5)) == "1: 1, 2: 0"
+    assert in_flight(chosen(st, balancer, NOW + 2 * rules.RENEW + rules.LEASE)) == "1: 0, 2: 0"
+
+
+def test_a_lease_renewed_while_the_clock_ran_ahead_stops_counting_once_it_is_back(backend):
+    balancer, st = backend.open("ahead", echo(), echo(), policy="least-busy")
+    choice = st.choose(balancer, now=NOW)
+    st.renew(balancer, 0, choice.ticket, now=NOW + 10 * DAY)  # the clock ran 10 days ahead
+    # back on time, a lease ending in 10 days was not written by this clock: it does not count
+    assert in_flight(chosen(st, balancer, NOW + 1)) == "1: 0, 2: 0"
 
 
 def test_prompts_in_flight_longer_than_an_hour_stop_counting(backend):
     balancer, st = backend.open("stale", echo(), echo(), policy="least-busy")
     hour = rules.IN_FLIGHT_HOURS * 3600
-    assert st.choose(balancer, now=NOW).plan.order[0] == 0
-    assert in_flight(st.choose(balancer, now=NOW + hour - 1).plan) == "1: 1, 2: 0"
-    assert in_flight(st.choose(balancer, now=NOW + hour).plan) == "1: 0, 2: 1"
+    choice = st.choose(balancer, now=NOW)
+    assert choice.plan.order[0] == 0
+    st.renew(balancer, 0, choice.ticket, now=NOW + hour - 10)
+    assert in_flight(chosen(st, balancer, NOW + hour - 1)) == "1: 1, 2: 0"
+    assert in_flight(chosen(st, balancer, NOW + hour)) == "1: 0, 2: 0"
 
 
 def test_a_prompt_in_flight_across_a_reset_is_counted_and_ends_no_other(backend):
@@ -446,10 +520,10 @@ def test_a_prompt_in_flight_across_a_reset_is_counted_and_ends_no_other(backend)
 
 
 def test_a_prompt_in_flight_across_a_reset_keeps_its_outcome_and_hides_no_request(backend):
-    balancer, st = backend.open("z", echo(rpm=2), echo(), policy="failover")
+    balancer, st = backend.open("z", echo(rpm=3), echo(), policy="failover")
     in_flight = st.choose(balancer, now=NOW).ticket
     st.reset(balancer)
-    for moment in (NOW + 1, NOW + 2):  # member 1 reaches its limit again after the reset
+    for moment in (NOW + 1, NOW + 2):  # the key's window still holds the first request
         assert st.choose(balancer, now=moment).plan.order[0] == 0
     st.record(balancer, 0, Outcome(tokens_in=5, tokens_out=5), ticket=in_flight, now=NOW + 3)
     assert st.stats(balancer, now=NOW + 3)[0]["input_tokens"] == 5
@@ -584,7 +658,7 @@ def test_ties_unused_for_30_days_are_forgotten(backend):
 # --- reset, remove, a new definition ---------------------------------------------------------
 
 
-def test_a_reset_forgets_rotation_cooldowns_limits_ties_and_statistics(backend):
+def test_a_reset_forgets_rotation_cooldowns_ties_and_statistics_not_the_keys_windows(backend):
     balancer, st = backend.open("r", echo(rpm=5), echo(), echo(), sticky=True)
     first = st.choose(balancer, now=NOW)
     st.record(balancer, 0, Outcome(tokens_in=3), ticket=first.ticket, now=NOW)
@@ -597,7 +671,8 @@ def test_a_reset_forgets_rotation_cooldowns_limits_ties_and_statistics(backend):
     assert choice.cooled == frozenset()
     members = st.stats(balancer, now=NOW + 2)
     assert [m["requests"] for m in members] == [0, 0, 0]
-    assert members[0]["limits"] == {"rpm": {"used": 1, "limit": 5}}  # this one choice only
+    # the key received both requests: they still count against its limit
+    assert members[0]["limits"] == {"rpm": {"used": 2, "limit": 5}}
     assert [m["cooling_down_until"] for m in members] == [None] * 3
     assert [m["last_used"] for m in members] == [None] * 3
 

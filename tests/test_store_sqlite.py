@@ -13,7 +13,7 @@ import time
 from contextlib import closing
 
 import pytest
-from conftest import NOW, invoke, save_lb
+from conftest import NOW, invoke, save_lb, set_keys
 from store_helpers import chosen, echo
 
 from llm_loadbalancer import config, store
@@ -28,7 +28,7 @@ def local(user_path):
     def make(name, *members, **settings):
         data = {**settings, "members": list(members)}
         balancer = dataclasses.replace(config.from_dict(name, data), user_dir=str(user_path))
-        st = store.open_store(balancer)
+        st = store.open_store(balancer, fallback=False)
         assert isinstance(st, sqlite_store.SQLiteStore)
         return balancer, st
 
@@ -106,7 +106,7 @@ def test_statistics_still_add_up_once_requests_older_than_a_day_are_folded_into_
         assert count > 1
         folded = db.execute(
             "select requests, successes, failures, input_tokens, output_tokens, last_error "
-            "from stats where balancer = 'f' and member = 0"
+            "from stats where balancer like 'f:%' and member = 0"
         ).fetchone()
     assert folded == (2, 1, 1, 3, 4, "429 rate limited: slow down")
     first, second = st.stats(balancer)
@@ -152,7 +152,11 @@ def test_a_state_file_from_0_1_0_is_upgraded_and_keeps_rotation_and_statistics(u
 
 
 def old_state_file(user_path, version, balancer):
-    "A state file with the tables of an older version, and the balancer's rotation on record."
+    """A state file with the tables of an older version, and the balancer's rotation on record
+    (in place of the one llm lb save made)."""
+    store.new_process()
+    for path in user_path.glob("loadbalancers.db*"):
+        path.unlink()
     db = sqlite3.connect(user_path / "loadbalancers.db")
     for step in migrations.MIGRATIONS[:version]:
         step(db)
@@ -169,7 +173,8 @@ def assert_upgraded(user_path):
 def test_a_state_file_of_version_3_is_upgraded_and_keeps_counting_its_requests_and_tokens(
     user_path,
 ):
-    save_lb("x", "echo rpm=1", "echo tpm=100")
+    set_keys(user_path, a="key-a", b="key-b")  # (each member its own provider's bucket)
+    save_lb("x", "echo key=a rpm=1", "echo key=b tpm=100")
     balancer = config.load("x")
     now = time.time()
     with old_state_file(user_path, 3, balancer) as db:
@@ -211,7 +216,8 @@ def test_a_state_file_of_version_3_is_upgraded_and_keeps_counting_its_requests_a
 def test_a_state_file_of_version_4_is_upgraded_and_keeps_its_counts_outcomes_and_tokens(
     user_path,
 ):
-    save_lb("x", "echo rpm=1", "echo tpm=100")
+    set_keys(user_path, a="key-a", b="key-b")  # (each member its own provider's bucket)
+    save_lb("x", "echo key=a rpm=1", "echo key=b tpm=100")
     balancer = config.load("x")
     now = time.time()
     with old_state_file(user_path, 4, balancer) as db:
@@ -247,8 +253,8 @@ def test_a_state_file_of_version_4_is_upgraded_and_keeps_its_counts_outcomes_and
         {"tpm": {"used": 180, "limit": 100}},
     ]
     # what choices count: 30 tokens until now + 10, and 150 until now + 40.5
-    assert store.open_store(balancer).claim(balancer, 1, now=now + 40) is None
-    assert store.open_store(balancer).claim(balancer, 1, now=now + 41) is not None
+    assert store.open_store(balancer).claim(balancer, 1, now=now + 40) is False
+    assert store.open_store(balancer).claim(balancer, 1, now=now + 41) not in (None, False)
     # each outcome counted once, with its tokens and when it ended
     assert [(m["requests"], m["input_tokens"], m["output_tokens"]) for m in members] == [
         (5, 43, 65),
@@ -353,3 +359,98 @@ def test_a_state_file_that_is_not_a_regular_file_is_not_opened(user_path):
     result = invoke("-m", "lb:x", "hi")
     assert result.exit_code == 0, result.output
     assert "it is not a regular file: move it away" in result.stderr
+
+
+# --- a file that cannot be used: this process's memory answers, and limits still hold --------
+
+
+def test_limits_still_hold_within_the_process_when_the_file_is_damaged(user_path):
+    set_keys(user_path, a="key-a", b="key-b")
+    save_lb("x", "echo key=a rpm=2", "echo key=b rpm=2", flags=("--max-wait", "0"))
+    store.new_process()  # (llm lb save opened the file: the prompts are another process)
+    for path in user_path.glob("loadbalancers.db*"):
+        path.unlink()
+    (user_path / "loadbalancers.db").write_bytes(b"this is not a database" * 100)
+    results = [invoke("-m", "lb:x", f"prompt {n}") for n in range(5)]
+    assert [r.exit_code for r in results] == [0, 0, 0, 0, 1]  # 2 a minute per key, not 16
+    assert "every member is at its limit" in results[4].output
+    warning = results[0].stderr
+    assert "cannot use its state file" in warning and "the file is damaged" in warning
+    assert "now hold only within this process" in warning and len(warning.splitlines()) == 1
+    assert all(r.stderr == "" for r in results[1:4])  # one warning per process
+
+
+def test_a_locked_file_costs_a_process_one_wait_not_one_per_prompt(user_path, monkeypatch):
+    monkeypatch.setenv("LLM_LOADBALANCER_STATE_TIMEOUT", "0.2")  # (the wait, read on opening)
+    save_lb("x", "echo", "echo")
+    balancer = config.load("x")
+    store.open_store(balancer).choose(balancer)  # the file exists
+    store.new_process()
+    waits = []
+    begin = sqlite_store._Transaction.__enter__
+
+    def counted(transaction):  # each time the file's lock is asked for
+        if transaction.store.path != ":memory:":
+            waits.append(transaction.store.path)
+        return begin(transaction)
+
+    monkeypatch.setattr(sqlite_store._Transaction, "__enter__", counted)
+    holder = sqlite3.connect(user_path / "loadbalancers.db", isolation_level=None)
+    holder.execute("begin exclusive")
+    try:
+        results = [invoke("-m", "lb:x", f"prompt {n}") for n in range(4)]
+    finally:
+        holder.execute("rollback")
+    assert [r.exit_code for r in results] == [0, 0, 0, 0]
+    assert len(waits) == 1  # later prompts of the process go straight to its memory
+    assert "it is busy: another process holds its lock; try again" in results[0].stderr
+
+
+def test_reset_remove_and_save_say_at_once_that_a_locked_file_could_not_be_cleared(
+    user_path, monkeypatch
+):
+    monkeypatch.setenv("LLM_LOADBALANCER_STATE_TIMEOUT", "600")  # commands do not wait for it
+    save_lb("x", "echo", "echo")
+    assert invoke("-m", "lb:x", "hi").exit_code == 0
+    holder = sqlite3.connect(user_path / "loadbalancers.db", isolation_level=None)
+    holder.execute("begin exclusive")
+    try:
+        reset = invoke("lb", "reset", "x")
+        saved = invoke("lb", "save", "x", "echo", "echo example_bool=true", "--force")
+        removed = invoke("lb", "remove", "x")
+    finally:
+        holder.execute("rollback")
+    assert reset.exit_code == 1
+    assert reset.stderr.startswith("Error: cannot reset lb:x: ")
+    assert "it is busy: another process holds its lock; try again" in reset.stderr
+    assert len(reset.stderr.splitlines()) == 1
+    assert saved.exit_code == 0
+    assert "Warning: lb:x: the state could not be updated (" in saved.stderr
+    assert removed.exit_code == 0 and not (user_path / "loadbalancers" / "x.yaml").exists()
+    assert "Warning: lb:x: its state could not be cleared (" in removed.stderr
+
+
+def test_a_full_disk_is_said_plainly(user_path):
+    problem = sqlite_store.SQLiteStore(str(user_path / "loadbalancers.db"))
+    with pytest.raises(store.StateUnavailable, match="the disk is full: free some space"):
+        problem.unavailable(sqlite3.OperationalError("database or disk is full"))
+
+
+def test_a_process_renews_the_leases_of_its_prompts_in_flight_until_they_end(user_path):
+    save_lb("x", "echo", "echo", flags=("--policy", "least-busy"))
+    balancer = config.load("x")
+    st = store.open_store(balancer)
+    choice = st.choose(balancer, now=NOW)
+    leases = store.process_leases()
+    leases.hold(st, balancer, 0, choice.ticket)
+    assert leases.thread.daemon and leases.thread.is_alive()
+    assert leases.renew(now=NOW + 40) == 1
+    assert in_flight_now(st, balancer, NOW + 80) == "1: 1, 2: 0"  # renewed at 40: until 85
+    leases.release(choice.ticket)
+    assert leases.renew(now=NOW + 80) == 0
+    assert in_flight_now(st, balancer, NOW + 86) == "1: 0, 2: 0"
+
+
+def in_flight_now(st, balancer, now) -> str:
+    why = chosen(st, balancer, now).why
+    return why[why.index(": ") + 2 : -1]

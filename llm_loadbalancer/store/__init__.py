@@ -9,8 +9,10 @@ Prompts and every ``llm lb`` command go through it.
   ``migrations.py``: its schema, one step per version.
 - ``redis.py``: a Redis server shared by every machine that names it (``state: redis://...``,
   ``--state``, or LLM_LOADBALANCER_STATE); its scripts are the ``lua/*.lua`` files.
-- ``fallback.py``: a Redis server that cannot be used is not llm down: this machine's file
-  answers instead, with one warning.
+- ``fallback.py``: a state that cannot be used is not llm down: for a Redis server, this
+  machine's file answers instead; for the file, this process's own state in memory; with one
+  warning, and limits still hold (within the machine, or the process).
+- ``leases.py``: a prompt in flight (least-busy) counts while its process renews its lease.
 - ``rules.py``: the rules that do not depend on the backend, written once.
 - The choice itself is ``selection.choose``, over what a backend read.
 """
@@ -104,11 +106,15 @@ class Store(Protocol):
         at the member of the first. When no member may be asked now, ``plan.wait`` says."""
 
     def claim(self, balancer: Balancer, member: int, now: float | None = None) -> object:
-        """Before failing over to a member with limits: count its request if it has room and is
-        not inside a provider's stated reset; its ticket, or None (skip it)."""
+        """Before failing over to a member: False (skip it) when it is at a limit or inside a
+        provider's stated reset; otherwise its request is counted as a choice's would be, and
+        its ticket (None: nothing was counted)."""
 
     def finish(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
         "A request that ended without an outcome (the caller stopped reading): not in flight."
+
+    def renew(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
+        "A request in flight still runs: its lease lasts ``rules.LEASE`` from now."
 
     def record(
         self, balancer: Balancer, member: int, outcome: Outcome, *, ticket=None, now=None
@@ -118,7 +124,16 @@ class Store(Protocol):
         conversation (its first member is kept)."""
 
     def reset(self, balancer: Balancer) -> None:
-        "Start again: rotation, cooldowns, limits, ties and statistics are forgotten."
+        """Start again: rotation, cooldowns, ties and statistics are forgotten (for every
+        definition of the name). The windows of the providers' buckets are kept: the requests
+        a key received still count against its limits."""
+
+    def retire(self, balancer: Balancer) -> None:
+        "A definition was replaced: what it kept is forgotten, as by ``reset``."
+
+    def declare(self, balancer: Balancer, now: float | None = None) -> None:
+        """Each member's own limits, declared for its provider's bucket (a choice that counts
+        a member's request declares its limits too, renewed hourly)."""
 
     def stats(self, balancer: Balancer, now: float | None = None) -> list[dict]:
         "Per-member statistics (``rules.shape_stats``), in the order of the definition."
@@ -174,33 +189,43 @@ def where(balancer: Balancer, stored_keys=None) -> str:
 
 
 def open_store(balancer: Balancer, *, fallback: bool = True) -> Store:
-    """The balancer's store. For a Redis server: with ``fallback`` (prompts), this machine's
-    file whenever the server cannot be used (one warning per process); without (commands),
-    the server alone, whose errors are ``Unreachable``."""
+    """The balancer's store. With ``fallback`` (prompts), a state that cannot be used is
+    answered for (one warning per process): a Redis server's by this machine's file, the file's
+    by this process's memory, until the process tries it again (TRY_AGAIN). Without
+    (commands), the backend alone, whose errors are ``StateUnavailable``."""
     url, key = location(balancer)
-    if url is None:
-        return _process.local(balancer.user_dir)
     if not fallback:
-        return _process.server(url, key)
-    if _process.is_down(url):
-        return _process.local(balancer.user_dir)
+        return _process.local(balancer.user_dir) if url is None else _process.server(url, key)
+    local = _process.guarded(balancer.user_dir)
+    if url is None or _process.is_down(url):
+        return local
     try:
         shared = _process.server(url, key)
     except Unreachable as ex:
         _process.fall_back(balancer, url, ex)
-        return _process.local(balancer.user_dir)
+        return local
     from .fallback import WithFallback
 
-    return WithFallback(shared, _process.local(balancer.user_dir), balancer, _process)
+    return WithFallback(shared, local, balancer, _process)
 
 
 def warn_unavailable(problem: StateUnavailable) -> None:
-    "The one warning per process that prompts are answered without the state."
+    "The one warning per process that prompts are answered without any state."
     _process.warn_once(
         "unavailable",
         f"Warning: llm-loadbalancer cannot use its {problem.what} ({problem}); "
         "choosing members without it",
     )
+
+
+def process_leases():
+    "This process's leases of prompts in flight (``leases.Leases``)."
+    if _process.leases is None:
+        from . import rules
+        from .leases import Leases
+
+        _process.leases = Leases(rules.RENEW)
+    return _process.leases
 
 
 def file_of(user_dir: str | None = None) -> str:
@@ -217,10 +242,13 @@ def file_of(user_dir: str | None = None) -> str:
 # --- what the commands do -------------------------------------------------------------------
 
 
+COMMAND_WAIT = 1.0  # seconds a command waits for the file's lock before saying it is busy
+
+
 def reset(balancer: Balancer) -> None:
     """``llm lb reset``: start again, in this machine's file and, for a balancer whose state is
-    in Redis, for every machine (``Unreachable`` when the server cannot be used)."""
-    _process.local(balancer.user_dir).reset(balancer)
+    in Redis, for every machine (``StateUnavailable`` when either cannot be used)."""
+    _process.local(balancer.user_dir, COMMAND_WAIT).reset(balancer)
     if location(balancer)[0] is not None:
         open_store(balancer, fallback=False).reset(balancer)
 
@@ -228,14 +256,32 @@ def reset(balancer: Balancer) -> None:
 def remove(name: str, balancer: Balancer | None) -> None:
     """``llm lb remove``: forget what this machine's file keeps under the name (whatever the
     definition: ``balancer`` is None when its file is broken), and the state of ``balancer``
-    in its Redis server. A file that cannot be used is left: a new balancer of the name starts
-    afresh in it anyway, its members being others."""
+    in its Redis server (``StateUnavailable`` when either cannot be used, after trying both)."""
+    problem = None
     try:
-        _process.local(None if balancer is None else balancer.user_dir).forget(name)
-    except StateUnavailable:
-        pass
+        _process.local(None if balancer is None else balancer.user_dir, COMMAND_WAIT).forget(name)
+    except StateUnavailable as ex:
+        problem = ex
     if balancer is not None and location(balancer)[0] is not None:
         open_store(balancer, fallback=False).reset(balancer)
+    if problem is not None:
+        raise problem
+
+
+def saved(new: Balancer, old: Balancer | None = None) -> None:
+    """``llm lb save`` (or ``edit``) saved a definition: its members' limits are declared for
+    their buckets at once (they apply to every member using the key from now on, whichever is
+    asked first), and, when it replaced one with other members, what the old one kept is
+    forgotten (its rotation, statistics, cooldowns, ties and declared limits; not the buckets'
+    windows). ``StateUnavailable`` when the state cannot be used."""
+    stores = [_process.local(new.user_dir, COMMAND_WAIT)]
+    if location(new)[0] is not None:
+        stores.append(open_store(new, fallback=False))
+    for found in stores:
+        if old is not None and old.signature != new.signature:
+            found.retire(old)
+        if any(member.limits for member in new.members):
+            found.declare(new)
 
 
 def new_process() -> None:
@@ -251,12 +297,20 @@ class _Process:
     def __init__(self):
         self.files: dict[str, object] = {}  # path: SQLiteStore
         self.folders: dict[str, object] = {}  # llm folder: SQLiteStore (a prompt's look-up)
+        self.guards: dict[str | None, object] = {}  # llm folder: its file, or this process's
+        self.memory = None  # the state in memory, when a file cannot be used
+        self.leases = None  # the leases of this process's prompts in flight
         self.servers: dict[tuple, object] = {}  # (url, password key name): RedisStore
         self.down: dict[str, float] = {}  # url: when it was found unusable (clock())
         self.warned: set[str] = set()
 
-    def local(self, user_dir: str | None):
-        "The store of an llm folder's state file (None: ``llm.user_dir()``, now)."
+    def local(self, user_dir: str | None, wait: float | None = None):
+        """The store of an llm folder's state file (None: ``llm.user_dir()``, now). ``wait``:
+        seconds to wait for its lock, for a command, rather than ``timeout()``."""
+        if wait is not None:
+            from .sqlite import SQLiteStore
+
+            return SQLiteStore(file_of(user_dir), wait=min(wait, timeout()))
         found = self.folders.get(user_dir)
         if found is None:
             path = file_of(user_dir)
@@ -267,6 +321,21 @@ class _Process:
                 found = self.files[path] = SQLiteStore(path)
             if user_dir is not None:  # (None may be another folder next time)
                 self.folders[user_dir] = found
+        return found
+
+    def guarded(self, user_dir: str | None):
+        """A prompt's local store: the folder's state file and, when it cannot be used, this
+        process's state in memory (limits then hold within the process)."""
+        found = self.guards.get(user_dir)
+        if found is None:
+            from .fallback import WithFallback
+            from .sqlite import SQLiteStore
+
+            if self.memory is None:
+                self.memory = SQLiteStore(":memory:")
+            found = WithFallback(self.local(user_dir), self.memory, None, self)
+            if user_dir is not None:
+                self.guards[user_dir] = found
         return found
 
     def server(self, url: str, key: str | None):
@@ -287,15 +356,23 @@ class _Process:
             found = self.servers[(url, key)] = RedisStore(url, password)
         return found
 
-    def is_down(self, url: str) -> bool:
-        "Whether the server was found unusable in this process less than TRY_AGAIN s ago."
-        since = self.down.get(url)
+    def is_down(self, name: str) -> bool:
+        """Whether the server (or the file) was found unusable in this process less than
+        TRY_AGAIN s ago."""
+        since = self.down.get(name)
         return since is not None and clock() - since < TRY_AGAIN
 
-    def fall_back(self, balancer: Balancer, url: str, problem: Exception) -> None:
-        self.down[url] = clock()
+    def fall_back(self, balancer: Balancer | None, name: str, problem: Exception) -> None:
+        self.down[name] = clock()
+        if balancer is None:  # the file: this process's memory answers
+            self.warn_once(
+                name,
+                f"Warning: llm-loadbalancer cannot use its state file ({problem}); limits, "
+                "rotation and cooldowns now hold only within this process",
+            )
+            return
         self.warn_once(
-            url,
+            name,
             f"Warning: {balancer.model_id}: cannot use its Redis state ({problem}); using "
             f"{LOCAL} until the next llm command",
         )

@@ -231,6 +231,49 @@ create index requests_in_flight on requests (balancer) where total is null;
     )
 
 
+# 5 -> 6 (issue 20): a limit belongs to the provider's bucket (a model and a stored key), not to
+# a balancer. The requests counted against limits and the tokens reported are kept per bucket
+# (``bucket_requests``, ``bucket_tokens``: numbered as ``requests`` and ``outcomes`` were), and
+# every member declares its limits for its bucket (``bucket_limits``, per ``source``: a member
+# of one definition), so that the strictest applies to all. Every other table keys a balancer
+# by ``name:definition`` (``sqlite._key``): a definition keeps its own rotation, statistics,
+# cooldowns and ties, and a process holding an older one never resets the newer one's. Rows
+# kept under a bare name by version 5 are taken over by its definition on first use (their
+# windows copied to the buckets). A prompt in flight counts while its ``lease`` lasts.
+@migration
+def m006_buckets(db):
+    run(
+        db,
+        """
+create table bucket_requests (
+    bucket text not null,
+    at real not null,
+    seq integer not null,
+    primary key (bucket, at, seq)
+) without rowid;
+create table bucket_tokens (
+    bucket text not null,
+    at real not null,
+    n integer not null,
+    tokens integer not null,
+    cum integer not null,
+    primary key (bucket, at, n)
+) without rowid;
+create table bucket_limits (
+    bucket text not null,
+    source text not null,
+    rpm integer,
+    rpd integer,
+    tpm integer,
+    tpd integer,
+    at real not null,
+    primary key (bucket, source)
+) without rowid;
+alter table requests add column lease real;
+""",
+    )
+
+
 VERSION = len(MIGRATIONS)
 
 

@@ -10,24 +10,31 @@ the refusal. Recording an outcome is one script (``lua/record.lua``); a failure'
 escalated in Python (``rules.next_cooldown``) from the cooldown the script finds on record,
 and stored only if that is still the one on record.
 
-Every key of a balancer starts with ``llm-lb:<digest>:``, the digest of its name and member
-list: two definitions under one name never share a rotation or a limit. Keys expire after
-``rules.KEEP_DAYS`` without use. redis-py is imported only here, when a balancer uses Redis.
+Every key starts with ``llm-lb:2:`` (2: the format of the keys; a server whose
+``llm-lb:format`` is newer is left for the local file, with a warning to upgrade). A balancer's
+keys then carry the digest of its name and member list (two definitions under one name never
+share a rotation or statistics); a provider's bucket's (``b:``, a model and a stored key), the
+digest of those: its requests and tokens counted against limits, and the limits members
+declared for it, shared by every balancer. Keys expire after ``rules.KEEP_DAYS`` without use.
+Whatever the server answers is checked as it is read: anything malformed is ``Malformed``, which
+is treated like a server that cannot be reached. redis-py is imported only here, when a
+balancer uses Redis.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 import random
-import socket
 import time
 from pathlib import Path
 
+from typing import NamedTuple
+
 from ..config import Balancer, shown_url
-from ..limits import WINDOWS
-from ..selection import choose, counted_ahead, free_at, of_kind
+from ..config import cut as config_cut
+from ..selection import choose, free_at, of_kind
 from . import Busy, Choice, Outcome, Unreachable, rules, timeout
 
 CONNECT_TIMEOUT = 0.25  # seconds to connect, at most
@@ -37,6 +44,23 @@ KEEP = int(rules.KEEP_DAYS * rules.DAY)  # seconds a balancer's keys are kept wi
 # try that finds another means another process recorded one in between
 RECORD_TRIES = 50
 LUA = Path(__file__).with_name("lua")
+FORMAT = 2  # the format of the keys (their names start with llm-lb:2:)
+BASE = f"llm-lb:{FORMAT}:"
+# What a malformed value raises as it is parsed
+MALFORMED = (ValueError, TypeError, AttributeError, IndexError, KeyError, StopIteration)
+
+
+class Malformed(Unreachable):
+    "The server holds (or answered with) something this code cannot read."
+
+
+class Ticket(NamedTuple):
+    """A request counted when it was chosen: its id, whether the tokens it reports count
+    against its bucket's limits, and whether it is in flight (least-busy)."""
+
+    id: str
+    tokens: bool
+    flight: bool
 
 
 def script(name: str, *library: str) -> str:
@@ -67,58 +91,90 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),  # a server that fails is left for this process
             decode_responses=True,
         )
-        self.host = socket.gethostname()
         self.read = self.client.register_script(script("read", "snapshot"))
         self.commit = self.client.register_script(script("commit", "snapshot", "lib"))
         self.recorder = self.client.register_script(script("record", "snapshot", "lib"))
         self.finisher = self.client.register_script(script("finish", "lib"))
         # prefix: (the last snapshot this process received, when, by time.monotonic())
         self.snapshots: dict = {}
+        # the balancers (their prefixes) whose buckets have limits declared, seen in a snapshot
+        self.declared: set[str] = set()
+        self.name = url
 
     def call(self, function, *args, **kwargs):
         "A call to the server; its failures are ``Unreachable``."
         try:
             return function(*args, **kwargs)
         except self.errors as ex:
+            if "llm-lb: newer format" in str(ex):
+                raise Unreachable(
+                    f"{shown_url(self.url)}: it holds the state in a newer format, of a newer "
+                    "llm-loadbalancer: upgrade llm-loadbalancer on this machine"
+                ) from ex
             raise Unreachable(f"{shown_url(self.url)}: {type(ex).__name__}: {ex}") from ex
+        except MALFORMED as ex:  # redis-py could not read what the server answered
+            raise Malformed(
+                f"{shown_url(self.url)}: its answers are not a Redis server's "
+                f"({type(ex).__name__}: {config_cut(str(ex))})"
+            ) from ex
+
+    def malformed(self, ex: Exception, balancer: Balancer) -> Malformed:
+        "What the server held that could not be read, as the warning says it."
+        return Malformed(
+            f"{shown_url(self.url)}: unexpected data for {balancer.model_id} "
+            f"({type(ex).__name__}: {config_cut(str(ex))}); 'llm lb reset {balancer.name}' "
+            "clears it"
+        )
 
     @staticmethod
     def prefix(balancer: Balancer) -> str:
-        digest = hashlib.sha256(f"{balancer.name}\n{balancer.signature}".encode()).hexdigest()
-        return f"llm-lb:{digest[:24]}:"
+        return _definition(balancer.name, balancer.signature)
+
+    @staticmethod
+    def bucket(member) -> str:
+        "The key prefix of a member's provider's bucket."
+        return _bucket(rules.bucket(member))
 
     # --- choosing -----------------------------------------------------------------------------
 
-    def _want(self, balancer, conversation=None, only=None, now=None) -> tuple[str, list[int]]:
+    def _want(self, balancer, conversation=None, now=None) -> str:
         """What snapshot() reads for a choice (JSON): in flight and timings as the policy needs
-        them, the window totals of the members with limits (or of ``only``), at ``now`` (None:
-        the server's time); and those members."""
+        them, each member's bucket, at ``now`` (None: the server's time)."""
         policy = balancer.policy
         want = {
+            "format": FORMAT,
             "members": len(balancer.members),
             "flight": policy == "least-busy",
             "timings": policy == "lowest-latency",
-            "limited": [],
+            "buckets": [[self.bucket(m), bool(m.limits)] for m in balancer.members],
         }
         if conversation:
             want["conversation"] = conversation
         if now is not None:
             want["now"] = f"{now:.6f}"
-        included = []
-        for index, member in enumerate(balancer.members):
-            if member.limits and (only is None or index == only):
-                included.append(index)
-                tokens = bool(of_kind(member.limits, "t"))
-                want["limited"].append([index, _windows(member), tokens])
-        return json.dumps(want), included
+        return json.dumps(want)
 
     def _speculates(self, balancer, conversation) -> bool:
         """Whether a choice may start from the snapshot this process last received, instead of
         a read: when it needs no conversation tie (which differs from prompt to prompt) and no
-        member has limits (whose window totals are taken at the snapshot's time). The time is
-        then the snapshot's, plus what passed since on this machine's monotonic clock. (Saves
-        a round trip per prompt: half of what Redis adds.)"""
-        return not conversation and not any(member.limits for member in balancer.members)
+        member has limits, of its own or declared for its bucket by another balancer (window
+        totals are taken at the snapshot's time). The time is then the snapshot's, plus what
+        passed since on this machine's monotonic clock. (Saves a round trip per prompt: half of
+        what Redis adds.)"""
+        return (
+            not conversation
+            and not any(member.limits for member in balancer.members)
+            and self.prefix(balancer) not in self.declared
+        )
+
+    def _snapshot(self, balancer, raw, now) -> _ServerSnapshot:
+        try:
+            snapshot = _ServerSnapshot(self, balancer, raw, now)
+        except MALFORMED as ex:
+            raise self.malformed(ex, balancer) from ex
+        if snapshot.any_declared:
+            self.declared.add(self.prefix(balancer))
+        return snapshot
 
     def choose(
         self,
@@ -133,14 +189,14 @@ class RedisStore:
     ) -> Choice:
         prefix = self.prefix(balancer)
         asks_tie = conversation if conversation and (tool_turn or balancer.sticky) else None
-        want, included = self._want(balancer, asks_tie, now=now)
+        want = self._want(balancer, asks_tie, now=now)
         speculates = self._speculates(balancer, asks_tie)
         raw = self.snapshots.get(prefix) if speculates else None
         overtaken = _Overtaken(self.url, "choice")
         while True:
             if raw is None:
                 raw = (self.call(self.read, args=[prefix, want]), time.monotonic())
-            snapshot = _ServerSnapshot(self, balancer, raw, included, now)
+            snapshot = self._snapshot(balancer, raw, now)
             if balancer.policy == "lowest-latency":
                 snapshot.latency = snapshot.latencies(stream)
             plan = choose(
@@ -152,69 +208,93 @@ class RedisStore:
                 now=snapshot.now,
             )
             first = plan.order[0] if plan.order else None
-            counted = first is not None and counted_ahead(balancer, first)
+            counted = first is not None and snapshot.counted(first)
             moved = plan.position != snapshot.position
-            if not moved and not counted:  # nothing to store: the read was the choice
-                return Choice(plan, None, snapshot.cooled, snapshot.now)
+            if not moved and not counted and not snapshot.redated:
+                return Choice(plan, None, snapshot.cooled, snapshot.now)  # the read was the choice
             reply = self._commit(
                 balancer,
-                snapshot.version,
+                snapshot,
                 want,
                 position=plan.position if moved else None,
                 member=first if counted else None,
-                now=snapshot.now,
             )
             if reply[0] == 1:
                 if speculates:
                     self.snapshots[prefix] = (reply[2], time.monotonic())
-                return Choice(plan, reply[1] or None, snapshot.cooled, snapshot.now)
+                ticket = snapshot.ticket(first, reply[1]) if counted else None
+                return Choice(plan, ticket, snapshot.cooled, snapshot.now)
             raw = overtaken.again(reply[1])
 
-    def _commit(self, balancer, version, want, *, position=None, member=None, now):
-        """Store a choice made from the snapshot of ``version``: [1, its ticket ('' without),
-        the snapshot after it], or [0, a new snapshot] when the version moved since."""
+    def _commit(self, balancer, snapshot, want, *, position=None, member=None):
+        """Store a choice made from ``snapshot``: [1, its ticket ('' without), the snapshot after
+        it], or [0, a new snapshot] when a version moved since."""
+        now = snapshot.now
         choice = {
-            "version": version,
-            "flight": balancer.policy == "least-busy",
-            "host": self.host,
-            "pid": os.getpid(),
+            "version": snapshot.version,
+            "buckets": snapshot.bucket_versions,
+            "format": FORMAT,
             "now": f"{now:.6f}",
             "keep": KEEP,
             "stale": rules.IN_FLIGHT_HOURS * 3600,
         }
         if position is not None:
             choice["position"] = position
+        if snapshot.redated:
+            choice["redate"] = snapshot.redate_fields()
         if member is not None:
             choice["member"] = member
-        return self.call(self.commit, args=[self.prefix(balancer), json.dumps(choice), want])
+            own = balancer.members[member]
+            if snapshot.limits(member):
+                choice["bucket"] = self.bucket(own)
+                if own.limits and not snapshot.declares(member):
+                    source = f"{self.prefix(balancer)}#{member}"
+                    choice["declare"] = [source, _declaration(own, now)]
+            if balancer.policy == "least-busy":
+                choice["flight"] = f"{now + rules.LEASE:.6f}|{now:.6f}"
+        reply = self.call(self.commit, args=[self.prefix(balancer), json.dumps(choice), want])
+        if not isinstance(reply, list) or len(reply) < 2 or reply[0] not in (0, 1):
+            raise self.malformed(ValueError(f"a reply of {type(reply).__name__}"), balancer)
+        return reply
 
     def claim(self, balancer: Balancer, member: int, now: float | None = None):
         prefix = self.prefix(balancer)
-        want, included = self._want(balancer, only=member, now=now)
+        want = self._want(balancer, now=now)
         overtaken = _Overtaken(self.url, "claim")
         raw = None
         while True:
             if raw is None:
                 raw = (self.call(self.read, args=[prefix, want]), time.monotonic())
-            snapshot = _ServerSnapshot(self, balancer, raw, included, now)
+            snapshot = self._snapshot(balancer, raw, now)
             if (
                 member in snapshot.blocked
                 or free_at(balancer, snapshot, member, snapshot.now) is not None
             ):
+                return False
+            if not snapshot.counted(member):
                 return None
-            reply = self._commit(balancer, snapshot.version, want, member=member, now=snapshot.now)
+            reply = self._commit(balancer, snapshot, want, member=member)
             if reply[0] == 1:
-                return reply[1]
+                return snapshot.ticket(member, reply[1])
             raw = overtaken.again(reply[1])
 
     # --- recording ----------------------------------------------------------------------------
 
     def finish(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
-        self.call(self.finisher, args=[self.prefix(balancer), ticket, KEEP])
+        if ticket.flight:
+            self.call(self.finisher, args=[self.prefix(balancer), ticket.id, KEEP])
+
+    def renew(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
+        if ticket.flight:
+            args = [self.prefix(balancer), ticket.id, KEEP, rules.LEASE]
+            if now is not None:
+                args.append(f"{now:.6f}")
+            self.call(self.finisher, args=args)
 
     def record(
         self, balancer: Balancer, member: int, outcome: Outcome, *, ticket=None, now=None
     ) -> None:
+        own = balancer.members[member]
         fields = {
             "member": member,
             "cooled": outcome.cooled,
@@ -223,10 +303,11 @@ class RedisStore:
             "tokens_out": int(outcome.tokens_out),
             "items": int(outcome.items),
             "streamed": outcome.streamed,
-            "counts_tokens": bool(of_kind(balancer.members[member].limits, "t")),
             "keep": KEEP,
             "timings_kept": rules.RECENT,
         }
+        if (ticket is not None and ticket.tokens) or of_kind(own.limits, "t"):
+            fields["bucket"] = self.bucket(own)
         if outcome.error is not None:
             fields["error"] = outcome.error
         if outcome.conversation:
@@ -234,25 +315,32 @@ class RedisStore:
         for name in ("first_chunk", "total"):
             if getattr(outcome, name) is not None:
                 fields[name] = f"{getattr(outcome, name):.6f}"
-        if ticket is not None:
-            fields["ticket"] = ticket
+        if ticket is not None and ticket.flight:
+            fields["ticket"] = ticket.id
         if now is not None:
             fields["now"] = f"{now:.6f}"
         args = [self.prefix(balancer), None]
         speculates = self._speculates(balancer, None)
         if speculates:
-            args.append(self._want(balancer, now=now)[0])
+            args.append(self._want(balancer, now=now))
         on_record = ""  # the member's cooldown as the script finds it; none, most often
         for _ in range(RECORD_TRIES):
             if outcome.cooldown:
-                previous = float(on_record.split("|")[2]) if on_record else None
+                try:
+                    previous = float(on_record.split("|")[2]) if on_record else None
+                except MALFORMED as ex:
+                    raise self.malformed(ex, balancer) from ex
                 fields["cooldown"] = rules.next_cooldown(outcome.cooldown, previous)
                 fields["expect"] = on_record
             args[1] = json.dumps(fields)
             reply = self.call(self.recorder, args=args)
+            if not isinstance(reply, list) or len(reply) < 2:
+                raise self.malformed(ValueError(f"a reply of {type(reply).__name__}"), balancer)
             if reply[0] == 1:
                 break
             on_record = reply[1]  # another cooldown is on record: escalate from that one
+            if not isinstance(on_record, str):
+                raise self.malformed(ValueError("a cooldown that is not text"), balancer)
         else:
             raise Busy(
                 f"{shown_url(self.url)}: too busy: every record of a cooldown was overtaken by "
@@ -261,27 +349,59 @@ class RedisStore:
         if speculates:
             self.snapshots[args[0]] = (reply[1], time.monotonic())
 
-    def reset(self, balancer: Balancer) -> None:
+    def _keys(self, balancer: Balancer) -> list[str]:
+        "A definition's keys (not its buckets': they belong to the keys of the providers)."
         prefix = self.prefix(balancer)
         keys = [prefix + name for name in ("version", "rotation", "cooldowns", "stats", "ties")]
-        # (not "ids": a ticket handed out before the reset must never be handed out again)
         keys += [prefix + name for name in ("ties_at", "flight", "flight_at")]
-        for index in range(len(balancer.members)):
-            keys += [prefix + f"{kind}:{index}" for kind in ("requests", "spent", "timings")]
-        self.call(self.client.delete, *keys)
+        keys += [prefix + f"timings:{index}" for index in range(len(balancer.members))]
+        return keys
+
+    def reset(self, balancer: Balancer) -> None:
+        self.call(self.client.delete, *self._keys(balancer))
+        self.snapshots.pop(self.prefix(balancer), None)
+
+    def retire(self, balancer: Balancer) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(*self._keys(balancer))
+        for index, member in enumerate(balancer.members):
+            pipe.hdel(self.bucket(member) + "limits", f"{self.prefix(balancer)}#{index}")
+        self.call(pipe.execute)
+
+    def declare(self, balancer: Balancer, now: float | None = None) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        if now is None:
+            seconds, micros = self.call(self.client.time)
+            now = seconds + micros / 1e6
+        for index, member in enumerate(balancer.members):
+            if member.limits:
+                bucket = self.bucket(member)
+                source = f"{self.prefix(balancer)}#{index}"
+                pipe.hset(bucket + "limits", source, _declaration(member, now))
+                pipe.expire(bucket + "limits", KEEP)
+                pipe.incr(bucket + "version")
+                pipe.expire(bucket + "version", KEEP)
+        self.call(pipe.execute)
 
     # --- looking ------------------------------------------------------------------------------
 
     def stats(self, balancer: Balancer, now: float | None = None) -> list[dict]:
+        try:
+            return self._stats(balancer, now)
+        except MALFORMED as ex:
+            raise self.malformed(ex, balancer) from ex
+
+    def _stats(self, balancer: Balancer, now: float | None) -> list[dict]:
         prefix = self.prefix(balancer)
         pipe = self.client.pipeline(transaction=True)
         pipe.time()
         pipe.hgetall(prefix + "stats")
         pipe.hgetall(prefix + "cooldowns")
-        for index in range(len(balancer.members)):
+        for index, member in enumerate(balancer.members):
+            bucket = self.bucket(member)
             pipe.lrange(prefix + f"timings:{index}", 0, -1)
-            pipe.zrangebyscore(prefix + f"requests:{index}", "-inf", "+inf", withscores=True)
-            pipe.zrangebyscore(prefix + f"spent:{index}", "-inf", "+inf", withscores=True)
+            pipe.zrangebyscore(bucket + "requests", "-inf", "+inf", withscores=True)
+            pipe.zrangebyscore(bucket + "spent", "-inf", "+inf", withscores=True)
         server_time, counters, cooldowns, *per_member = self.call(pipe.execute)
         now = server_time[0] + server_time[1] / 1e6 if now is None else now
         rows, cooling, events, timings = {}, {}, {}, {}
@@ -308,10 +428,7 @@ class RedisStore:
                 (timing[1], timing[2]) for timing in map(_timing, recent) if timing[2]
             ]
             if member.limits:
-                events[index] = (
-                    [(at, 0) for _, at in requests if at > now - rules.DAY],
-                    [(at, int(entry.split(":")[1])) for entry, at in spent if at > now - rules.DAY],
-                )
+                events[index] = _events(requests, spent, now - rules.DAY)
         return rules.shape_stats(balancer, rows, cooling, events, timings, now)
 
     def report(self, balancer: Balancer) -> dict:
@@ -328,13 +445,17 @@ class RedisStore:
         pipe.hgetall(prefix + "stats")
         pipe.hlen(prefix + "cooldowns")
         exists, position, counters, cooldowns = self.call(pipe.execute)
-        requests = sum(int(v) for k, v in counters.items() if k.endswith(":requests"))
+        try:
+            requests = sum(int(v) for k, v in counters.items() if k.endswith(":requests"))
+            position = int(position or 0)
+        except MALFORMED as ex:
+            raise self.malformed(ex, balancer) from ex
         return {
             "redis_version": info.get("redis_version"),
             "round_trip": trip,
             "prefix": prefix,
             "known": bool(exists),  # (the name llm lb state --json has always given it)
-            "position": int(position or 0),
+            "position": position,
             "requests": requests,
             "cooldowns": cooldowns,
         }
@@ -391,35 +512,86 @@ class _Overtaken:
 
 
 class _ServerSnapshot:
-    "What the server knew at one read (``selection.Snapshot``)."
+    """What the server knew at one read (``selection.Snapshot``), every value checked as it is
+    parsed (a malformed one raises one of MALFORMED)."""
 
-    def __init__(self, store: RedisStore, balancer: Balancer, raw, included: list[int], now):
-        (version, position, cooldowns, tie, flight, timings, totals, server_now), arrived = raw
+    def __init__(self, store: RedisStore, balancer: Balancer, raw, now):
+        (version, position, cooldowns, tie, flight, timings, buckets, server_now), arrived = raw
         self.store, self.balancer = store, balancer
-        self.version = version
+        self.version = _text(version)
         self.position = int(position)
         # the server's time, moved on by what passed since the snapshot came (``now``: a test's)
         self.now = float(server_now) + (time.monotonic() - arrived) if now is None else now
-        rows = []
+        rows, self.fields = [], {}
         for index, row in zip(cooldowns[::2], cooldowns[1::2]):
-            until, stated, _, _ = row.split("|", 3)
-            rows.append((int(index), float(until), stated == "1"))
-        self.cooling, self.blocked, self.cooled = rules.read_cooldowns(rows, self.now)
-        self.tie = tuple(int(x) for x in tie.split("|")[:2]) if tie else None
+            until, stated, length, _ = row.split("|", 3)
+            self.fields[int(index)] = row
+            rows.append((int(index), float(until), stated == "1", float(length)))
+        self.cooling, self.blocked, self.cooled, self.redated = rules.read_cooldowns(
+            rows, self.now
+        )
+        self.tie = None
+        if tie:
+            first, last = (int(x) for x in _text(tie).split("|")[:2])
+            self.tie = (first, last)
         self.busy = None
         if balancer.policy == "least-busy":
             entries = []
             for value in flight[1::2]:
-                member, host, pid, at = value.split("|")
-                entries.append((int(member), float(at), (host == store.host, int(pid))))
-            self.busy = rules.in_flight(entries, self.now, _alive)
+                member, lease, at = value.split("|")
+                entries.append((int(member), float(at), float(lease)))
+            self.busy = rules.in_flight(entries, self.now)
         self.timings = [[_timing(entry) for entry in member] for member in timings]
         self.latency = None
-        self._totals = {}
-        numbers = iter(int(value) for value in totals)
-        for index in included:
-            windows = _windows(balancer.members[index])
-            self._totals[index] = {window: (next(numbers), next(numbers)) for window in windows}
+        if len(buckets) != len(balancer.members):
+            raise ValueError(f"{len(buckets)} buckets for {len(balancer.members)} members")
+        self.bucket_versions, self._limits, self._totals, self._declared = {}, {}, {}, {}
+        self.any_declared = False
+        for index, (member, (bucket_version, declared, totals)) in enumerate(
+            zip(balancer.members, buckets)
+        ):
+            self.bucket_versions[store.bucket(member)] = _text(bucket_version)
+            sources = {}
+            for source, value in zip(declared[::2], declared[1::2]):
+                *numbers, at = value.split("|")
+                if len(numbers) != 4:
+                    raise ValueError(f"a declaration of {len(numbers)} limits")
+                sources[_text(source)] = (*(int(n) if n else None for n in numbers), float(at))
+            self.any_declared = self.any_declared or bool(sources)
+            self._declared[index] = sources
+            self._limits[index] = rules.strictest(member.limits, sources.values(), self.now)
+            counts = [int(value) for value in totals]
+            if self._limits[index]:
+                if len(counts) != 4:
+                    raise ValueError(f"{len(counts)} window totals")
+                self._totals[index] = {60.0: tuple(counts[:2]), 86400.0: tuple(counts[2:])}
+
+    def limits(self, member: int) -> dict:
+        return self._limits[member]
+
+    def totals(self, member: int) -> dict[float, tuple[int, int]]:
+        return self._totals[member]
+
+    def declares(self, member: int) -> bool:
+        "Whether the member's own declaration is on record, and recent."
+        own = self._declared[member].get(f"{self.store.prefix(self.balancer)}#{member}")
+        return own is not None and self.now - rules.DECLARE_EVERY < own[4] <= self.now
+
+    def counted(self, member: int) -> bool:
+        "Whether a request of the member is counted when chosen (``selection.counted_ahead``)."
+        return self.balancer.policy == "least-busy" or bool(self._limits[member])
+
+    def ticket(self, member: int, ticket_id) -> Ticket:
+        tokens = any(name.startswith("t") for name in self._limits[member])
+        return Ticket(_text(ticket_id), tokens, self.balancer.policy == "least-busy")
+
+    def redate_fields(self) -> list:
+        "[member, the field read, the field with the corrected end] of each cooldown to redate."
+        found = []
+        for member, until in self.redated.items():
+            field = self.fields[member]
+            found.append([member, field, f"{until:.6f}|{field.split('|', 1)[1]}"])
+        return found
 
     def latencies(self, stream: bool) -> dict[int, float]:
         found = {}
@@ -429,27 +601,45 @@ class _ServerSnapshot:
                 found[index] = median
         return found
 
-    def totals(self, member: int) -> dict[float, tuple[int, int]]:
-        return self._totals[member]
-
     def events(self, member: int, since: float):
-        prefix = self.store.prefix(self.balancer)
+        bucket = self.store.bucket(self.balancer.members[member])
         pipe = self.store.client.pipeline(transaction=True)
-        pipe.zrangebyscore(prefix + f"requests:{member}", f"({since:.6f}", "+inf", withscores=True)
-        pipe.zrangebyscore(prefix + f"spent:{member}", f"({since:.6f}", "+inf", withscores=True)
+        pipe.zrangebyscore(bucket + "requests", f"({since:.6f}", "+inf", withscores=True)
+        pipe.zrangebyscore(bucket + "spent", f"({since:.6f}", "+inf", withscores=True)
         requests, spent = self.store.call(pipe.execute)
-        return (
-            [(at, 0) for _, at in requests],
-            [(at, int(entry.split(":")[1])) for entry, at in spent],
-        )
+        try:
+            return _events(requests, spent, since)
+        except MALFORMED as ex:
+            raise self.store.malformed(ex, self.balancer) from ex
 
 
-def _alive(process) -> bool:
-    "A prompt in flight on another machine counts until it is old; on this one, while it runs."
-    local, pid = process
-    return rules.alive(pid) if local else True
+def _events(requests, spent, since: float):
+    "(time, 0) of each request and (time, tokens) of each report since then, from the sets."
+    return (
+        [(float(at), 0) for _, at in requests if float(at) > since],
+        [(float(at), int(entry.split(":")[1])) for entry, at in spent if float(at) > since],
+    )
 
 
-def _windows(member) -> list[float]:
-    "The windows of a member's limits, in seconds, shortest first."
-    return sorted({WINDOWS[name] for name in member.limits})
+def _declaration(member, now: float) -> str:
+    "How a bucket's ``limits`` hash keeps a member's declaration: 'rpm|rpd|tpm|tpd|at'."
+    values = rules.declaration(member.limits)
+    return "|".join("" if value is None else str(value) for value in values) + f"|{now:.6f}"
+
+
+def _text(value) -> str:
+    "A value the server gave as text; anything else is malformed."
+    if not isinstance(value, str):
+        raise TypeError(f"{type(value).__name__} where text was expected")
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def _definition(name: str, signature: str) -> str:
+    digest = hashlib.sha256(f"{name}\n{signature}".encode()).hexdigest()
+    return f"{BASE}{digest[:24]}:"
+
+
+@functools.lru_cache(maxsize=256)
+def _bucket(bucket: str) -> str:
+    return f"{BASE}b:{hashlib.sha256(bucket.encode()).hexdigest()[:24]}:"

@@ -1,8 +1,9 @@
 """The rules of the state that do not depend on where it is kept, written once for every
 backend: how long a member cools down after failing again, how the cooldowns on record read
 (cooling down after a guessed time, or inside a provider's stated reset), which prompts are
-still in flight, the latency a member is judged by, and the statistics as ``llm lb stats``
-shows them. Plain functions, no I/O: a backend fetches the rows and hands them here.
+still in flight, the provider's bucket of a member and the limits that apply to it, the
+latency a member is judged by, and the statistics as ``llm lb stats`` shows them. Plain
+functions, no I/O: a backend fetches the rows and hands them here.
 
 (Where a rule must hold across processes, the backend calls it inside its transaction, or,
 for Redis, around a compare-and-set: nothing here is restated in SQL or Lua.)
@@ -11,11 +12,9 @@ for Redis, around a compare-and-set: nothing here is restated in SQL or Lua.)
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 from .. import limits
-from ..config import MAX_SECONDS
+from ..config import LIMITS, MAX_SECONDS
 from ..selection import of_kind
 
 IN_FLIGHT_HOURS = 1  # least-busy: a prompt in flight longer than this stops counting
@@ -36,63 +35,75 @@ def next_cooldown(cooldown: float, previous: float | None) -> float:
 
 
 def read_cooldowns(rows, now: float):
-    """From the cooldowns on record, (member, until, stated) each: {member: until} cooling down
-    after a guessed time, {member: until} inside a provider's stated reset (``stated``: a
-    Retry-After or a quota's reset that the provider gave), and every member with a cooldown
-    on record, ended or not (what a success clears)."""
-    cooling, blocked, cooled = {}, {}, set()
-    for member, until, stated in rows:
+    """From the cooldowns on record, (member, until, stated, length) each: {member: until}
+    cooling down after a guessed time, {member: until} inside a provider's stated reset
+    (``stated``: a Retry-After or a quota's reset that the provider gave), every member with a
+    cooldown on record, ended or not (what a success clears), and {member: until} of the
+    cooldowns to date again. A cooldown never ends later than its own length from now (one
+    recorded while the clock ran ahead, or before it was set back, ends its length after the
+    clock is right, not days later) nor beyond MAX_SECONDS from now; the backend stores the
+    corrected end, so that it then runs out."""
+    cooling, blocked, cooled, redated = {}, {}, set(), {}
+    for member, until, stated, length in rows:
         cooled.add(member)
+        latest = now + (min(length, MAX_SECONDS) if length and length > 0 else MAX_SECONDS)
+        if until > latest + 0.001:
+            until = redated[member] = latest
         if until > now:
-            (blocked if stated else cooling)[member] = min(until, now + MAX_SECONDS)
-    return cooling, blocked, frozenset(cooled)
+            (blocked if stated else cooling)[member] = until
+    return cooling, blocked, frozenset(cooled), redated
 
 
-def in_flight(entries, now: float, alive) -> dict[int, int]:
-    """Prompts in flight per member from (member, started at, process) entries: younger than
-    IN_FLIGHT_HOURS, of a process that ``alive(process)`` says still runs (asked once each)."""
+# A prompt in flight (least-busy) counts while its lease lasts: LEASE seconds from when it was
+# chosen, renewed every RENEW seconds while it runs (``leases.py``). A process that dies stops
+# renewing, and its prompts stop counting within LEASE seconds, whatever its process id becomes
+# and wherever it ran: nothing asks the system about another process.
+LEASE = 45.0
+RENEW = 15.0
+
+
+def in_flight(entries, now: float) -> dict[int, int]:
+    """Prompts in flight per member from (member, started at, lease until) entries: started less
+    than IN_FLIGHT_HOURS ago, with a lease not yet ended. A lease further than LEASE ahead was
+    written by a clock that ran ahead: it does not count (a live prompt renews it within RENEW
+    seconds)."""
     counts: dict[int, int] = {}
-    seen: dict = {}
-    for member, at, process in entries:
-        if at <= now - IN_FLIGHT_HOURS * 3600:
+    for member, at, lease in entries:
+        if at <= now - IN_FLIGHT_HOURS * 3600 or not now < lease <= now + LEASE + 0.001:
             continue
-        if process not in seen:
-            seen[process] = alive(process)
-        if seen[process]:
-            counts[member] = counts.get(member, 0) + 1
+        counts[member] = counts.get(member, 0) + 1
     return counts
 
 
-def alive(pid) -> bool:
-    """Whether the process of this machine with that id still runs. (Not ``os.kill(pid, 0)`` on
-    Windows, where it ends the process.)"""
-    if pid is None or pid == os.getpid():
-        return pid is not None
-    if sys.platform == "win32":
-        return _alive_on_windows(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, and belongs to someone else
-        return True
-    return True
+def bucket(member) -> str:
+    """The provider's bucket a member's requests and tokens count against: its model and its
+    stored key (as written: a model's alias is another bucket). Every balancer and definition
+    using the pair shares the bucket's limit windows (in one state)."""
+    return f"{member.model}\n{member.key or ''}"
 
 
-def _alive_on_windows(pid: int) -> bool:
-    import ctypes
+def strictest(own: dict, declared, now: float) -> dict:
+    """A member's limits with those declared for its bucket by members of any balancer or
+    definition, (rpm, rpd, tpm, tpd, declared at) rows: for each limit, the lowest applies.
+    A declaration not renewed for a day is forgotten."""
+    if not declared:
+        return own
+    found = dict(own)
+    for row in declared:
+        if row[4] <= now - DAY:
+            continue
+        for name, value in zip(LIMITS, row):
+            if value and (name not in found or value < found[name]):
+                found[name] = value
+    return found
 
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-    if not handle:
-        return ctypes.get_last_error() == 5  # access denied: it exists, someone else's
-    try:
-        code = ctypes.c_ulong()
-        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
-            return True
-        return code.value == 259  # STILL_ACTIVE
-    finally:
-        kernel32.CloseHandle(handle)
+
+def declaration(member_limits: dict) -> tuple:
+    "(rpm, rpd, tpm, tpd) of a member's own limits, None where it has none: what it declares."
+    return tuple(member_limits.get(name) for name in LIMITS)
+
+
+DECLARE_EVERY = 3600.0  # a member's declaration is renewed when older than this
 
 
 def median_latency(timings, now: float, stream: bool) -> float | None:

@@ -1,33 +1,41 @@
 """This machine's state: one SQLite file, ``loadbalancers.db`` in the llm folder a balancer was
 read from, in WAL mode with a busy timeout. Each choice is one write transaction (``BEGIN
 IMMEDIATE``), and so is each outcome, so concurrent ``llm`` processes take turns exactly.
-Every failure of the file is ``StateUnavailable``: the prompt is answered without it.
+Every failure of the file is ``StateUnavailable``: prompts are then answered from this
+process's memory (``fallback.py``).
 
-Its schema is ``migrations.py``'s. What it stores, per balancer name:
-- ``rotation``: the definition's signature and the rotation position; a new definition starts
-  everything again.
-- ``requests``: the requests counted in advance (limits, least-busy), numbered per member
-  (``seq``): a window's count is two index look-ups (the newest number, and the number before
-  the window), not a scan. Under least-busy, in flight until ``total`` is set.
-- ``outcomes``: how each attempt ended, numbered per member (``n``) with the running total of
-  its tokens (``cum``), for the same reason. Rows older than a day are folded into ``stats``,
-  one record in PRUNE_EVERY, for the member recorded.
+Its schema is ``migrations.py``'s. What it stores, per definition of a balancer (its name and
+a digest of its member list, ``_key``: a process still holding an older definition keeps its
+own rows and never resets the new one's):
+- ``rotation``: the rotation position.
+- ``requests``: the prompts in flight under least-busy, each counting while its ``lease``
+  lasts (``leases.py`` renews it), until ``total`` is set.
+- ``outcomes``: how each attempt ended. Rows older than a day are folded into ``stats``, one
+  record in PRUNE_EVERY, for the member recorded.
 - ``cooldowns`` (``known``: the provider stated it), ``affinity``: conversation ties.
+And per provider's bucket (``rules.bucket``: a model and a stored key), shared by every
+balancer: ``bucket_requests`` and ``bucket_tokens``, the requests and tokens counted against
+limits, numbered (``seq``, ``n``) with running totals, so that a window's count is two index
+look-ups, not a scan; ``bucket_limits``, the limits each member declared for its bucket, of
+which the strictest applies (``rules.strictest``).
 """
 
 from __future__ import annotations
 
-import functools
+import errno
+import hashlib
 import os
 import random
+import shutil
 import sqlite3
 import stat
 import threading
 import time
+from typing import NamedTuple
 
 from .. import limits
 from ..config import Balancer
-from ..selection import choose, counted_ahead, free_at
+from ..selection import choose, free_at
 from . import Choice, Outcome, StateUnavailable, rules, timeout
 from .migrations import TooNew, upgrade
 
@@ -40,8 +48,9 @@ class SQLiteStore:
 
     pause = staticmethod(time.sleep)  # between tries to put a new file in WAL mode (tests: no)
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, wait: float | None = None):
+        self.path = self.name = path  # (":memory:": a process's own, when a file cannot be used)
+        self.wait = wait  # seconds to wait for the file's lock (None: ``timeout()``)
         self.db: sqlite3.Connection | None = None
         self.lock = threading.Lock()  # one transaction at a time on the shared connection
 
@@ -49,9 +58,11 @@ class SQLiteStore:
 
     def connect(self) -> sqlite3.Connection:
         if self.db is None:
-            _private_regular_file(self.path)
+            if self.path != ":memory:":
+                _private_regular_file(self.path)
+            wait = timeout() if self.wait is None else self.wait
             db = sqlite3.connect(
-                self.path, timeout=timeout(), isolation_level=None, check_same_thread=False
+                self.path, timeout=wait, isolation_level=None, check_same_thread=False
             )
             try:
                 # A new file gets small pages: a prompt rewrites a few pages, and every byte of
@@ -92,13 +103,7 @@ class SQLiteStore:
             if self.db is not None:
                 self.db.close()
             self.db = None
-            hint = ""
-            if "not a database" in str(ex) or "malformed" in str(ex):
-                hint = (
-                    ": the file is damaged; move it away (rotation, cooldowns and statistics "
-                    "start afresh)"
-                )
-            raise StateUnavailable(f"{self.path}: {ex}{hint}") from ex
+            raise StateUnavailable(f"{self.path}: {_problem(self.path, ex)}") from ex
 
     # --- choosing -----------------------------------------------------------------------------
 
@@ -115,80 +120,82 @@ class SQLiteStore:
     ) -> Choice:
         with self.transaction() as db:
             now = time.time() if now is None else now  # in the lock: rows in time order
-            position, cooldowns = _rotation_and_cooldowns(db, balancer)
-            snapshot = _FileSnapshot(db, balancer, now, cooldowns)
+            key = _key(balancer)
+            position, cooldowns = _rotation_and_cooldowns(db, balancer, key, now)
+            snapshot = _FileSnapshot(db, balancer, key, now, cooldowns)
             snapshot.position = position
             if conversation and (tool_turn or balancer.sticky):
                 snapshot.tie = db.execute(
                     "select first_member, last_member from affinity "
                     "where balancer = ? and conversation = ?",
-                    [balancer.name, conversation],
+                    [key, conversation],
                 ).fetchone()
             if balancer.policy == "least-busy":
-                snapshot.busy = _in_flight(db, balancer, now)
+                snapshot.busy = _in_flight(db, key, now)
             elif balancer.policy == "lowest-latency":
-                snapshot.latency = _latencies(db, balancer, now, stream)
+                snapshot.latency = _latencies(db, balancer, key, now, stream)
             plan = choose(
                 balancer, snapshot, tool_turn=tool_turn, unavailable=unavailable, rng=rng, now=now
             )
             if plan.position != position:
                 db.execute(
-                    "update rotation set position = ? where balancer = ?",
-                    [plan.position, balancer.name],
+                    "update rotation set position = ? where balancer = ?", [plan.position, key]
                 )
-            ticket = None
-            if plan.order and counted_ahead(balancer, plan.order[0]):
-                first = plan.order[0]
-                ticket = _sent(db, balancer, first, now, snapshot.last_requests.get(first))
+            _redate(db, key, snapshot.redated)
+            ticket = snapshot.count(plan.order[0]) if plan.order else None
             return Choice(plan, ticket, snapshot.cooled, now)
 
     def claim(self, balancer: Balancer, member: int, now: float | None = None):
         with self.transaction() as db:
             now = time.time() if now is None else now  # in the lock: rows in time order
+            key = _key(balancer)
             cooldowns = db.execute(
-                "select member, until, known from cooldowns where balancer = ? and member = ?",
-                [balancer.name, member],
+                "select member, until, known, length from cooldowns "
+                "where balancer = ? and member = ?",
+                [key, member],
             ).fetchall()
-            snapshot = _FileSnapshot(db, balancer, now, cooldowns)
+            snapshot = _FileSnapshot(db, balancer, key, now, cooldowns)
+            _redate(db, key, snapshot.redated)
             if member in snapshot.blocked or free_at(balancer, snapshot, member, now) is not None:
-                return None
-            return _sent(db, balancer, member, now, snapshot.last_requests.get(member))
+                return False
+            return snapshot.count(member)
 
     # --- recording ----------------------------------------------------------------------------
 
     def finish(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
-        if balancer.policy != "least-busy":  # (only least-busy counts requests in flight)
+        if ticket.at is None:  # (only least-busy counts requests in flight)
             return
         with self.transaction() as db:
-            _ended(db, balancer.name, member, ticket, time.time() if now is None else now)
+            _ended(db, _key(balancer), member, ticket, time.time() if now is None else now)
+
+    def renew(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
+        "A prompt in flight still runs: its lease lasts ``rules.LEASE`` from now."
+        with self.transaction() as db:
+            now = time.time() if now is None else now
+            db.execute(
+                "update requests set lease = ? where balancer = ? and member = ? and at = ? "
+                "and seq = ? and total is null",
+                [now + rules.LEASE, _key(balancer), member, ticket.at, ticket.id],
+            )
 
     def record(
         self, balancer: Balancer, member: int, outcome: Outcome, *, ticket=None, now=None
     ) -> None:
-        name = balancer.name
+        key = _key(balancer)
         with self.transaction() as db:
             now = time.time() if now is None else now  # in the lock: rows in time order
-            if ticket is not None and balancer.policy == "least-busy":
-                _ended(db, name, member, ticket, now)
-            # numbered after the member's last outcome, its tokens added to their running total
-            last_at, number, cum = db.execute(
-                "select at, n, cum from outcomes where balancer = ? and member = ? "
-                "order by at desc, n desc limit 1",
-                [name, member],
-            ).fetchone() or (None, 0, 0)
-            _after_now(db, "outcomes", name, member, last_at, now)
+            if ticket is not None and ticket.at is not None:
+                _ended(db, key, member, ticket, now)
             spent = outcome.tokens_in + outcome.tokens_out
             db.execute(
-                "insert into outcomes (balancer, member, at, n, tokens, cum, first_chunk, total, "
-                "streamed, input_tokens, output_tokens, error, items) "
-                "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "insert into outcomes (balancer, member, at, n, first_chunk, total, streamed, "
+                "input_tokens, output_tokens, error, items) "
+                "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    name,
+                    key,
                     member,
                     now,
-                    number + 1,
-                    spent,
-                    cum + spent,
+                    random.getrandbits(62),  # (names the row: outcomes have no running total)
                     outcome.first_chunk,
                     outcome.total,
                     int(outcome.streamed),
@@ -198,25 +205,27 @@ class SQLiteStore:
                     outcome.items,
                 ],
             )
+            own = balancer.members[member]
+            bucket = rules.bucket(own)
+            if spent > 0 and ((ticket is not None and ticket.tokens) or own.tpm or own.tpd):
+                _spent(db, bucket, spent, now)
             prune = random.random() * PRUNE_EVERY < 1
             if prune:  # this member's rows older than a day: into the totals
-                _fold(db, name, member, now - limits.LONGEST)
+                _fold(db, key, member, bucket, now - limits.LONGEST)
             if outcome.cooldown:
                 previous = db.execute(
                     "select length from cooldowns where balancer = ? and member = ?",
-                    [name, member],
+                    [key, member],
                 ).fetchone()
                 length = rules.next_cooldown(outcome.cooldown, previous and previous[0])
                 db.execute(
                     "insert into cooldowns (balancer, member, until, reason, known, length) "
                     "values (?, ?, ?, ?, ?, ?) on conflict do update set until = excluded.until, "
                     "reason = excluded.reason, known = excluded.known, length = excluded.length",
-                    [name, member, now + length, outcome.error, int(outcome.stated), length],
+                    [key, member, now + length, outcome.error, int(outcome.stated), length],
                 )
             elif outcome.error is None and outcome.cooled:
-                db.execute(
-                    "delete from cooldowns where balancer = ? and member = ?", [name, member]
-                )
+                db.execute("delete from cooldowns where balancer = ? and member = ?", [key, member])
             if prune:  # ties unused for KEEP_DAYS are forgotten (indexed)
                 db.execute(
                     "delete from affinity where updated < ?", [now - rules.KEEP_DAYS * rules.DAY]
@@ -226,58 +235,97 @@ class SQLiteStore:
                     "insert into affinity (balancer, conversation, first_member, last_member, "
                     "updated) values (?, ?, ?, ?, ?) on conflict do update set "
                     "last_member = excluded.last_member, updated = excluded.updated",
-                    [name, outcome.conversation, member, member, now],
+                    [key, outcome.conversation, member, member, now],
                 )
 
     def reset(self, balancer: Balancer) -> None:
         self.forget(balancer.name)
 
     def forget(self, name: str) -> None:
-        "Everything kept under the name, whatever the definition."
+        """Everything kept under the name, whatever the definition, but the windows of the
+        providers' buckets: the requests a key received still count against its limits."""
         with self.transaction() as db:
             _clear(db, name)
+
+    def retire(self, balancer: Balancer) -> None:
+        "What one definition kept (it was replaced): as ``forget``, for it alone."
+        with self.transaction() as db:
+            key = _key(balancer)
+            for table in TABLES:
+                db.execute(f"delete from {table} where balancer = ?", [key])
+            db.execute(
+                "delete from bucket_limits where source > ? and source < ?",
+                [key + "#", key + "$"],
+            )
+
+    def declare(self, balancer: Balancer, now: float | None = None) -> None:
+        "The limits of each member of a definition, declared for its bucket."
+        with self.transaction() as db:
+            now = time.time() if now is None else now
+            key = _key(balancer)
+            for index, member in enumerate(balancer.members):
+                if member.limits:
+                    _declare(db, f"{key}#{index}", member, now)
 
     # --- looking ------------------------------------------------------------------------------
 
     def stats(self, balancer: Balancer, now: float | None = None) -> list[dict]:
         now = time.time() if now is None else now
-        name = balancer.name
-        rows, cooling, events, timings = {}, {}, {}, {}
+        key = _key(balancer)
+        events = {}
         with self.transaction(write=False) as db:
-            row = db.execute("select signature from rotation where balancer = ?", [name]).fetchone()
-            if row is not None and row[0] == balancer.signature:
-                rows = {
-                    r[0]: r[1:]
-                    for r in db.execute(
-                        "select member, requests, successes, failures, last_used, last_error, "
-                        "input_tokens, output_tokens, items from stats where balancer = ?",
-                        [name],
-                    )
-                }
-                for index in range(len(balancer.members)):  # and the rows not yet in the totals
-                    live = db.execute(f"select {OUTCOMES}", [name, index, float("inf")]).fetchone()
-                    if live[0]:
-                        rows[index] = _added(rows.get(index), live)
-                cooling = {
-                    r[0]: r[1:]
-                    for r in db.execute(
-                        "select member, until, reason from cooldowns "
-                        "where balancer = ? and until > ?",
-                        [name, now],
-                    )
-                }
-                for index, member in enumerate(balancer.members):
-                    if member.limits:
-                        events[index] = _events(db, name, index, now - limits.LONGEST)
-                    timings[index] = db.execute(
-                        "select first_chunk, total from outcomes where balancer = ? "
-                        "and member = ? and total > 0 order by at desc limit ?",
-                        [name, index, rules.RECENT],
-                    ).fetchall()
+            rows = {
+                r[0]: r[1:]
+                for r in db.execute(
+                    "select member, requests, successes, failures, last_used, last_error, "
+                    "input_tokens, output_tokens, items from stats where balancer = ?",
+                    [key],
+                )
+            }
+            for index in range(len(balancer.members)):  # and the rows not yet in the totals
+                live = db.execute(f"select {OUTCOMES}", [key, index, float("inf")]).fetchone()
+                if live[0]:
+                    rows[index] = _added(rows.get(index), live)
+            cooling = {
+                r[0]: r[1:]
+                for r in db.execute(
+                    "select member, until, reason from cooldowns where balancer = ? and until > ?",
+                    [key, now],
+                )
+            }
+            timings = {}
+            for index, member in enumerate(balancer.members):
+                if member.limits:
+                    events[index] = _events(db, rules.bucket(member), now - limits.LONGEST)
+                timings[index] = db.execute(
+                    "select first_chunk, total from outcomes where balancer = ? "
+                    "and member = ? and total > 0 order by at desc limit ?",
+                    [key, index, rules.RECENT],
+                ).fetchall()
         return rules.shape_stats(balancer, rows, cooling, events, timings, now)
 
     def report(self, balancer: Balancer) -> dict:
         return {"file": self.path}
+
+
+def _problem(path: str, ex: BaseException) -> str:
+    "What went wrong with the file, in the user's words."
+    text = str(ex)
+    if "not a database" in text or "malformed" in text:
+        return (
+            f"{text}: the file is damaged; move it away (rotation, cooldowns and statistics "
+            "start afresh)"
+        )
+    if "locked" in text:
+        return "it is busy: another process holds its lock; try again"
+    if "full" in text or "disk I/O" in text or getattr(ex, "errno", None) == errno.ENOSPC:
+        try:
+            free = shutil.disk_usage(os.path.dirname(path) or ".").free
+        except OSError:
+            free = None
+        if "full" in text or (free is not None and free < 1024 * 1024):
+            return "the disk is full: free some space"
+    return text
 
 
 def _private_regular_file(path: str) -> None:
@@ -342,63 +390,211 @@ class _Transaction:
             self.store.lock.release()
 
 
-def _rotation_and_cooldowns(db, balancer: Balancer) -> tuple[int, list]:
-    """The stored rotation position and the cooldowns on record (member, until, stated), read
-    at once; a changed member list starts everything again (no cooldowns)."""
+# The tables kept per definition (``name:definition``); the buckets' are shared.
+TABLES = ("rotation", "cooldowns", "stats", "affinity", "requests", "outcomes")
+
+
+def _key(balancer: Balancer) -> str:
+    """How the tables name a balancer's definition: ``name:`` and a digest of its member list.
+    A new member list starts its own rotation and statistics; a process still holding the old
+    one keeps its own rows, without touching the new one's. (Kept per member list and name.)"""
+    names = _KEYS.get(balancer.signature)
+    if names is None:
+        names = _KEYS[balancer.signature] = {}
+    found = names.get(balancer.name)
+    if found is None:
+        digest = hashlib.sha256(balancer.signature.encode()).hexdigest()[:8]
+        found = names[balancer.name] = f"{balancer.name}:{digest}"
+    return found
+
+
+_KEYS: dict[str, dict[str, str]] = {}
+
+
+def _rotation_and_cooldowns(db, balancer: Balancer, key: str, now: float) -> tuple[int, list]:
+    """The stored rotation position and the cooldowns on record (member, until, stated,
+    length), read at once; a definition met for the first time starts at 0 (or takes over what
+    version 5 of the file kept under its name, when that was this definition)."""
     rotation, cooldowns = None, []
     for row in db.execute(
-        "select -1, signature, position from rotation where balancer = ?1 "
-        "union all select member, until, known from cooldowns where balancer = ?1",
-        [balancer.name],
+        "select -1, position, 0, 0 from rotation where balancer = ?1 "
+        "union all select member, until, known, length from cooldowns where balancer = ?1",
+        [key],
     ).fetchall():
         if row[0] == -1:
-            rotation = row[1:]
+            rotation = row[1]
         else:
             cooldowns.append(row)
-    if rotation is not None and rotation[0] == balancer.signature:
-        return rotation[1], cooldowns
-    _clear(db, balancer.name)
+    if rotation is not None:
+        return rotation, cooldowns
+    if _take_over(db, balancer, key):
+        return _rotation_and_cooldowns(db, balancer, key, now)
     db.execute(
         "insert into rotation (balancer, signature, position) values (?, ?, 0)",
-        [balancer.name, balancer.signature],
+        [key, balancer.signature],
     )
-    return 0, []
+    return 0, cooldowns
+
+
+def _take_over(db, balancer: Balancer, key: str) -> bool:
+    """What a version-5 file kept under the balancer's bare name, when it is of this
+    definition: its rows become the definition's, and the requests and tokens its limited
+    members counted are copied into their buckets' windows."""
+    name = balancer.name
+    row = db.execute("select signature from rotation where balancer = ?", [name]).fetchone()
+    if row is None or row[0] != balancer.signature:
+        return False
+    for table in TABLES:
+        db.execute(f"update or ignore {table} set balancer = ? where balancer = ?", [key, name])
+    for index, member in enumerate(balancer.members):
+        if member.limits:
+            bucket = rules.bucket(member)
+            db.execute(
+                "insert or ignore into bucket_requests (bucket, at, seq) "
+                "select ?, at, seq from requests where balancer = ? and member = ?",
+                [bucket, key, index],
+            )
+            db.execute(
+                "insert or ignore into bucket_tokens (bucket, at, n, tokens, cum) "
+                "select ?, at, n, tokens, cum from outcomes where balancer = ? and member = ? "
+                "and tokens > 0",
+                [bucket, key, index],
+            )
+            db.execute(
+                "delete from requests where balancer = ? and member = ? and total is not null",
+                [key, index],
+            )
+    return True
 
 
 def _clear(db, name: str) -> None:
-    for table in ("rotation", "cooldowns", "stats", "affinity", "requests", "outcomes"):
-        db.execute(f"delete from {table} where balancer = ?", [name])
+    "Every definition's rows of a name (and a version-5 file's, under the bare name)."
+    for table in TABLES:
+        db.execute(
+            f"delete from {table} where balancer = ?1 or (balancer > ?1 || ':' "
+            "and balancer < ?1 || ';')",
+            [name],
+        )
+    db.execute(
+        "delete from bucket_limits where source > ?1 || ':' and source < ?1 || ';'", [name]
+    )
+
+
+def _declare(db, source: str, member, now: float) -> None:
+    "A member's own limits, declared for its bucket by ``source`` (a definition's member)."
+    db.execute(
+        "insert or replace into bucket_limits (bucket, source, rpm, rpd, tpm, tpd, at) "
+        "values (?, ?, ?, ?, ?, ?, ?)",
+        [rules.bucket(member), source, *rules.declaration(member.limits), now],
+    )
+
+
+def _redate(db, key: str, redated: dict) -> None:
+    "Cooldowns that end later than they can (a clock step): their corrected end."
+    for member, until in redated.items():
+        db.execute(
+            "update cooldowns set until = ? where balancer = ? and member = ?", [until, key, member]
+        )
+
+
+class Ticket(NamedTuple):
+    """A request counted when it was chosen: whether the tokens it reports count against its
+    bucket's limits, and, in flight (least-busy), its row's (at, id); None otherwise."""
+
+    tokens: bool
+    at: float | None = None
+    id: int | None = None
 
 
 class _FileSnapshot:
     "What the file knows of a balancer (``selection.Snapshot``), read in one transaction."
 
-    def __init__(self, db, balancer: Balancer, now: float, cooldowns):
-        self.db, self.balancer, self.now = db, balancer, now
-        self.cooling, self.blocked, self.cooled = rules.read_cooldowns(cooldowns, now)
+    def __init__(self, db, balancer: Balancer, key: str, now: float, cooldowns):
+        self.db, self.balancer, self.key, self.now = db, balancer, key, now
+        self.cooling, self.blocked, self.cooled, self.redated = rules.read_cooldowns(
+            cooldowns, now
+        )
         self.tie = self.busy = self.latency = None
         self.position = 0
-        self.last_requests: dict[int, tuple] = {}  # (time, number) of each member's last request
+        self.last_requests: dict[int, tuple] = {}  # (time, number) of each bucket's last request
+        # per member: the limits that apply, its bucket's totals, the limits declared for it
+        self._limits: dict[int, dict] = {}
+        self._totals: dict[int, dict] = {}
+        self._declared: dict[int, list] = {}
+
+    def limits(self, member: int) -> dict:
+        found = self._limits.get(member)
+        if found is None:
+            own = self.balancer.members[member]
+            bucket = rules.bucket(own)
+            if own.limits:  # its bucket's windows will be needed: read with the declarations
+                declared = self._read(member, bucket)
+            else:
+                declared = _declarations(
+                    self.db.execute(f"select {_DECLARED}", [bucket]).fetchone()[0]
+                )
+            self._declared[member] = declared
+            found = self._limits[member] = rules.strictest(own.limits, declared, self.now)
+        return found
+
+    def _read(self, member: int, bucket: str) -> list:
+        """Read the bucket's windows (requests and tokens, in the last minute and day) and the
+        limits declared for it, in one statement; the declarations."""
+        arguments = [bucket, self.now - 60, self.now - rules.DAY]
+        row = self.db.execute(_BUCKET, arguments).fetchone()
+        if any(at is not None and at > self.now for at in row[0:8:4]):  # the clock went back
+            for table, at in zip(("bucket_requests", "bucket_tokens"), row[0:8:4]):
+                _after_now(self.db, table, bucket, at, self.now)
+            row = self.db.execute(_BUCKET, arguments).fetchone()
+        self.last_requests[member] = row[:2]
+        requests, tokens = _spans(row[1:4]), _spans(row[5:8])
+        self._totals[member] = {
+            60.0: (requests[0], tokens[0]),
+            rules.DAY: (requests[1], tokens[1]),
+        }
+        return _declarations(row[8])
 
     def totals(self, member: int) -> dict[float, tuple[int, int]]:
-        windows, sql = _window_query(tuple(self.balancer.members[member].limits))
-        arguments = [self.balancer.name, member] + [self.now - window for window in windows]
-        row = self.db.execute(sql, arguments).fetchone()
-        # per table (requests, then outcomes with a token limit): the newest row's time and
-        # running number, then the running number before each window
-        width = len(windows) + 2
-        tables = ("requests", "outcomes")[: len(row) // width]
-        if any(at is not None and at > self.now for at in row[::width]):  # the clock went back
-            for table, at in zip(tables, row[::width]):
-                _after_now(self.db, table, self.balancer.name, member, at, self.now)
-            row = self.db.execute(sql, arguments).fetchone()
-        self.last_requests[member] = row[:2]
-        requests = _spans(row[1:width])
-        tokens = _spans(row[width + 1 :]) if len(row) > width else [0] * len(windows)
-        return dict(zip(windows, zip(requests, tokens)))
+        found = self._totals.get(member)
+        if found is None:  # limits declared by others only
+            self._read(member, rules.bucket(self.balancer.members[member]))
+            found = self._totals[member]
+        return found
 
     def events(self, member: int, since: float):
-        return _events(self.db, self.balancer.name, member, since)
+        return _events(self.db, rules.bucket(self.balancer.members[member]), since)
+
+    def count(self, member: int) -> Ticket | None:
+        """Count a request of the member, chosen now: against its bucket's windows when limits
+        apply to it (and its own limits declared there), and in flight under least-busy. Its
+        ticket, or None when nothing was counted."""
+        member_limits = self.limits(member)
+        flight = self.balancer.policy == "least-busy"
+        if not member_limits and not flight:
+            return None
+        if member_limits:
+            own = self.balancer.members[member]
+            _sent(self.db, rules.bucket(own), self.now, self.last_requests.get(member))
+            if own.limits:
+                self._declare(member, own)
+        tokens = any(name.startswith("t") for name in member_limits)
+        if not flight:
+            return Ticket(tokens)
+        number = random.getrandbits(62)
+        self.db.execute(
+            "insert into requests (balancer, member, at, seq, total, lease) "
+            "values (?, ?, ?, ?, null, ?)",
+            [self.key, member, self.now, number, self.now + rules.LEASE],
+        )
+        return Ticket(tokens, self.now, number)
+
+    def _declare(self, member: int, own) -> None:
+        "The member's own limits, declared for its bucket (again, when not renewed for a while)."
+        source = f"{self.key}#{member}"
+        for *_, at, by in self._declared[member]:
+            if by == source and self.now - rules.DECLARE_EVERY < at <= self.now:
+                return
+        _declare(self.db, source, own, self.now)
 
 
 def _spans(numbers) -> list[int]:
@@ -407,108 +603,126 @@ def _spans(numbers) -> list[int]:
     return [0 if last is None or before is None else last - before for before in befores]
 
 
-@functools.lru_cache(maxsize=32)
-def _window_query(names: tuple[str, ...]) -> tuple[list[float], str]:
-    """The windows of these limits, and one statement giving, for requests (and tokens, with a
-    token limit), the newest row's time and running number and, per window, the running number
-    just before the oldest row inside it. Parameters: balancer, member, each window's start.
-    (Cached: built once per set of limits, not per prompt.)"""
-    windows = sorted({limits.WINDOWS[name] for name in names})
-    # (table, running number, what a row adds to it, what orders rows of the same time: the
-    # last column of the table's key, which the running number follows)
-    tables = [("requests", "seq", "1", "seq")]
-    if any(name.startswith("t") for name in names):
-        tables.append(("outcomes", "cum", "tokens", "n"))
-    parts = []
-    for table, running, added, tie in tables:
-        where = f"from {table} where balancer = ?1 and member = ?2"
-        for newest in ("at", running):
-            parts.append(f"(select {newest} {where} order by at desc, {tie} desc limit 1)")
-        for number in range(len(windows)):
-            parts.append(
-                f"(select {running} - {added} {where} and at > ?{number + 3} "
-                f"order by at, {tie} limit 1)"
-            )
-    return windows, "select " + ", ".join(parts)
+# The limits declared for a bucket ?1: 'rpm|rpd|tpm|tpd|at|source' each, ';' between them
+# (sources are 'name:definition#member': neither character); rules.strictest reads them
+_DECLARED = (
+    "(select group_concat(coalesce(rpm, '') || '|' || coalesce(rpd, '') || '|' || "
+    "coalesce(tpm, '') || '|' || coalesce(tpd, '') || '|' || at || '|' || source, ';') "
+    "from bucket_limits where bucket = ?1)"
+)
+# What a choice needs of a bucket ?1, in one statement: for its requests, then its tokens, the
+# newest row's time and running number and the running number just before the last minute (?2)
+# and the last day (?3) (a window's count is two index look-ups, not a scan); and _DECLARED.
+_BUCKET = "select " + ", ".join(
+    [
+        f"(select {newest} from {table} where bucket = ?1 order by at desc, {tie} desc limit 1)"
+        if window is None
+        else f"(select {running} - {added} from {table} where bucket = ?1 and at > {window} "
+        f"order by at, {tie} limit 1)"
+        for table, running, added, tie in (
+            ("bucket_requests", "seq", "1", "seq"),
+            ("bucket_tokens", "cum", "tokens", "n"),
+        )
+        for newest, window in (("at", None), (running, None), (None, "?2"), (None, "?3"))
+    ]
+    + [_DECLARED]
+)
 
 
-def _events(db, name: str, member: int, since: float):
-    "(time, 0) of each request, and (time, tokens) of each report, of a member since ``since``."
+def _declarations(text: str | None) -> list[tuple]:
+    """(rpm, rpd, tpm, tpd, at, source) of each declaration that _DECLARED gave. (Kept per text:
+    the same from prompt to prompt until a declaration is renewed, an hour later.)"""
+    if not text:
+        return []
+    found = _PARSED.get(text)
+    if found is None:
+        if len(_PARSED) > 64:
+            _PARSED.clear()
+        found = _PARSED[text] = []
+        for entry in text.split(";"):
+            *numbers, at, source = entry.split("|")
+            found.append((*(int(n) if n else None for n in numbers), float(at), source))
+    return found
+
+
+_PARSED: dict[str, list[tuple]] = {}
+
+
+def _events(db, bucket: str, since: float):
+    "(time, 0) of each request, and (time, tokens) of each report, of a bucket since ``since``."
     requests = db.execute(
-        "select at, 0 from requests where balancer = ? and member = ? and at > ?",
-        [name, member, since],
+        "select at, 0 from bucket_requests where bucket = ? and at > ?", [bucket, since]
     ).fetchall()
     spent = db.execute(
-        "select at, tokens from outcomes where balancer = ? and member = ? and at > ? "
-        "and tokens > 0",
-        [name, member, since],
+        "select at, tokens from bucket_tokens where bucket = ? and at > ?", [bucket, since]
     ).fetchall()
     return requests, spent
 
 
-def _after_now(db, table: str, name: str, member: int, last_at, now: float) -> None:
-    """When the member's last row is dated after now (the clock was set back, or had been ahead),
+def _after_now(db, table: str, bucket: str, last_at, now: float) -> None:
+    """When a bucket's last row is dated after now (the clock was set back, or had been ahead),
     its rows dated after now are dated now: they stay in the order of their running numbers and
     are counted against limits for one window from now, never for longer."""
     if last_at is not None and last_at > now:
         db.execute(  # (or replace: rows numbered alike by an older version become one)
-            f"update or replace {table} set at = ? where balancer = ? and member = ? and at > ?",
-            [now, name, member, now],
+            f"update or replace {table} set at = ? where bucket = ? and at > ?", [now, bucket, now]
         )
 
 
-def _sent(db, balancer: Balancer, member: int, now: float, last=None) -> tuple[float, int]:
-    """A request, chosen now, numbered after the member's last (``last``: its (time, number),
-    when the choice read them already; the number orders requests chosen at the same time); its
-    row's (at, seq): the ticket. Under least-busy it is in flight (no total yet) until it ends;
-    otherwise its total is 0, which keeps it out of the in-flight index."""
+def _sent(db, bucket: str, now: float, last=None) -> None:
+    """A request to the bucket, chosen now, numbered after its last (``last``: its (time,
+    number), when the choice read them already; the number orders requests chosen at the same
+    time)."""
     if last is None:
         last = db.execute(
-            "select at, seq from requests where balancer = ? and member = ? "
-            "order by at desc, seq desc limit 1",
-            [balancer.name, member],
+            "select at, seq from bucket_requests where bucket = ? order by at desc, seq desc "
+            "limit 1",
+            [bucket],
         ).fetchone() or (None, None)
     last_at, last_seq = last
-    _after_now(db, "requests", balancer.name, member, last_at, now)
-    seq = (last_seq or 0) + 1
+    _after_now(db, "bucket_requests", bucket, last_at, now)
     db.execute(
-        "insert into requests (balancer, member, at, seq, pid, total) values (?, ?, ?, ?, ?, ?)",
-        [
-            balancer.name,
-            member,
-            now,
-            seq,
-            os.getpid(),
-            None if balancer.policy == "least-busy" else 0.0,
-        ],
+        "insert into bucket_requests (bucket, at, seq) values (?, ?, ?)",
+        [bucket, now, (last_seq or 0) + 1],
     )
-    return now, seq
 
 
-def _ended(db, name: str, member: int, ticket: tuple, now: float) -> None:
-    """A request in flight (least-busy) is no longer: it took from its start until now. (A row
-    dated again since, after a clock step, is earlier than its ticket says, with its number.)"""
-    at, seq = ticket
-    for match in ("at = ?", "at <= ?"):
-        ended = db.execute(
-            f"update requests set total = ? - at where balancer = ? and member = ? and {match} "
-            "and seq = ? and total is null",
-            [now, name, member, at, seq],
-        ).rowcount
-        if ended:
-            return
+def _spent(db, bucket: str, tokens: int, now: float) -> None:
+    """Tokens a member of the bucket reported, numbered after its last report, with their
+    running total, in one statement. Dated now, or as the last when that is later (the clock
+    went back): the reports stay in order, and the next choice dates them now."""
+    db.execute(_SPENT, [bucket, now, tokens])
 
 
-def _in_flight(db, balancer: Balancer, now: float) -> dict[int, int]:
+_LAST_TOKENS = "(select {} from bucket_tokens where bucket = ?1 order by at desc, n desc limit 1)"
+_SPENT = (
+    "insert into bucket_tokens (bucket, at, n, tokens, cum) values (?1, "
+    f"max(?2, coalesce({_LAST_TOKENS.format('at')}, ?2)), "
+    f"coalesce({_LAST_TOKENS.format('n')}, 0) + 1, ?3, "
+    f"coalesce({_LAST_TOKENS.format('cum')}, 0) + ?3)"
+)
+
+
+def _ended(db, key: str, member: int, ticket: Ticket, now: float) -> None:
+    "A request in flight (least-busy) is no longer: it took from its start until now."
+    db.execute(
+        "update requests set total = ? - at where balancer = ? and member = ? and at = ? "
+        "and seq = ? and total is null",
+        [now, key, member, ticket.at, ticket.id],
+    )
+
+
+def _in_flight(db, key: str, now: float) -> dict[int, int]:
     "Prompts in flight per member, across this machine's processes (``rules.in_flight``)."
     rows = db.execute(
-        "select member, at, pid from requests where balancer = ? and total is null and at > ?",
-        [balancer.name, now - rules.IN_FLIGHT_HOURS * 3600],
+        "select member, at, coalesce(lease, 0) from requests where balancer = ? "
+        "and total is null and at > ?",
+        [key, now - rules.IN_FLIGHT_HOURS * 3600],
     )
-    return rules.in_flight(rows, now, rules.alive)
+    return rules.in_flight(rows, now)
 
 
-def _latencies(db, balancer: Balancer, now: float, stream: bool) -> dict[int, float]:
+def _latencies(db, balancer: Balancer, key: str, now: float, stream: bool) -> dict[int, float]:
     """Each member's recent latency (``rules.median_latency``); members without one left out.
     (Only the timings of the prompt's kind are fetched, as many as the rule reads.)"""
     column = "first_chunk" if stream else "total"
@@ -518,13 +732,7 @@ def _latencies(db, balancer: Balancer, now: float, stream: bool) -> dict[int, fl
             "select at, first_chunk, total, streamed from outcomes where balancer = ? "
             f"and member = ? and streamed = ? and {column} > 0 and at > ? "
             "order by at desc limit ?",
-            [
-                balancer.name,
-                member,
-                int(stream),
-                now - rules.RECENT_HOURS * 3600,
-                rules.RECENT_TIMINGS,
-            ],
+            [key, member, int(stream), now - rules.RECENT_HOURS * 3600, rules.RECENT_TIMINGS],
         )
         median = rules.median_latency(timings, now, stream)
         if median is not None:
@@ -545,8 +753,9 @@ OUTCOMES = (
 )
 
 
-def _fold(db, name: str, member: int, before: float) -> None:
-    "Add the outcomes of a member's rows older than ``before`` to its totals; drop the rows."
+def _fold(db, name: str, member: int, bucket: str, before: float) -> None:
+    """Add the outcomes of a member's rows older than ``before`` to its totals; drop the rows,
+    and its bucket's (and declarations not renewed since)."""
     db.execute(
         "insert into stats (balancer, member, requests, successes, failures, last_used, "
         f"last_error, input_tokens, output_tokens, items) select ?1, ?2, {OUTCOMES} "
@@ -564,6 +773,9 @@ def _fold(db, name: str, member: int, before: float) -> None:
             f"delete from {table} where balancer = ? and member = ? and at < ?",
             [name, member, before],
         )
+    for table in ("bucket_requests", "bucket_tokens"):
+        db.execute(f"delete from {table} where bucket = ? and at < ?", [bucket, before])
+    db.execute("delete from bucket_limits where at < ?", [before])
 
 
 def _added(folded, live) -> tuple:

@@ -13,7 +13,7 @@
 --   tokens_in, tokens_out, items
 --   first_chunk, total   seconds ('%.6f'), or absent
 --   streamed       true or false
---   counts_tokens  true: the member has a token limit
+--   bucket         the prefix of the member's bucket, when its tokens count against limits
 --   now            the time ('%.6f'), or absent: the server's
 --   keep           seconds a balancer's keys (and a conversation's tie) are kept without use
 --   timings_kept   how many timings are kept per member
@@ -55,9 +55,9 @@ redis.call('LTRIM', timings, 0, o.timings_kept - 1)
 redis.call('EXPIRE', timings, keep)
 local spent = o.tokens_in + o.tokens_out
 local changed = false  -- what a choice depends on: tokens against a limit, cooldowns, ties
-if o.counts_tokens and spent > 0 then
-  changed = true
-  local key = p .. 'spent:' .. m
+if o.bucket and spent > 0 then
+  bump(o.bucket, keep)
+  local key = o.bucket .. 'spent'
   local top = redis.call('ZREVRANGE', key, 0, 0, 'WITHSCORES')
   local cum, when = spent, now
   if #top > 0 then

@@ -1,14 +1,21 @@
 -- snapshot(p, want): what a choice needs of the balancer whose keys start with p, read at once.
 -- want (a table, from JSON):
+--   format        this code's format of the keys: a server holding a newer one is refused
 --   members       the number of members
 --   conversation  the conversation whose tie to read, or absent
 --   flight        true: the prompts in flight (least-busy)
 --   timings       true: each member's recent timings (lowest-latency)
---   limited       for each member with limits: {index, {window seconds, ...}, counts tokens}
+--   buckets       per member: {its bucket's key prefix, true when it has limits of its own}
 --   now           the time of the choice ('%.6f'), or absent: the server's (tests give one)
 -- Returns {version, position, cooldowns (a flat hash), tie or '', in flight (a flat hash),
--- timings per member, per limited member and window its requests and tokens, the time}.
+-- timings per member, per member its bucket's {version, declared limits (a flat hash),
+-- requests and tokens in the last 60 s and 86400 s (when it has limits, its own or declared)},
+-- the time}.
 local function snapshot(p, want)
+  local format = tonumber(redis.call('GET', 'llm-lb:format') or '0')
+  if format and format > want.format then
+    error('llm-lb: newer format ' .. format)
+  end
   local now = tonumber(want.now)
   if not now then
     local t = redis.call('TIME')
@@ -29,29 +36,30 @@ local function snapshot(p, want)
     end
   end
   out[6] = timings
-  local totals = {}
-  for _, limited in ipairs(want.limited) do
-    local m, windows, tokens = string.format('%d', limited[1]), limited[2], limited[3]
-    local newest = 0
-    if tokens then
-      local top = redis.call('ZREVRANGE', p .. 'spent:' .. m, 0, 0)
+  local buckets = {}
+  for _, b in ipairs(want.buckets) do
+    local bp, limited = b[1], b[2]
+    local declared = redis.call('HGETALL', bp .. 'limits')
+    local totals = {}
+    if limited or #declared > 0 then
+      local top = redis.call('ZREVRANGE', bp .. 'spent', 0, 0)
+      local newest = 0
       if #top > 0 then newest = tonumber(string.match(top[1], '^(%d+)')) end
-    end
-    for _, w in ipairs(windows) do
-      local start = '(' .. string.format('%.6f', now - w)
-      totals[#totals + 1] = tostring(redis.call('ZCOUNT', p .. 'requests:' .. m, start, '+inf'))
-      local used = 0
-      if tokens then
-        local first = redis.call('ZRANGEBYSCORE', p .. 'spent:' .. m, start, '+inf', 'LIMIT', 0, 1)
+      for _, w in ipairs({60, 86400}) do
+        local start = '(' .. string.format('%.6f', now - w)
+        totals[#totals + 1] = tostring(redis.call('ZCOUNT', bp .. 'requests', start, '+inf'))
+        local used = 0
+        local first = redis.call('ZRANGEBYSCORE', bp .. 'spent', start, '+inf', 'LIMIT', 0, 1)
         if #first > 0 then
           local cum, spent = string.match(first[1], '^(%d+):(%d+)')
           used = newest - (tonumber(cum) - tonumber(spent))
         end
+        totals[#totals + 1] = string.format('%d', used)
       end
-      totals[#totals + 1] = string.format('%d', used)
     end
+    buckets[#buckets + 1] = {redis.call('GET', bp .. 'version') or '0', declared, totals}
   end
-  out[7] = totals
+  out[7] = buckets
   out[8] = string.format('%.6f', now)
   return out
 end
