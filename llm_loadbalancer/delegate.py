@@ -340,7 +340,8 @@ class Run:
             self._record(attempt, **attempt.timings())
         elif attempt.ticket is not None:
             attempt.recorded = True
-            process_leases().release(attempt.ticket)
+            if self.balancer.policy == "least-busy":
+                process_leases().release(attempt.ticket)
             try:
                 self.store.finish(self.balancer, attempt.index, attempt.ticket)
             except StateUnavailable:
@@ -350,7 +351,7 @@ class Run:
         attempt.recorded = True
         if not self.use_state:
             return
-        if attempt.ticket is not None:
+        if attempt.ticket is not None and self.balancer.policy == "least-busy":
             process_leases().release(attempt.ticket)
         outcome = Outcome(
             cooled=attempt.index in self.cooled, streamed=attempt.streamed, **outcome

@@ -59,13 +59,19 @@ def rotation(weights: tuple[int, ...], start: int) -> tuple[list[int], Callable[
     (wrapping around), and a function giving the slot where it reaches a member."""
     if sum(weights) > BUILT_UP_TO:
         return _keyed(weights, start)
+    return _built(weights, start)
+
+
+@functools.lru_cache(maxsize=1024)  # (at most BUILT_UP_TO starts per set of weights)
+def _built(weights: tuple[int, ...], start: int) -> tuple[tuple[int, ...], Callable[[int], int]]:
+    "``rotation`` over the built cycle, for a total up to BUILT_UP_TO."
     cycle = schedule(weights)
     first: dict[int, int] = {}
     for slot in itertools.chain(range(start, len(cycle)), range(start)):
         first.setdefault(cycle[slot], slot)
         if len(first) == len(weights):
             break
-    return list(first), first.__getitem__
+    return tuple(first), first.__getitem__
 
 
 # --- the Webster cycle, for totals too large to build ----------------------------------------

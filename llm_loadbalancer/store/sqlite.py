@@ -534,7 +534,7 @@ class _FileSnapshot:
                     self.db.execute(f"select {_DECLARED}", [bucket]).fetchone()[0]
                 )
             self._declared[member] = declared
-            found = self._limits[member] = rules.strictest(own.limits, declared, self.now)
+            found = self._limits[member] = _strictest(own.limits, declared, self.now)
         return found
 
     def _read(self, member: int, bucket: str) -> list:
@@ -646,6 +646,25 @@ def _declarations(text: str | None) -> list[tuple]:
 
 
 _PARSED: dict[str, list[tuple]] = {}
+
+
+def _strictest(own: dict, declared: list, now: float) -> dict:
+    """``rules.strictest``, kept per (limits, declarations) while none of the declarations can
+    have been forgotten: the same from prompt to prompt."""
+    if not declared:
+        return own
+    cached = _STRICTEST.get(id(declared))
+    if cached is not None and cached[0] is declared and cached[1] is own and now < cached[3]:
+        return cached[2]
+    found = rules.strictest(own, declared, now)
+    if len(_STRICTEST) > 256:
+        _STRICTEST.clear()
+    # valid until the oldest declaration is a day old (then it no longer counts)
+    _STRICTEST[id(declared)] = (declared, own, found, min(row[4] for row in declared) + rules.DAY)
+    return found
+
+
+_STRICTEST: dict[int, tuple] = {}
 
 
 def _events(db, bucket: str, since: float):
