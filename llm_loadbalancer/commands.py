@@ -413,34 +413,40 @@ def _summary(balancer: Balancer, keys: dict) -> dict:
 
 def _stricter_limits(balancers: list[Balancer]) -> dict[str, list[dict]]:
     """A limit belongs to the provider's bucket (a model and a key) in one state: where another
-    member using the bucket gives a stricter limit than a member's own (or one it lacks), that
-    one applies to it. {balancer name: [{member, limits, given_by}]}"""
+    saved member using the bucket gives a stricter limit than a member's own (or one it lacks),
+    that one applies to it (``rules.strictest``, as the store applies it; the store also
+    forgets a limit no process has used for a day). {balancer name: [{member, limits,
+    given_by}]}"""
+    import time
+
     from .store import rules
 
-    given: dict[tuple, list] = {}  # (where the state is, bucket): [(limits, balancer name)]
+    now = time.time()
+    given: dict[tuple, list] = {}  # (where the state is, bucket): [(declaration, model id)]
     for balancer in balancers:
         place = store.location(balancer)[0]
         for member in balancer.members:
             if member.limits:
-                given.setdefault((place, rules.bucket(member)), []).append(
-                    (member.limits, balancer.model_id)
-                )
+                declared = (*rules.declaration(member.limits), now, balancer.model_id)
+                given.setdefault((place, rules.bucket(member)), []).append(declared)
     found: dict[str, list[dict]] = {}
     for balancer in balancers:
         place = store.location(balancer)[0]
         for index, member in enumerate(balancer.members):
-            stricter, given_by = {}, set()
-            for member_limits, model_id in given.get((place, rules.bucket(member)), ()):
-                for name, value in member_limits.items():
-                    own = member.limits.get(name)
-                    if (own is None or value < own) and value < stricter.get(name, value + 1):
-                        stricter[name] = value
-            for member_limits, model_id in given.get((place, rules.bucket(member)), ()):
-                if any(member_limits.get(name) == value for name, value in stricter.items()):
-                    given_by.add(model_id)
+            declared = given.get((place, rules.bucket(member)), [])
+            applies = rules.strictest(member.limits, declared, now)
+            stricter = {
+                name: value for name, value in applies.items() if member.limits.get(name) != value
+            }
             if stricter:
+                by = {
+                    row[-1]
+                    for row in declared
+                    for name, value in zip(config.LIMITS, row)
+                    if value is not None and stricter.get(name) == value
+                }
                 found.setdefault(balancer.name, []).append(
-                    {"member": index + 1, "limits": stricter, "given_by": sorted(given_by)}
+                    {"member": index + 1, "limits": stricter, "given_by": sorted(by)}
                 )
     return found
 

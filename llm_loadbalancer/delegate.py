@@ -334,25 +334,30 @@ class Run:
     def close(self, attempt: Attempt) -> None:
         """After an attempt, however it ended. One that the caller stopped reading (or Ctrl-C)
         is no longer in flight; if its first chunk had come, it counts as answered."""
-        if attempt.recorded or not self.use_state:
+        if attempt.recorded:
+            return
+        self._release(attempt)
+        if not self.use_state:
             return
         if attempt.first_chunk is not None:
             self._record(attempt, **attempt.timings())
         elif attempt.ticket is not None:
             attempt.recorded = True
-            if self.balancer.policy == "least-busy":
-                process_leases().release(attempt.ticket)
             try:
                 self.store.finish(self.balancer, attempt.index, attempt.ticket)
             except StateUnavailable:
                 pass
 
-    def _record(self, attempt: Attempt, **outcome) -> None:
-        attempt.recorded = True
-        if not self.use_state:
-            return
+    def _release(self, attempt: Attempt) -> None:
+        "The prompt is no longer in flight: its lease is not renewed (least-busy)."
         if attempt.ticket is not None and self.balancer.policy == "least-busy":
             process_leases().release(attempt.ticket)
+
+    def _record(self, attempt: Attempt, **outcome) -> None:
+        attempt.recorded = True
+        self._release(attempt)
+        if not self.use_state:
+            return
         outcome = Outcome(
             cooled=attempt.index in self.cooled, streamed=attempt.streamed, **outcome
         )

@@ -428,6 +428,8 @@ def test_a_malformed_limit_declared_for_a_key_falls_back_with_one_warning(user_p
     redis_server.client().hset(RedisStore.bucket(member) + "limits", "someone#0", "x|y")
     result = invoke("-m", "lb:decl", "one")
     assert result.exit_code == 0 and "unexpected data for lb:decl" in result.stderr
+    # a key's entries are shared by every balancer, and kept by llm lb reset: the warning says
+    assert f"delete the keys {RedisStore.bucket(member)}*" in result.stderr
 
 
 def test_a_server_of_a_newer_format_is_left_for_the_file_with_a_warning_to_upgrade(

@@ -293,8 +293,13 @@ def test_a_limit_applies_to_every_member_using_the_key_from_when_it_is_declared(
     free = backend.balancer("free", echo(key="work"), echo(), policy="failover")
     st.declare(strict, now=NOW)  # llm lb save strict: before any prompt of lb:strict
     assert [chosen(st, free, NOW + step).order[0] for step in (1, 2)] == [0, 1]
+    st.reset(strict)  # llm lb reset strict: its limit still applies while it is saved
+    assert chosen(st, free, NOW + 3).order[0] == 1
+    store.remove("strict", strict)  # llm lb remove strict: no longer
+    assert chosen(st, free, NOW + 4).order[0] == 0
+    st.declare(strict, now=NOW + 5)
     # not renewed for a day (no process used lb:strict), the declaration is forgotten
-    assert [chosen(st, free, NOW + DAY + step).order[0] for step in (1, 2)] == [0, 0]
+    assert [chosen(st, free, NOW + 5 + DAY + step).order[0] for step in (1, 2)] == [0, 0]
 
 
 def test_a_new_definition_of_a_balancer_keeps_the_keys_windows(backend):
@@ -396,7 +401,9 @@ def test_a_quota_cooldown_says_what_it_is_for(backend):
 def test_a_cooldown_recorded_while_the_clock_ran_ahead_lasts_its_own_length(backend):
     balancer, st = backend.open("ahead", echo(), echo())
     st.record(balancer, 0, failed(cooldown=30), now=NOW + 10 * DAY)  # the clock 10 days ahead
-    back = st.choose(balancer, now=NOW)  # the clock is right again
+    # the clock is right again: llm lb stats says 30 s from now, before any prompt
+    assert st.stats(balancer, now=NOW)[0]["cooling_down_until"] == pytest.approx(NOW + 30)
+    back = st.choose(balancer, now=NOW)
     assert back.plan.skipped == (0,)  # cooling down: for 30 s from now, not 10 days
     assert st.stats(balancer, now=NOW)[0]["cooling_down_until"] == pytest.approx(NOW + 30)
     assert st.choose(balancer, now=NOW + 31).plan.skipped == ()

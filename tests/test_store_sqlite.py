@@ -454,3 +454,31 @@ def test_a_process_renews_the_leases_of_its_prompts_in_flight_until_they_end(use
 def in_flight_now(st, balancer, now) -> str:
     why = chosen(st, balancer, now).why
     return why[why.index(": ") + 2 : -1]
+
+
+def test_a_version_5_file_s_requests_of_members_sharing_a_key_count_together(user_path):
+    save_lb("x", "echo rpm=4", "echo rpm=4", flags=("--max-wait", "0"))  # one model, one key
+    balancer = config.load("x")
+    now = time.time()
+    with old_state_file(user_path, 5, balancer) as db:  # 2 requests each, numbered apart
+        for member, seq in ((0, 1), (1, 1), (0, 2), (1, 2)):
+            db.execute(
+                "insert into requests (balancer, member, at, seq, total) "
+                "values ('x', ?, ?, ?, 0)",
+                [member, now - 10 + seq + member / 10, seq],
+            )
+    choice = store.open_store(balancer).choose(balancer, now=now)
+    assert choice.plan.order == ()  # the key has had its 4 requests of the minute
+    assert store.open_store(balancer).stats(balancer, now=now)[0]["limits"]["rpm"]["used"] == 4
+
+
+def test_a_value_in_the_file_this_version_cannot_read_never_fails_a_prompt(user_path):
+    set_keys(user_path, a="key-a")
+    save_lb("x", "echo key=a rpm=5", "echo")
+    with sqlite3.connect(user_path / "loadbalancers.db") as db:
+        db.execute("update bucket_limits set at = 'abc'")
+    store.new_process()
+    result = invoke("-m", "lb:x", "hi")
+    assert result.exit_code == 0, result.output
+    assert "it holds a value this version cannot read" in result.stderr
+    assert len(result.stderr.splitlines()) == 1

@@ -263,7 +263,7 @@ def remove(name: str, balancer: Balancer | None) -> None:
     except StateUnavailable as ex:
         problem = ex
     if balancer is not None and location(balancer)[0] is not None:
-        open_store(balancer, fallback=False).reset(balancer)
+        open_store(balancer, fallback=False).retire(balancer)  # (its declared limits too)
     if problem is not None:
         raise problem
 
@@ -274,14 +274,23 @@ def saved(new: Balancer, old: Balancer | None = None) -> None:
     asked first), and, when it replaced one with other members, what the old one kept is
     forgotten (its rotation, statistics, cooldowns, ties and declared limits; not the buckets'
     windows). ``StateUnavailable`` when the state cannot be used."""
-    stores = [_process.local(new.user_dir, COMMAND_WAIT)]
-    if location(new)[0] is not None:
-        stores.append(open_store(new, fallback=False))
-    for found in stores:
-        if old is not None and old.signature != new.signature:
-            found.retire(old)
-        if any(member.limits for member in new.members):
-            found.declare(new)
+    problem = None
+    for place in ("file", "server"):
+        try:
+            if place == "file":
+                found = _process.local(new.user_dir, COMMAND_WAIT)
+            elif location(new)[0] is not None:
+                found = open_store(new, fallback=False)
+            else:
+                continue
+            if old is not None and old.signature != new.signature:
+                found.retire(old)
+            if any(member.limits for member in new.members):
+                found.declare(new)
+        except StateUnavailable as ex:  # the other is told all the same
+            problem = problem or ex
+    if problem is not None:
+        raise problem
 
 
 def new_process() -> None:

@@ -52,4 +52,7 @@ class Leases:
     def _run(self) -> None:
         while True:
             time.sleep(self.every)
-            self.renew()
+            try:
+                self.renew()
+            except Exception:  # whatever a store raised, the other leases are renewed still
+                pass

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from ..config import Balancer, shown_url
 from ..config import cut as config_cut
-from ..selection import choose, free_at, of_kind
+from ..selection import choose, counted_ahead, free_at
 from . import Busy, Choice, Outcome, Unreachable, rules, timeout
 
 CONNECT_TIMEOUT = 0.25  # seconds to connect, at most
@@ -120,10 +120,13 @@ class RedisStore:
 
     def malformed(self, ex: Exception, balancer: Balancer) -> Malformed:
         "What the server held that could not be read, as the warning says it."
+        if isinstance(ex, _InBucket):  # a provider's bucket's: shared, and kept by a reset
+            hint = f"delete the keys {ex.prefix}* (a key's limits, shared by every balancer)"
+        else:
+            hint = f"'llm lb reset {balancer.name}' clears it"
         return Malformed(
             f"{shown_url(self.url)}: unexpected data for {balancer.model_id} "
-            f"({type(ex).__name__}: {config_cut(str(ex))}); 'llm lb reset {balancer.name}' "
-            "clears it"
+            f"({type(ex).__name__}: {config_cut(str(ex))}); {hint}"
         )
 
     @staticmethod
@@ -306,7 +309,7 @@ class RedisStore:
             "keep": KEEP,
             "timings_kept": rules.RECENT,
         }
-        if (ticket is not None and ticket.tokens) or of_kind(own.limits, "t"):
+        if rules.counts_tokens(own.limits, ticket):
             fields["bucket"] = self.bucket(own)
         if outcome.error is not None:
             fields["error"] = outcome.error
@@ -404,7 +407,7 @@ class RedisStore:
             pipe.zrangebyscore(bucket + "spent", "-inf", "+inf", withscores=True)
         server_time, counters, cooldowns, *per_member = self.call(pipe.execute)
         now = server_time[0] + server_time[1] / 1e6 if now is None else now
-        rows, cooling, events, timings = {}, {}, {}, {}
+        rows, events, timings, on_record = {}, {}, {}, []
         for index, member in enumerate(balancer.members):
             got = {name: counters.get(f"{index}:{name}") for name in _COUNTERS}
             if got["requests"] is not None:
@@ -420,15 +423,15 @@ class RedisStore:
                 )
             row = cooldowns.get(str(index))
             if row:
-                until, _, _, reason = row.split("|", 3)
-                if float(until) > now:
-                    cooling[index] = (float(until), reason)
+                until, stated, length, reason = row.split("|", 3)
+                on_record.append((index, float(until), stated == "1", float(length), reason))
             recent, requests, spent = per_member[3 * index : 3 * index + 3]
             timings[index] = [
                 (timing[1], timing[2]) for timing in map(_timing, recent) if timing[2]
             ]
             if member.limits:
                 events[index] = _events(requests, spent, now - rules.DAY)
+        cooling = rules.cooling_now(on_record, now)
         return rules.shape_stats(balancer, rows, cooling, events, timings, now)
 
     def report(self, balancer: Balancer) -> dict:
@@ -547,24 +550,30 @@ class _ServerSnapshot:
             raise ValueError(f"{len(buckets)} buckets for {len(balancer.members)} members")
         self.bucket_versions, self._limits, self._totals, self._declared = {}, {}, {}, {}
         self.any_declared = False
-        for index, (member, (bucket_version, declared, totals)) in enumerate(
-            zip(balancer.members, buckets)
-        ):
-            self.bucket_versions[store.bucket(member)] = _text(bucket_version)
-            sources = {}
-            for source, value in zip(declared[::2], declared[1::2]):
-                *numbers, at = value.split("|")
-                if len(numbers) != 4:
-                    raise ValueError(f"a declaration of {len(numbers)} limits")
-                sources[_text(source)] = (*(int(n) if n else None for n in numbers), float(at))
-            self.any_declared = self.any_declared or bool(sources)
-            self._declared[index] = sources
-            self._limits[index] = rules.strictest(member.limits, sources.values(), self.now)
-            counts = [int(value) for value in totals]
-            if self._limits[index]:
-                if len(counts) != 4:
-                    raise ValueError(f"{len(counts)} window totals")
-                self._totals[index] = {60.0: tuple(counts[:2]), 86400.0: tuple(counts[2:])}
+        for index, (member, found) in enumerate(zip(balancer.members, buckets)):
+            try:
+                self._bucket(index, member, found)
+            except MALFORMED as ex:
+                raise _InBucket(store.bucket(member), ex) from ex
+
+    def _bucket(self, index: int, member, found) -> None:
+        "What the snapshot read of a member's bucket: its version, declarations and totals."
+        bucket_version, declared, totals = found
+        self.bucket_versions[self.store.bucket(member)] = _text(bucket_version)
+        sources = {}
+        for source, value in zip(declared[::2], declared[1::2]):
+            *numbers, at = value.split("|")
+            if len(numbers) != 4:
+                raise ValueError(f"a declaration of {len(numbers)} limits")
+            sources[_text(source)] = (*(int(n) if n else None for n in numbers), float(at))
+        self.any_declared = self.any_declared or bool(sources)
+        self._declared[index] = sources
+        self._limits[index] = rules.strictest(member.limits, sources.values(), self.now)
+        counts = [int(value) for value in totals]
+        if self._limits[index]:
+            if len(counts) != 4:
+                raise ValueError(f"{len(counts)} window totals")
+            self._totals[index] = {60.0: tuple(counts[:2]), 86400.0: tuple(counts[2:])}
 
     def limits(self, member: int) -> dict:
         return self._limits[member]
@@ -575,14 +584,14 @@ class _ServerSnapshot:
     def declares(self, member: int) -> bool:
         "Whether the member's own declaration is on record, and recent."
         own = self._declared[member].get(f"{self.store.prefix(self.balancer)}#{member}")
-        return own is not None and self.now - rules.DECLARE_EVERY < own[4] <= self.now
+        return own is not None and rules.declared_lately(own[4], self.now)
 
     def counted(self, member: int) -> bool:
         "Whether a request of the member is counted when chosen (``selection.counted_ahead``)."
-        return self.balancer.policy == "least-busy" or bool(self._limits[member])
+        return counted_ahead(self.balancer, self, member)
 
     def ticket(self, member: int, ticket_id) -> Ticket:
-        tokens = any(name.startswith("t") for name in self._limits[member])
+        tokens = rules.counts_tokens(self._limits[member])
         return Ticket(_text(ticket_id), tokens, self.balancer.policy == "least-busy")
 
     def redate_fields(self) -> list:
@@ -611,6 +620,14 @@ class _ServerSnapshot:
             return _events(requests, spent, since)
         except MALFORMED as ex:
             raise self.store.malformed(ex, self.balancer) from ex
+
+
+class _InBucket(ValueError):
+    "A provider's bucket's value that cannot be read."
+
+    def __init__(self, prefix: str, problem: Exception):
+        super().__init__(f"{type(problem).__name__}: {problem}")
+        self.prefix = prefix
 
 
 def _events(requests, spent, since: float):

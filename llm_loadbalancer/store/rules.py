@@ -54,6 +54,15 @@ def read_cooldowns(rows, now: float):
     return cooling, blocked, frozenset(cooled), redated
 
 
+def cooling_now(rows, now: float) -> dict:
+    """{member: (until, reason)} of the cooldowns not yet ended, from (member, until, stated,
+    length, reason) rows, their ends read as ``read_cooldowns`` reads them (what ``llm lb
+    stats`` shows)."""
+    cooling, blocked, _, _ = read_cooldowns([row[:4] for row in rows], now)
+    reasons = {row[0]: row[4] for row in rows}
+    return {member: (until, reasons[member]) for member, until in {**cooling, **blocked}.items()}
+
+
 # A prompt in flight (least-busy) counts while its lease lasts: LEASE seconds from when it was
 # chosen, renewed every RENEW seconds while it runs (``leases.py``). A process that dies stops
 # renewing, and its prompts stop counting within LEASE seconds, whatever its process id becomes
@@ -104,6 +113,19 @@ def declaration(member_limits: dict) -> tuple:
 
 
 DECLARE_EVERY = 3600.0  # a member's declaration is renewed when older than this
+
+
+def declared_lately(at: float | None, now: float) -> bool:
+    "Whether a member's own declaration, made at ``at``, need not be renewed yet."
+    return at is not None and now - DECLARE_EVERY < at <= now
+
+
+def counts_tokens(member_limits: dict, ticket=None) -> bool:
+    """Whether the tokens a member reports count against its bucket's windows: a token limit
+    applies to it (its own, or, as the ticket its choice gave says, declared by another)."""
+    return bool(getattr(ticket, "tokens", False)) or any(
+        name.startswith("t") for name in member_limits
+    )
 
 
 def median_latency(timings, now: float, stream: bool) -> float | None:

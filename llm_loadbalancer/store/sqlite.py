@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 from .. import limits
 from ..config import Balancer
-from ..selection import choose, free_at
+from ..selection import choose, counted_ahead, free_at
 from . import Choice, Outcome, StateUnavailable, rules, timeout
 from .migrations import TooNew, upgrade
 
@@ -99,6 +99,12 @@ class SQLiteStore:
         "A failure of the file, raised as StateUnavailable; anything else is left as it is."
         if isinstance(ex, (StateUnavailable, TooNew)):
             raise StateUnavailable(f"{self.path}: {ex}") from ex
+        if isinstance(ex, (ValueError, TypeError)):  # a value in the file this code cannot read
+            raise StateUnavailable(
+                f"{self.path}: it holds a value this version cannot read "
+                f"({type(ex).__name__}: {ex}): move it away (rotation, cooldowns and "
+                "statistics start afresh)"
+            ) from ex
         if isinstance(ex, (sqlite3.Error, OSError)):
             if self.db is not None:
                 self.db.close()
@@ -207,7 +213,7 @@ class SQLiteStore:
             )
             own = balancer.members[member]
             bucket = rules.bucket(own)
-            if spent > 0 and ((ticket is not None and ticket.tokens) or own.tpm or own.tpd):
+            if spent > 0 and rules.counts_tokens(own.limits, ticket):
                 _spent(db, bucket, spent, now)
             prune = random.random() * PRUNE_EVERY < 1
             if prune:  # this member's rows older than a day: into the totals
@@ -239,13 +245,19 @@ class SQLiteStore:
                 )
 
     def reset(self, balancer: Balancer) -> None:
-        self.forget(balancer.name)
+        with self.transaction() as db:
+            _clear(db, balancer.name)
 
     def forget(self, name: str) -> None:
-        """Everything kept under the name, whatever the definition, but the windows of the
-        providers' buckets: the requests a key received still count against its limits."""
+        """Everything kept under the name, whatever the definition, and the limits it declared;
+        not the windows of the providers' buckets: the requests a key received still count
+        against its limits."""
         with self.transaction() as db:
             _clear(db, name)
+            db.execute(
+                "delete from bucket_limits where source > ?1 || ':' and source < ?1 || ';'",
+                [name],
+            )
 
     def retire(self, balancer: Balancer) -> None:
         "What one definition kept (it was replaced): as ``forget``, for it alone."
@@ -286,13 +298,14 @@ class SQLiteStore:
                 live = db.execute(f"select {OUTCOMES}", [key, index, float("inf")]).fetchone()
                 if live[0]:
                     rows[index] = _added(rows.get(index), live)
-            cooling = {
-                r[0]: r[1:]
-                for r in db.execute(
-                    "select member, until, reason from cooldowns where balancer = ? and until > ?",
-                    [key, now],
-                )
-            }
+            cooling = rules.cooling_now(
+                db.execute(
+                    "select member, until, known, length, reason from cooldowns "
+                    "where balancer = ?",
+                    [key],
+                ).fetchall(),
+                now,
+            )
             timings = {}
             for index, member in enumerate(balancer.members):
                 if member.limits:
@@ -446,38 +459,54 @@ def _take_over(db, balancer: Balancer, key: str) -> bool:
         return False
     for table in TABLES:
         db.execute(f"update or ignore {table} set balancer = ? where balancer = ?", [key, name])
+    buckets = {}
     for index, member in enumerate(balancer.members):
         if member.limits:
-            bucket = rules.bucket(member)
+            buckets.setdefault(rules.bucket(member), []).append(index)
+    for bucket, members in buckets.items():
+        # the members' requests and token reports, with what the bucket has already, numbered
+        # again in time order: members sharing a bucket each had numbers of their own
+        places = ", ".join("?" * len(members))
+        requests = db.execute(
+            "select at from bucket_requests where bucket = ? union all select at from "
+            f"requests where balancer = ? and member in ({places})",
+            [bucket, key, *members],
+        ).fetchall()
+        tokens = db.execute(
+            "select at, tokens from bucket_tokens where bucket = ? union all select at, tokens "
+            f"from outcomes where balancer = ? and member in ({places}) and tokens > 0",
+            [bucket, key, *members],
+        ).fetchall()
+        for table in ("bucket_requests", "bucket_tokens"):
+            db.execute(f"delete from {table} where bucket = ?", [bucket])
+        db.executemany(
+            "insert into bucket_requests (bucket, at, seq) values (?, ?, ?)",
+            [(bucket, at, seq) for seq, (at,) in enumerate(sorted(requests), 1)],
+        )
+        cum = 0
+        for n, (at, spent) in enumerate(sorted(tokens), 1):
+            cum += spent
             db.execute(
-                "insert or ignore into bucket_requests (bucket, at, seq) "
-                "select ?, at, seq from requests where balancer = ? and member = ?",
-                [bucket, key, index],
+                "insert into bucket_tokens (bucket, at, n, tokens, cum) values (?, ?, ?, ?, ?)",
+                [bucket, at, n, spent, cum],
             )
-            db.execute(
-                "insert or ignore into bucket_tokens (bucket, at, n, tokens, cum) "
-                "select ?, at, n, tokens, cum from outcomes where balancer = ? and member = ? "
-                "and tokens > 0",
-                [bucket, key, index],
-            )
-            db.execute(
-                "delete from requests where balancer = ? and member = ? and total is not null",
-                [key, index],
-            )
+        db.execute(
+            f"delete from requests where balancer = ? and member in ({places}) "
+            "and total is not null",
+            [key, *members],
+        )
     return True
 
 
 def _clear(db, name: str) -> None:
-    "Every definition's rows of a name (and a version-5 file's, under the bare name)."
+    """Every definition's rows of a name (and a version-5 file's, under the bare name), but its
+    declared limits: they still apply while the balancer is saved."""
     for table in TABLES:
         db.execute(
             f"delete from {table} where balancer = ?1 or (balancer > ?1 || ':' "
             "and balancer < ?1 || ';')",
             [name],
         )
-    db.execute(
-        "delete from bucket_limits where source > ?1 || ':' and source < ?1 || ';'", [name]
-    )
 
 
 def _declare(db, source: str, member, now: float) -> None:
@@ -568,16 +597,16 @@ class _FileSnapshot:
         """Count a request of the member, chosen now: against its bucket's windows when limits
         apply to it (and its own limits declared there), and in flight under least-busy. Its
         ticket, or None when nothing was counted."""
+        if not counted_ahead(self.balancer, self, member):
+            return None
         member_limits = self.limits(member)
         flight = self.balancer.policy == "least-busy"
-        if not member_limits and not flight:
-            return None
         if member_limits:
             own = self.balancer.members[member]
             _sent(self.db, rules.bucket(own), self.now, self.last_requests.get(member))
             if own.limits:
                 self._declare(member, own)
-        tokens = any(name.startswith("t") for name in member_limits)
+        tokens = rules.counts_tokens(member_limits)
         if not flight:
             return Ticket(tokens)
         number = random.getrandbits(62)
@@ -592,7 +621,7 @@ class _FileSnapshot:
         "The member's own limits, declared for its bucket (again, when not renewed for a while)."
         source = f"{self.key}#{member}"
         for *_, at, by in self._declared[member]:
-            if by == source and self.now - rules.DECLARE_EVERY < at <= self.now:
+            if by == source and rules.declared_lately(at, self.now):
                 return
         _declare(self.db, source, own, self.now)
 
