@@ -682,18 +682,19 @@ def _strictest(own: dict, declared: list, now: float) -> dict:
     have been forgotten: the same from prompt to prompt."""
     if not declared:
         return own
-    cached = _STRICTEST.get(id(declared))
+    cached = _STRICTEST.get((id(declared), id(own)))
     if cached is not None and cached[0] is declared and cached[1] is own and now < cached[3]:
         return cached[2]
     found = rules.strictest(own, declared, now)
     if len(_STRICTEST) > 256:
         _STRICTEST.clear()
     # valid until the oldest declaration is a day old (then it no longer counts)
-    _STRICTEST[id(declared)] = (declared, own, found, min(row[4] for row in declared) + rules.DAY)
+    oldest = min(row[4] for row in declared)
+    _STRICTEST[(id(declared), id(own))] = (declared, own, found, oldest + rules.DAY)
     return found
 
 
-_STRICTEST: dict[int, tuple] = {}
+_STRICTEST: dict[tuple[int, int], tuple] = {}
 
 
 def _events(db, bucket: str, since: float):
