@@ -282,6 +282,9 @@ def test_the_strictest_limit_given_for_a_key_applies_to_every_member_using_it(ba
     assert chosen(st, strict, NOW).order[0] == 0  # rpm=2 is declared for key work
     assert [chosen(st, b, NOW + 1).order[0] for b in (loose, free)] == [0, 1]
     assert chosen(st, loose, NOW + 2).order[0] == 1  # 2 in the minute: rpm=2 applies to all
+    # and llm lb stats shows the limit that applies, not the member's own
+    for balancer in (loose, free):
+        assert st.stats(balancer, now=NOW + 2)[0]["limits"] == {"rpm": {"used": 2, "limit": 2}}
     assert st.claim(free, 0, now=NOW + 3) is False
     # the same model with another key, or another model with the key, is another bucket
     other = backend.balancer("other", echo(key="personal", rpm=5), echo())

@@ -405,9 +405,10 @@ class RedisStore:
             pipe.lrange(prefix + f"timings:{index}", 0, -1)
             pipe.zrangebyscore(bucket + "requests", "-inf", "+inf", withscores=True)
             pipe.zrangebyscore(bucket + "spent", "-inf", "+inf", withscores=True)
+            pipe.hgetall(bucket + "limits")
         server_time, counters, cooldowns, *per_member = self.call(pipe.execute)
         now = server_time[0] + server_time[1] / 1e6 if now is None else now
-        rows, events, timings, on_record = {}, {}, {}, []
+        rows, events, timings, on_record, applied = {}, {}, {}, [], {}
         for index, member in enumerate(balancer.members):
             got = {name: counters.get(f"{index}:{name}") for name in _COUNTERS}
             if got["requests"] is not None:
@@ -425,14 +426,16 @@ class RedisStore:
             if row:
                 until, stated, length, reason = row.split("|", 3)
                 on_record.append((index, float(until), stated == "1", float(length), reason))
-            recent, requests, spent = per_member[3 * index : 3 * index + 3]
+            recent, requests, spent, declared = per_member[4 * index : 4 * index + 4]
             timings[index] = [
                 (timing[1], timing[2]) for timing in map(_timing, recent) if timing[2]
             ]
-            if member.limits:
+            sources = _sources(declared.items())
+            applied[index] = rules.strictest(member.limits, sources.values(), now)
+            if applied[index]:
                 events[index] = _events(requests, spent, now - rules.DAY)
         cooling = rules.cooling_now(on_record, now)
-        return rules.shape_stats(balancer, rows, cooling, events, timings, now)
+        return rules.shape_stats(balancer, rows, cooling, events, timings, now, applied)
 
     def report(self, balancer: Balancer) -> dict:
         "The server's version and round trip (seconds), and what it holds for this definition."
@@ -560,12 +563,7 @@ class _ServerSnapshot:
         "What the snapshot read of a member's bucket: its version, declarations and totals."
         bucket_version, declared, totals = found
         self.bucket_versions[self.store.bucket(member)] = _text(bucket_version)
-        sources = {}
-        for source, value in zip(declared[::2], declared[1::2]):
-            *numbers, at = value.split("|")
-            if len(numbers) != 4:
-                raise ValueError(f"a declaration of {len(numbers)} limits")
-            sources[_text(source)] = (*(int(n) if n else None for n in numbers), float(at))
+        sources = _sources(zip(declared[::2], declared[1::2]))
         self.any_declared = self.any_declared or bool(sources)
         self._declared[index] = sources
         self._limits[index] = rules.strictest(member.limits, sources.values(), self.now)
@@ -636,6 +634,17 @@ def _events(requests, spent, since: float):
         [(float(at), 0) for _, at in requests if float(at) > since],
         [(float(at), int(entry.split(":")[1])) for entry, at in spent if float(at) > since],
     )
+
+
+def _sources(pairs) -> dict:
+    "{source: (rpm, rpd, tpm, tpd, at)} of a bucket's ``limits`` hash, from its (field, value)s."
+    sources = {}
+    for source, value in pairs:
+        *numbers, at = value.split("|")
+        if len(numbers) != 4:
+            raise ValueError(f"a declaration of {len(numbers)} limits")
+        sources[_text(source)] = (*(int(n) if n else None for n in numbers), float(at))
+    return sources
 
 
 def _declaration(member, now: float) -> str:

@@ -153,12 +153,13 @@ def spread(values: list[float]) -> dict | None:
     return {"median": median, "p95": p95}
 
 
-def shape_stats(balancer, rows, cooling, events, timings, now: float) -> list[dict]:
+def shape_stats(balancer, rows, cooling, events, timings, now: float, applied=None) -> list[dict]:
     """The statistics of each member as ``llm lb stats`` gives them, from what a backend read:
     ``rows`` {member: (requests, successes, failures, last used, last error, tokens in, tokens
     out, items)}, ``cooling`` {member: (until, reason)} of the cooldowns not yet ended,
     ``events`` {member: (requests, token reports)} of the last day, as (time, 0) and (time,
-    tokens), ``timings`` {member: [(first chunk, total)]}, newest first (the last RECENT)."""
+    tokens), ``timings`` {member: [(first chunk, total)]}, newest first (the last RECENT),
+    ``applied`` {member: the limits that apply to it (``strictest``)}, its own where left out."""
     total = sum(r[0] for r in rows.values())
     result = []
     for index, member in enumerate(balancer.members):
@@ -181,7 +182,9 @@ def shape_stats(balancer, rows, cooling, events, timings, now: float) -> list[di
                 "items": items,
                 "first_chunk": spread([first for first, _ in recent if first is not None]),
                 "total_time": spread([whole for _, whole in recent]),
-                "limits": _limits_now(member.limits, events.get(index, ([], [])), now),
+                "limits": _limits_now(
+                    (applied or {}).get(index, member.limits), events.get(index, ([], [])), now
+                ),
                 "last_used": last_used,
                 "last_error": last_error,
                 "cooling_down_until": until,

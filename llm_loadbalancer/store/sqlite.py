@@ -306,16 +306,19 @@ class SQLiteStore:
                 ).fetchall(),
                 now,
             )
-            timings = {}
+            timings, applied = {}, {}
             for index, member in enumerate(balancer.members):
-                if member.limits:
-                    events[index] = _events(db, rules.bucket(member), now - limits.LONGEST)
+                bucket = rules.bucket(member)
+                declared = db.execute(f"select {_DECLARED}", [bucket]).fetchone()[0]
+                applied[index] = rules.strictest(member.limits, _declarations(declared), now)
+                if applied[index]:
+                    events[index] = _events(db, bucket, now - limits.LONGEST)
                 timings[index] = db.execute(
                     "select first_chunk, total from outcomes where balancer = ? "
                     "and member = ? and total > 0 order by at desc limit ?",
                     [key, index, rules.RECENT],
                 ).fetchall()
-        return rules.shape_stats(balancer, rows, cooling, events, timings, now)
+        return rules.shape_stats(balancer, rows, cooling, events, timings, now, applied)
 
     def report(self, balancer: Balancer) -> dict:
         return {"file": self.path}
