@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 WINDOWS = {"rpm": 60.0, "rpd": 86400.0, "tpm": 60.0, "tpd": 86400.0}
 LONGEST = max(WINDOWS.values())
+# each limit's window, and what it counts in ``full``'s totals: requests (0) or tokens (1)
+_COUNTED = {name: (window, 0 if name[0] == "r" else 1) for name, window in WINDOWS.items()}
 
 
 class Use(NamedTuple):
@@ -38,8 +40,8 @@ def full(limits: dict, totals: dict) -> bool:
     """Whether any limit is reached, given {window seconds: (requests, tokens)} in each of
     the member's windows now."""
     for name, limit in limits.items():
-        requests, tokens = totals[WINDOWS[name]]
-        if (requests if name.startswith("r") else tokens) >= limit:
+        window, counted = _COUNTED[name]
+        if totals[window][counted] >= limit:
             return True
     return False
 

@@ -17,7 +17,7 @@ from conftest import NOW, invoke, save_lb, set_keys
 from store_helpers import chosen, echo
 
 from llm_loadbalancer import config, store
-from llm_loadbalancer.store import Outcome, migrations
+from llm_loadbalancer.store import Outcome, migrations, rules
 from llm_loadbalancer.store import sqlite as sqlite_store
 
 
@@ -472,11 +472,27 @@ def test_a_version_5_file_s_requests_of_members_sharing_a_key_count_together(use
     assert store.open_store(balancer).stats(balancer, now=now)[0]["limits"]["rpm"]["used"] == 4
 
 
+def test_limits_declared_in_a_version_6_file_still_apply(user_path):
+    save_lb("x", "echo", "echo", flags=("--max-wait", "0"))
+    balancer = config.load("x")
+    now = time.time()
+    with old_state_file(user_path, 6, balancer) as db:  # another balancer's rpm=1 for the key
+        db.execute(
+            "insert into bucket_limits (bucket, source, rpm, at) values (?, 'y:0123abcd#0', 1, ?)",
+            [rules.bucket(balancer.members[0]), now - 60],
+        )
+    st = store.open_store(balancer)
+    assert st.choose(balancer, now=now).plan.order != ()
+    assert st.choose(balancer, now=now + 1).plan.order == ()  # the key's request of the minute
+    assert st.stats(balancer, now=now + 1)[1]["limits"] == {"rpm": {"used": 1, "limit": 1}}
+    assert_upgraded(user_path)
+
+
 def test_a_value_in_the_file_this_version_cannot_read_never_fails_a_prompt(user_path):
     set_keys(user_path, a="key-a")
     save_lb("x", "echo key=a rpm=5", "echo")
     with sqlite3.connect(user_path / "loadbalancers.db") as db:
-        db.execute("update bucket_limits set at = 'abc'")
+        db.execute("update bucket_limits set line = 'abc'")
     store.new_process()
     result = invoke("-m", "lb:x", "hi")
     assert result.exit_code == 0, result.output

@@ -123,9 +123,7 @@ def declared_lately(at: float | None, now: float) -> bool:
 def counts_tokens(member_limits: dict, ticket=None) -> bool:
     """Whether the tokens a member reports count against its bucket's windows: a token limit
     applies to it (its own, or, as the ticket its choice gave says, declared by another)."""
-    return bool(getattr(ticket, "tokens", False)) or any(
-        name.startswith("t") for name in member_limits
-    )
+    return "tpm" in member_limits or "tpd" in member_limits or getattr(ticket, "tokens", False)
 
 
 def median_latency(timings, now: float, stream: bool) -> float | None:
