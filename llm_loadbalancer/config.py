@@ -32,7 +32,8 @@ DEFAULT_COOLDOWN = 30.0
 # or timeout is a wait; nothing here may grow without limit.
 MAX_FILE_BYTES = 64 * 1024
 MAX_MEMBERS = 100
-MAX_SECONDS = 86400.0  # the longest cooldown (from any source) and timeout: one day
+MAX_SECONDS = 86400.0  # the longest cooldown the balancer guesses, and timeout: one day
+MAX_STATED_SECONDS = 7 * 86400.0  # the longest a reset the provider stated keeps a member out
 SHOWN_CHARS = 60  # a value quoted back in a message is cut to this
 DEFAULT_MAX_WAIT = 30.0
 DEFAULT_QUOTA_COOLDOWN = 3600.0

@@ -145,9 +145,9 @@ class Run:
 
     def wait(self) -> float | None:
         """Choose the members for this prompt: None when chosen, or the seconds to sleep before
-        asking again, because every member is at its limit or inside its provider's
-        Retry-After and the first to free up does so within the balancer's max_wait (one
-        line on stderr says so). Longer than that, the prompt fails at once."""
+        asking again, because every member is at its limit or inside a reset its provider
+        stated and the first to free up does so within the balancer's max_wait (one line on
+        stderr says so). Longer than that, the prompt fails at once."""
         unavailable = frozenset(self.lb.missing)
         try:
             # the time is the backend's (a Redis server's clock, for every machine alike)
@@ -184,8 +184,8 @@ class Run:
         first = self.balancer.members[index].describe(index + 1, self.keys)
         if delay > self.balancer.max_wait:
             raise LoadBalancerError(
-                f"{self.lb.model_id}: every member is at its limit or inside its provider's "
-                f"Retry-After; the first to free up is {first}, in {delay:.0f} s, longer than "
+                f"{self.lb.model_id}: every member is at its limit or inside a reset its "
+                f"provider stated; the first to free up is {first}, in {delay:.0f} s, longer than "
                 f"max_wait ({self.balancer.max_wait:g} s; llm lb save --max-wait)"
             )
         print(

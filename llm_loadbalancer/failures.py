@@ -9,8 +9,11 @@ key with a newline in it).
 
 | failure (before the first chunk)            | fail over | cooldown                        |
 |---------------------------------------------|-----------|---------------------------------|
-| quota exhausted (429, 400 credit balance)   | yes       | the balancer's quota_cooldown   |
-| 429, 5xx                                    | yes       | Retry-After, else the balancer's|
+| quota exhausted (429, 400 credit balance)   | yes       | its stated reset, else the      |
+|                                             |           | balancer's quota_cooldown       |
+| 429                                         | yes       | its stated reset (``resets.py``)|
+|                                             |           | else the balancer's cooldown    |
+| 5xx                                         | yes       | Retry-After, else the balancer's|
 | connection error, SDK timeout               | yes       | the balancer's                  |
 | no first chunk within the balancer's timeout| yes       | the balancer's                  |
 | an answer that cannot be decoded (protocol) | yes       | the balancer's                  |
@@ -22,14 +25,13 @@ key with a newline in it).
 
 from __future__ import annotations
 
-import email.utils
 import errno
-import math
 import time
 from typing import NamedTuple
 
 import llm
 
+from . import resets
 from .config import MAX_SECONDS
 
 KEY_COOLDOWN = 600.0
@@ -129,14 +131,6 @@ def is_quota_exhausted(ex: BaseException) -> bool:
     return "resource_exhausted" in joined and ("perday" in joined or "per day" in joined)
 
 
-def _chain(ex: BaseException):
-    seen = set()
-    while ex is not None and id(ex) not in seen:
-        seen.add(id(ex))
-        yield ex
-        ex = ex.__cause__ or ex.__context__
-
-
 def status_of(ex: BaseException) -> int | None:
     for candidate in (
         getattr(ex, "status_code", None),
@@ -151,39 +145,13 @@ def status_of(ex: BaseException) -> int | None:
 def retry_after(ex: BaseException, now: float | None = None) -> float | None:
     """Seconds from the response's retry-after-ms or Retry-After header, when it has one that
     makes sense: not a number, not finite or over a day (``inf``, ``1e300``) counts as none."""
-    headers = getattr(getattr(ex, "response", None), "headers", None)
-    if headers is None:
-        return None
-    try:
-        millis = headers.get("retry-after-ms")
-        value = headers.get("retry-after") if millis is None else None
-        if millis is not None:
-            return _sensible(float(millis) / 1000)
-    except Exception:
-        return None
-    if value is None:
-        return None
-    try:
-        return _sensible(float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    now = time.time() if now is None else now
-    return _sensible(when.timestamp() - now)
-
-
-def _sensible(seconds: float) -> float | None:
-    if not math.isfinite(seconds) or seconds > MAX_SECONDS:
-        return None
-    return max(seconds, 0.0)
+    found = resets.retry_after(ex, time.time() if now is None else now)
+    return None if found is None or found.seconds > MAX_SECONDS else found.seconds
 
 
 def _connection_reason(ex: BaseException) -> str | None:
     found = None
-    for item in _chain(ex):
+    for item in resets.causes(ex):
         if isinstance(item, ConnectionRefusedError):
             return "connection refused"
         names = {cls.__name__ for cls in type(item).__mro__}
@@ -198,7 +166,8 @@ def _connection_reason(ex: BaseException) -> str | None:
 
 def _is_protocol_error(ex: BaseException) -> bool:
     return any(
-        {cls.__name__ for cls in type(item).__mro__} & PROTOCOL_ERROR_NAMES for item in _chain(ex)
+        {cls.__name__ for cls in type(item).__mro__} & PROTOCOL_ERROR_NAMES
+        for item in resets.causes(ex)
     )
 
 
@@ -207,7 +176,7 @@ def _refused_header(ex: BaseException) -> bool:
     LocalProtocolError (through httpx, in the SDK's APIConnectionError) for a line break, a
     control character or a space at either end; httpx's UnicodeEncodeError, its reason naming
     the header, for a character that is not ASCII. The value is nearly always the member's key."""
-    for item in _chain(ex):
+    for item in resets.causes(ex):
         names = {cls.__name__ for cls in type(item).__mro__}
         if "LocalProtocolError" in names and str(item).startswith("Illegal header value"):
             return True
@@ -216,7 +185,12 @@ def _refused_header(ex: BaseException) -> bool:
     return False
 
 
-def classify(ex: BaseException, default_cooldown: float, quota_cooldown: float = 3600.0) -> Failure:
+def classify(
+    ex: BaseException,
+    default_cooldown: float,
+    quota_cooldown: float = 3600.0,
+    now: float | None = None,
+) -> Failure:
     "What a member's exception means for the balancer (the table at the top of this module)."
     if isinstance(ex, llm.NeedsKeyException):
         return Failure("missing key", True, KEY_COOLDOWN)
@@ -226,10 +200,15 @@ def classify(ex: BaseException, default_cooldown: float, quota_cooldown: float =
         return Failure("timed out", True, default_cooldown)
     status = status_of(ex)
     if status in (400, 403, 429) and is_quota_exhausted(ex):
-        return Failure(f"{status} quota exhausted", True, min(quota_cooldown, MAX_SECONDS), True)
+        reason = f"{status} quota exhausted"
+        return _stated(reason, ex, now) or Failure(
+            reason, True, min(quota_cooldown, MAX_SECONDS), True
+        )
     if status is not None:
         reason = f"{status} {STATUS_WORDS.get(status, 'error')}"
-        if status == 429 or status >= 500:
+        if status == 429:
+            return _stated(reason, ex, now) or Failure(reason, True, default_cooldown)
+        if status >= 500:
             wait = retry_after(ex)
             if wait is None:
                 return Failure(reason, True, default_cooldown)
@@ -247,6 +226,21 @@ def classify(ex: BaseException, default_cooldown: float, quota_cooldown: float =
     # The exception's own text is not the reason: it may hold a key (Illegal header value
     # b'Bearer sk-...'); callers keep it only redacted, through one_line(ex, secrets).
     return Failure("error", False, None)
+
+
+def _stated(reason: str, ex: BaseException, now: float | None) -> Failure | None:
+    """A limit or quota whose reset the provider stated (``resets.stated``): the member is out
+    until then, and the reason says when and where it was said."""
+    reset = resets.stated(ex, time.time() if now is None else now)
+    if reset is None:
+        return None
+    return Failure(
+        f"{reason}, reset in {resets.shown(reset.seconds)} stated by the provider in "
+        f"{reset.source}",
+        True,
+        reset.seconds,
+        True,
+    )
 
 
 def one_line(ex: BaseException, secrets=(), limit: int = 200) -> str:

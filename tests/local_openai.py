@@ -78,12 +78,15 @@ class Handler(local_server.Handler):
 
     def _error(self, behaviour: str):
         status, _, retry_after = behaviour.partition(":")
-        message = {
+        owner = self.server.owner
+        message = owner.error_message or {
             429: "Rate limit reached",
             401: "Invalid key",
             404: "The model does not exist",
         }.get(int(status), "Failure")
         error = {"error": {"message": message, "type": "test"}}
+        if owner.error_body is not None:
+            error = owner.error_body
         self.send_json(int(status), error, self.fault_headers(retry_after))
 
     def _embeddings(self, body, key, behaviour):

@@ -133,10 +133,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_body(status, json.dumps(data).encode(), headers, reason, cut)
 
     def fault_headers(self, retry_after: str) -> dict:
-        "Headers of an error answer: x-should-retry (unless SDKs may retry) and Retry-After."
-        headers = {"x-should-retry": "false"} if self.server.owner.no_sdk_retries else {}
+        """Headers of an error answer: x-should-retry (unless SDKs may retry), Retry-After, and
+        the test's ``error_headers``."""
+        owner = self.server.owner
+        headers = {"x-should-retry": "false"} if owner.no_sdk_retries else {}
         if retry_after:
             headers["retry-after"] = retry_after
+        headers.update(owner.error_headers)
         return headers
 
     def start_stream(self, headers=None):
@@ -187,6 +190,11 @@ class LocalServer:
         self.released_and_answered = threading.Event()
         self.released_answers = 0
         self.released_broken = 0
+        # What an error answer (an HTTP status behaviour) carries beside its own: more headers,
+        # another message, or a whole other body (a test sets them: a provider's stated reset)
+        self.error_headers: dict[str, str] = {}
+        self.error_message: str | None = None
+        self.error_body = None
         # [endpoint or None, key or None, behaviour, times left, normal answers left before]
         self._rules: list[list] = []
         self._lock = threading.Lock()

@@ -88,7 +88,8 @@ def test_shapes_with_status_or_response_status_code():
 
     assert classify(WithStatus(), 30).failover is True
     failure = classify(WithResponse(), 30)
-    assert failure.reason == "429 rate limited" and failure.cooldown == 4.0
+    assert failure.cooldown == 4.0 and failure.stated
+    assert failure.reason == "429 rate limited, reset in 4s stated by the provider in retry-after"
 
 
 def test_missing_key_fails_over_and_cools_down_long():

@@ -112,7 +112,7 @@ def test_a_wait_longer_than_max_wait_fails_at_once(local_openai):
     assert result.exit_code == 1
     line = result.stderr.strip()
     assert re.fullmatch(
-        r"Error: lb:busy: every member is at its limit or inside its provider's Retry-After; "
+        r"Error: lb:busy: every member is at its limit or inside a reset its provider stated; "
         r"the first to free up is member 1 \(local-a, key: work, rpm=1\), in (59|60) s, longer "
         r"than max_wait \(30 s; llm lb save --max-wait\)",
         line,
@@ -127,7 +127,7 @@ def test_retry_after_is_waited_for_not_asked_early(local_openai):
     assert result.exit_code == 1
     assert len(local_openai.requests) == 2
     result = invoke("-m", "lb:ra", "hi")  # both are inside their Retry-After: none is asked
-    assert "every member is at its limit or inside its provider's Retry-After" in result.stderr
+    assert "every member is at its limit or inside a reset its provider stated" in result.stderr
     assert len(local_openai.requests) == 2
 
 

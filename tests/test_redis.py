@@ -91,7 +91,9 @@ def test_a_cooldown_set_on_one_machine_is_seen_on_the_other(machines, redis_serv
     assert [ask("x") for _ in range(3)] == ["answer from b"] * 3
     assert CALLS == ["b"] * 3  # B never asked a
     stats = members_stats("x")
-    assert stats[0]["cooling_down_for"] == "429 rate limited"
+    assert stats[0]["cooling_down_for"] == (
+        "429 rate limited, reset in 1m40s stated by the provider in retry-after"
+    )
 
 
 @pytest.mark.parametrize("policy", ["failover", "least-busy", "lowest-latency", "random"])

@@ -401,6 +401,27 @@ def test_a_quota_cooldown_says_what_it_is_for(backend):
     assert (ended["cooling_down_until"], ended["cooling_down_for"]) == (None, None)
 
 
+def test_a_reset_the_provider_stated_lasts_as_stated_up_to_a_week_never_doubled(backend):
+    balancer, st = backend.open("stated", echo(), echo())
+    st.choose(balancer, now=NOW)
+    error = "429 quota exhausted, reset in 3d stated by the provider in retry-after: spent"
+    st.record(balancer, 0, failed(error, 3 * DAY, stated=True), now=NOW)
+    member = st.stats(balancer, now=NOW + 1)[0]
+    assert member["cooling_down_until"] == NOW + 3 * DAY  # past a day: as stated
+    assert member["cooling_down_for"] == error.split(":")[0]
+    assert st.choose(balancer, now=NOW + 2 * DAY).plan.order == (1,)
+    assert st.claim(balancer, 0, now=NOW + 2 * DAY) is False  # known to be refused
+    assert 0 in st.choose(balancer, now=NOW + 3 * DAY + 1).plan.order
+    # stated again right after: as stated, not twice the last; a month is a week
+    st.record(balancer, 0, failed(error, 10.0, stated=True), now=NOW + 3 * DAY + 2)
+    assert st.stats(balancer, now=NOW + 3 * DAY + 2)[0]["cooling_down_until"] == (
+        NOW + 3 * DAY + 12
+    )
+    st.record(balancer, 0, failed(error, 30 * DAY, stated=True), now=NOW + 4 * DAY)
+    until = st.stats(balancer, now=NOW + 4 * DAY)[0]["cooling_down_until"]
+    assert until == NOW + 4 * DAY + config.MAX_STATED_SECONDS
+
+
 def test_a_cooldown_recorded_while_the_clock_ran_ahead_lasts_its_own_length(backend):
     balancer, st = backend.open("ahead", echo(), echo())
     st.record(balancer, 0, failed(cooldown=30), now=NOW + 10 * DAY)  # the clock 10 days ahead

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from .. import limits
-from ..config import LIMITS, MAX_SECONDS
+from ..config import LIMITS, MAX_SECONDS, MAX_STATED_SECONDS
 from ..selection import of_kind
 
 IN_FLIGHT_HOURS = 1  # least-busy: a prompt in flight longer than this stops counting
@@ -25,10 +25,13 @@ KEEP_DAYS = 30  # conversation ties (and a server's keys) unused for this long a
 DAY = 86400.0
 
 
-def next_cooldown(cooldown: float, previous: float | None) -> float:
+def next_cooldown(cooldown: float, previous: float | None, stated: bool = False) -> float:
     """The length of a member's cooldown after a failure that calls for ``cooldown`` seconds:
-    twice the last one when the member still has one on record (it failed again right after
-    it, before a success cleared it), and never more than MAX_SECONDS, whatever its source."""
+    a reset the provider stated, as stated, up to MAX_STATED_SECONDS; otherwise twice the last
+    one when the member still has one on record (it failed again right after it, before a
+    success cleared it), and never more than MAX_SECONDS."""
+    if stated:
+        return min(cooldown, MAX_STATED_SECONDS)
     if previous is not None:
         cooldown = max(cooldown, 2 * previous)
     return min(cooldown, MAX_SECONDS)
@@ -41,12 +44,14 @@ def read_cooldowns(rows, now: float):
     cooldown on record, ended or not (what a success clears), and {member: until} of the
     cooldowns to date again. A cooldown never ends later than its own length from now (one
     recorded while the clock ran ahead, or before it was set back, ends its length after the
-    clock is right, not days later) nor beyond MAX_SECONDS from now; the backend stores the
-    corrected end, so that it then runs out."""
+    clock is right, not days later) nor beyond MAX_SECONDS from now (MAX_STATED_SECONDS for a
+    reset the provider stated); the backend stores the corrected end, so that it then runs
+    out."""
     cooling, blocked, cooled, redated = {}, {}, set(), {}
     for member, until, stated, length in rows:
         cooled.add(member)
-        latest = now + (min(length, MAX_SECONDS) if length and length > 0 else MAX_SECONDS)
+        cap = MAX_STATED_SECONDS if stated else MAX_SECONDS
+        latest = now + (min(length, cap) if length and length > 0 else cap)
         if until > latest + 0.001:
             until = redated[member] = latest
         if until > now:

@@ -229,7 +229,9 @@ class SQLiteStore:
                     "select length from cooldowns where balancer = ? and member = ?",
                     [key, member],
                 ).fetchone()
-                length = rules.next_cooldown(outcome.cooldown, previous and previous[0])
+                length = rules.next_cooldown(
+                    outcome.cooldown, previous and previous[0], outcome.stated
+                )
                 db.execute(
                     "insert into cooldowns (balancer, member, until, reason, known, length) "
                     "values (?, ?, ?, ?, ?, ?) on conflict do update set until = excluded.until, "
