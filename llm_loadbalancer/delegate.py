@@ -290,6 +290,7 @@ class Run:
             error=f"{failure.reason}: {message}",
             cooldown=cooldown,
             stated=failure.stated,
+            exact=failure.exact,
             **attempt.timings(),
         )
         if started or not failure.failover or not self.balancer.failover:

@@ -93,6 +93,8 @@ class Failure(NamedTuple):
     # the provider stated how long (Retry-After, or its quota is spent): a request before then is
     # known to be refused, so the member is waited for, never asked early
     stated: bool = False
+    # the provider stated when the limit resets (``resets.py``): kept as said, never doubled
+    exact: bool = False
 
 
 QUOTA_MARKERS = ("insufficient_quota", "credit balance is too low")
@@ -200,10 +202,13 @@ def classify(
         return Failure("timed out", True, default_cooldown)
     status = status_of(ex)
     if status in (400, 403, 429) and is_quota_exhausted(ex):
-        reason = f"{status} quota exhausted"
-        return _stated(reason, ex, now) or Failure(
-            reason, True, min(quota_cooldown, MAX_SECONDS), True
-        )
+        # a quota's stated reset, when it is later than quota_cooldown: a shorter one is a hint
+        # to retry (Gemini's retryDelay for a spent daily quota), not the quota's end
+        reason, cooldown = f"{status} quota exhausted", min(quota_cooldown, MAX_SECONDS)
+        stated = _stated(reason, ex, now)
+        if stated is not None and stated.cooldown > cooldown:
+            return stated
+        return Failure(reason, True, cooldown, True)
     if status is not None:
         reason = f"{status} {STATUS_WORDS.get(status, 'error')}"
         if status == 429:
@@ -239,6 +244,7 @@ def _stated(reason: str, ex: BaseException, now: float | None) -> Failure | None
         f"{reset.source}",
         True,
         reset.seconds,
+        True,
         True,
     )
 

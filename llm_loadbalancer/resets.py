@@ -4,19 +4,20 @@ request, read from the error the member's SDK raised. Pure: no I/O; the time is 
 The first of these found, along the error's cause chain, is the reset:
 
 1. ``retry-after-ms``, then ``Retry-After`` (seconds, or an HTTP date): when to try again.
-2. The limits' own reset headers, of the limits with nothing remaining (of all of them when no
-   ``-remaining`` header says which): OpenAI's, and compatible servers',
-   ``x-ratelimit-reset-requests`` and ``x-ratelimit-reset-tokens`` (durations: ``1s``, ``6m0s``,
-   ``1m26.4s``, ``20ms``); Anthropic's ``anthropic-ratelimit-requests-reset``,
-   ``-tokens-reset``, ``-input-tokens-reset`` and ``-output-tokens-reset`` (RFC 3339 times).
-   The latest of them: before it, the request is known to be refused again.
+2. The reset headers of the limits with nothing left (their ``-remaining`` header says 0):
+   OpenAI's, and compatible servers', ``x-ratelimit-reset-requests`` and
+   ``x-ratelimit-reset-tokens`` (durations: ``1s``, ``6m0s``, ``1m26.4s``, ``20ms``); Anthropic's
+   ``anthropic-ratelimit-requests-reset``, ``-tokens-reset``, ``-input-tokens-reset`` and
+   ``-output-tokens-reset`` (RFC 3339 times). The latest of them: before it, the request is
+   known to be refused again. (A limit with some left did not refuse it: its reset says when
+   it is full again, which can be hours away, not when a request may be sent.)
 3. Gemini's ``google.rpc.RetryInfo`` in the error's body (``"retryDelay": "37s"``), or in its
    message, where Gemini's OpenAI-compatible endpoint puts the body as Python's repr.
 4. The message: ``Please try again in 7m54.336s`` (OpenAI, Groq and other compatible servers),
    ``Please retry in 37.5s`` (Gemini).
 
-A value that is not a number (``nan``, ``inf``, words) is no reset; a negative one is now; none
-is longer than CAP. Headers are read as sent; the message only where a provider says it there.
+A value that is not a number (``nan``, ``inf``, words), or one in the past, is no reset; none is
+longer than CAP.
 """
 
 from __future__ import annotations
@@ -63,9 +64,8 @@ def shown(seconds: float) -> str:
     parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
     while parts[0][0] == 0:
         parts.pop(0)
-    while parts[-1][0] == 0:
-        parts.pop()
-    return "".join(f"{value}{unit}" for value, unit in parts[:2])
+    parts = [part for part in parts[:2] if part[0]]  # the two largest units: 1h, not 1h0m
+    return "".join(f"{value}{unit}" for value, unit in parts)
 
 
 def duration(text: str) -> float | None:
@@ -77,9 +77,9 @@ def duration(text: str) -> float | None:
 
 
 def _bounded(seconds: float | None, source: str) -> Reset | None:
-    if seconds is None or not math.isfinite(seconds):
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return None
-    return Reset(min(max(seconds, 0.0), CAP), source)
+    return Reset(min(seconds, CAP), source)
 
 
 def causes(ex: BaseException):
@@ -126,8 +126,11 @@ def retry_after(ex: BaseException, now: float) -> Reset | None:
     seconds = _number(value)
     if seconds is None:
         try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
-        except (TypeError, ValueError, OverflowError, IndexError):
+            when = email.utils.parsedate_to_datetime(value)
+            if when.tzinfo is None:  # '-0000': UTC, with nothing said about its source
+                when = when.replace(tzinfo=datetime.timezone.utc)
+            seconds = when.timestamp() - now
+        except (TypeError, ValueError, OverflowError, IndexError, OSError):
             return None
     return _bounded(seconds, "retry-after")
 
@@ -136,19 +139,17 @@ def _limit_resets(ex: BaseException, now: float) -> Reset | None:
     headers = _headers(ex)
     if headers is None:
         return None
-    every, spent = [], []  # (seconds, header) of each limit's reset; of those with none left
+    spent = []  # (seconds, header) of the reset of each limit with nothing left
     for reset, remaining, read in _LIMIT_HEADERS:
+        if (_header(headers, remaining) or "").strip() != "0":
+            continue
         text = _header(headers, reset)
         seconds = None if text is None else read(text, now)
-        if seconds is None or not math.isfinite(seconds):
-            continue
-        every.append((seconds, reset))
-        if (_header(headers, remaining) or "").strip() == "0":
+        if seconds is not None and math.isfinite(seconds):
             spent.append((seconds, reset))
-    found = spent or every
-    if not found:
+    if not spent:
         return None
-    seconds, name = max(found)
+    seconds, name = max(spent)
     return _bounded(seconds, name)
 
 
@@ -160,9 +161,9 @@ def _until(text: str, now: float) -> float | None:
     whole, fraction, zone = match.groups()
     try:
         when = datetime.datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
-    except ValueError:
+        return when.timestamp() + float(fraction or 0) - now
+    except (ValueError, OverflowError, OSError):
         return None
-    return when.timestamp() + float(fraction or 0) - now
 
 
 # (the reset's header, the header of what is left, how to read the reset)

@@ -30,6 +30,18 @@ def rfc3339(seconds_from_now: float) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def spent(kind: str, reset: str) -> dict:
+    "OpenAI's headers for a limit with nothing left: requests or tokens."
+    return {f"x-ratelimit-reset-{kind}": reset, f"x-ratelimit-remaining-{kind}": "0"}
+
+
+def anthropic_spent(reset: str) -> dict:
+    return {
+        "anthropic-ratelimit-tokens-reset": reset,
+        "anthropic-ratelimit-tokens-remaining": "0",
+    }
+
+
 def stated(ex):
     found = resets.stated(ex, NOW)
     return None if found is None else (round(found.seconds, 3), found.source)
@@ -44,10 +56,11 @@ def stated(ex):
         ({"retry-after": "7"}, (7.0, "retry-after")),
         ({"retry-after-ms": "1500", "retry-after": "9"}, (1.5, "retry-after-ms")),
         ({"retry-after": email.utils.formatdate(NOW + 20, usegmt=True)}, (20.0, "retry-after")),
-        ({"x-ratelimit-reset-requests": "1s"}, (1.0, "x-ratelimit-reset-requests")),
-        ({"x-ratelimit-reset-tokens": "6m0s"}, (360.0, "x-ratelimit-reset-tokens")),
-        ({"x-ratelimit-reset-tokens": "1m26.4s"}, (86.4, "x-ratelimit-reset-tokens")),
-        ({"x-ratelimit-reset-requests": "20ms"}, (0.02, "x-ratelimit-reset-requests")),
+        (spent("requests", "1s"), (1.0, "x-ratelimit-reset-requests")),
+        (spent("tokens", "6m0s"), (360.0, "x-ratelimit-reset-tokens")),
+        (spent("tokens", "1m26.4s"), (86.4, "x-ratelimit-reset-tokens")),
+        (spent("requests", "20ms"), (0.02, "x-ratelimit-reset-requests")),
+        (spent("requests", "1h2m3.5s"), (3723.5, "x-ratelimit-reset-requests")),
         # the limit with nothing left is the one that refused, whichever resets later
         (
             {
@@ -58,9 +71,9 @@ def stated(ex):
             },
             (7.5, "x-ratelimit-reset-tokens"),
         ),
-        # no remaining says which: the latest, before which a request is known to be refused
+        # both spent: the latest, before which a request is known to be refused
         (
-            {"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "30s"},
+            {**spent("requests", "2s"), **spent("tokens", "30s")},
             (30.0, "x-ratelimit-reset-tokens"),
         ),
         (
@@ -73,17 +86,21 @@ def stated(ex):
             (95.5, "anthropic-ratelimit-input-tokens-reset"),
         ),
         (
-            {"anthropic-ratelimit-output-tokens-reset": "2026-12-06T10:00:00+01:00"},
+            {
+                "anthropic-ratelimit-output-tokens-reset": "2026-12-06T10:00:00+01:00",
+                "anthropic-ratelimit-output-tokens-remaining": "0",
+            },
             (
                 datetime.datetime.fromisoformat("2026-12-06T10:00:00+01:00").timestamp() - NOW,
                 "anthropic-ratelimit-output-tokens-reset",
             ),
         ),
         # Retry-After says when to try again: it comes first
-        ({"retry-after": "4", "x-ratelimit-reset-tokens": "6m0s"}, (4.0, "retry-after")),
+        ({"retry-after": "4", **spent("tokens", "6m0s")}, (4.0, "retry-after")),
     ],
 )
 def test_headers_of_each_provider(headers, expected):
+    assert NOW < datetime.datetime.fromisoformat("2026-12-06T10:00:00+01:00").timestamp()
     seconds, source = expected
     found = stated(error(headers=headers))
     assert found[1] == source
@@ -92,7 +109,11 @@ def test_headers_of_each_provider(headers, expected):
 
 def test_an_anthropic_sdk_error_with_its_reset_headers():
     request = httpx2.Request("POST", "http://127.0.0.1/v1/messages")
-    headers = {"retry-after": "12", "anthropic-ratelimit-tokens-reset": rfc3339(40)}
+    headers = {
+        "retry-after": "12",
+        "anthropic-ratelimit-tokens-reset": rfc3339(40),
+        "anthropic-ratelimit-tokens-remaining": "0",
+    }
     response = httpx2.Response(429, headers=headers, request=request)
     ex = anthropic.RateLimitError("rate_limit_error", response=response, body=None)
     assert stated(ex) == (12.0, "retry-after")
@@ -118,10 +139,9 @@ def test_geminis_retry_info_in_its_body_a_list_of_one_object():
 
 
 def test_geminis_retry_info_in_the_message_as_pythons_repr():
-    # through the openai SDK, Gemini's OpenAI-compatible endpoint's list body is not a dict:
-    # the SDK puts it in the message as Python's repr, and the body holds it as a string
-    message = f"Error code: 429 - {[GEMINI_DETAIL]!r}"
-    ex = error(message=message, body=repr([GEMINI_DETAIL]))
+    # openai 1.x puts the list body in the message as Python's repr (and in .body); a plugin
+    # that raises its own error with that text keeps only the message
+    ex = RuntimeError(f"Error code: 429 - {[GEMINI_DETAIL]!r}")
     assert stated(ex) == (37.0, "retryDelay")
 
 
@@ -147,7 +167,7 @@ def test_the_message_where_the_provider_says_it_there(message, seconds):
 def test_the_reset_is_found_along_the_cause_chain():
     try:
         try:
-            raise error(headers={"x-ratelimit-reset-tokens": "3s"})
+            raise error(headers=spent("tokens", "3s"))
         except openai.RateLimitError as ex:
             raise RuntimeError("wrapped by a plugin") from ex
     except RuntimeError as outer:
@@ -160,30 +180,48 @@ def test_the_reset_is_found_along_the_cause_chain():
         ({"retry-after": "nan"}, None),
         ({"retry-after": "inf"}, None),
         ({"retry-after": "soon"}, None),
-        ({"retry-after": "-5"}, (0.0, "retry-after")),
+        ({"retry-after": "-5"}, None),
+        ({"retry-after": "0"}, (0.0, "retry-after")),
+        (
+            {"retry-after": "Mon, 01 Jan 9999 00:00:00 -0000"},
+            (config.MAX_STATED_SECONDS, "retry-after"),
+        ),
+        ({"retry-after": "Thu, 01 Jan 1970 00:00:00 -0000"}, None),
         ({"retry-after": "1e300"}, (config.MAX_STATED_SECONDS, "retry-after")),
         ({"retry-after-ms": "nan", "retry-after": "7"}, None),
         (
-            {"x-ratelimit-reset-tokens": "999999h"},
+            spent("tokens", "999999h"),
             (config.MAX_STATED_SECONDS, "x-ratelimit-reset-tokens"),
         ),
-        ({"x-ratelimit-reset-tokens": "-3s"}, None),
-        ({"x-ratelimit-reset-tokens": "6m0"}, None),
-        ({"x-ratelimit-reset-tokens": "1" * 400 + "s"}, None),
-        ({"anthropic-ratelimit-tokens-reset": "yesterday"}, None),
-        ({"anthropic-ratelimit-tokens-reset": "2026-13-45T99:99:99Z"}, None),
+        (spent("tokens", "-3s"), None),
+        (spent("tokens", "6m0"), None),
+        (spent("tokens", "1" * 400 + "s"), None),
+        (anthropic_spent("yesterday"), None),
+        (anthropic_spent("2026-13-45T99:99:99Z"), None),
+        (anthropic_spent("1970-01-01T00:00:00Z"), None),
         (
-            {"anthropic-ratelimit-tokens-reset": "1970-01-01T00:00:00Z"},
-            (0.0, "anthropic-ratelimit-tokens-reset"),
-        ),
-        (
-            {"anthropic-ratelimit-tokens-reset": "9999-12-31T23:59:59Z"},
+            anthropic_spent("9999-12-31T23:59:59Z"),
             (config.MAX_STATED_SECONDS, "anthropic-ratelimit-tokens-reset"),
         ),
     ],
 )
 def test_hostile_values_never_crash_and_never_keep_a_member_past_a_week(headers, expected):
     assert stated(error(headers=headers)) == expected
+
+
+def test_a_limit_with_some_left_did_not_refuse_the_request():
+    # OpenAI's reset headers say when each limit is full again: the requests' limit, with 150
+    # left, is full in 7 hours; the tokens' limit refused this one, as the message says
+    headers = {
+        "x-ratelimit-remaining-requests": "150",
+        "x-ratelimit-reset-requests": "7h12m",
+        "x-ratelimit-remaining-tokens": "1000",
+        "x-ratelimit-reset-tokens": "1.2s",
+    }
+    message = "Rate limit reached on tokens per min (TPM). Please try again in 1.2s."
+    ex = error(headers=headers, body={"error": {"message": message}}, message=message)
+    assert stated(ex) == (1.2, "the message")
+    assert stated(error(headers=headers)) is None
 
 
 def test_no_reset_stated():
@@ -193,35 +231,54 @@ def test_no_reset_stated():
 
 
 def test_durations_are_shown_as_people_write_them():
-    shown = [resets.shown(s) for s in (0.02, 0.5, 37, 474.336, 3600, 7500, 90061, 604800)]
-    assert shown == ["0s", "0.5s", "37s", "7m55s", "1h", "2h5m", "1d1h", "7d"]
+    seconds = (0.02, 0.5, 37, 474.336, 3600, 3601, 7500, 86401, 90061, 604800)
+    shown = [resets.shown(s) for s in seconds]
+    assert shown == ["0s", "0.5s", "37s", "7m55s", "1h", "1h", "2h5m", "1d", "1d1h", "7d"]
 
 
 # --- what the balancer makes of them ---------------------------------------------------------
 
 
 def test_a_stated_reset_is_the_cooldown_and_the_reason_says_where_it_came_from():
-    failure = classify(error(headers={"x-ratelimit-reset-tokens": "6m0s"}), 30.0, now=NOW)
-    assert (failure.cooldown, failure.stated, failure.failover) == (360.0, True, True)
+    failure = classify(error(headers=spent("tokens", "6m0s")), 30.0, now=NOW)
+    assert (failure.cooldown, failure.stated, failure.exact) == (360.0, True, True)
     assert failure.reason == (
         "429 rate limited, reset in 6m stated by the provider in x-ratelimit-reset-tokens"
     )
     plain = classify(error(), 30.0, now=NOW)  # none stated: the balancer's doubling cooldown
     assert (plain.reason, plain.cooldown, plain.stated) == ("429 rate limited", 30.0, False)
+    # a 5xx's Retry-After is waited for, and doubles if the member fails right after it
+    server = classify(error(503, headers={"retry-after": "20"}, cls=openai.APIStatusError), 30.0)
+    assert (server.cooldown, server.stated, server.exact) == (20.0, True, False)
 
 
-def test_a_quota_with_a_stated_reset_keeps_the_member_out_until_then_else_quota_cooldown():
+def test_a_spent_quota_waits_for_its_stated_reset_when_later_than_quota_cooldown():
     body = {"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}}
-    headers = {"x-ratelimit-reset-requests": "2h", "x-ratelimit-remaining-requests": "0"}
-    failure = classify(error(body=body, headers=headers), 30.0, quota_cooldown=3600.0, now=NOW)
-    assert (failure.cooldown, failure.stated) == (7200.0, True)
-    assert failure.reason.startswith("429 quota exhausted, reset in 2h stated by the provider")
-    failure = classify(error(body=body), 30.0, quota_cooldown=3600.0, now=NOW)
-    assert (failure.reason, failure.cooldown, failure.stated) == (
-        "429 quota exhausted",
-        3600.0,
-        True,
+    failure = classify(
+        error(body=body, headers=spent("requests", "2h")), 30.0, quota_cooldown=3600.0, now=NOW
     )
+    assert (failure.cooldown, failure.stated, failure.exact) == (7200.0, True, True)
+    assert failure.reason == (
+        "429 quota exhausted, reset in 2h stated by the provider in x-ratelimit-reset-requests"
+    )
+    # none stated, or one sooner than quota_cooldown (Gemini's retryDelay for a spent daily
+    # quota is a hint to retry, not the quota's end): quota_cooldown
+    daily = {
+        "error": {
+            "code": 429,
+            "status": "RESOURCE_EXHAUSTED",
+            "message": "Quota exceeded for GenerateRequestsPerDayPerProjectPerModel",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "38s"}],
+        }
+    }
+    for body in (body, daily):
+        failure = classify(error(body=body), 30.0, quota_cooldown=3600.0, now=NOW)
+        assert (failure.reason, failure.cooldown, failure.stated, failure.exact) == (
+            "429 quota exhausted",
+            3600.0,
+            True,
+            False,
+        )
 
 
 # --- through llm's plugins, over HTTP ------------------------------------------------------

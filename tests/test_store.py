@@ -88,8 +88,8 @@ def backend(request, user_path):
     return Backend(request, request.param, user_path, server)
 
 
-def failed(error="500 server error: x", cooldown=30.0, stated=False):
-    return Outcome(error=error, cooldown=cooldown, stated=stated)
+def failed(error="500 server error: x", cooldown=30.0, stated=False, exact=False):
+    return Outcome(error=error, cooldown=cooldown, stated=stated, exact=exact)
 
 
 # --- the rotation ----------------------------------------------------------------------------
@@ -405,7 +405,7 @@ def test_a_reset_the_provider_stated_lasts_as_stated_up_to_a_week_never_doubled(
     balancer, st = backend.open("stated", echo(), echo())
     st.choose(balancer, now=NOW)
     error = "429 quota exhausted, reset in 3d stated by the provider in retry-after: spent"
-    st.record(balancer, 0, failed(error, 3 * DAY, stated=True), now=NOW)
+    st.record(balancer, 0, failed(error, 3 * DAY, stated=True, exact=True), now=NOW)
     member = st.stats(balancer, now=NOW + 1)[0]
     assert member["cooling_down_until"] == NOW + 3 * DAY  # past a day: as stated
     assert member["cooling_down_for"] == error.split(":")[0]
@@ -413,13 +413,19 @@ def test_a_reset_the_provider_stated_lasts_as_stated_up_to_a_week_never_doubled(
     assert st.claim(balancer, 0, now=NOW + 2 * DAY) is False  # known to be refused
     assert 0 in st.choose(balancer, now=NOW + 3 * DAY + 1).plan.order
     # stated again right after: as stated, not twice the last; a month is a week
-    st.record(balancer, 0, failed(error, 10.0, stated=True), now=NOW + 3 * DAY + 2)
+    st.record(balancer, 0, failed(error, 10.0, stated=True, exact=True), now=NOW + 3 * DAY + 2)
     assert st.stats(balancer, now=NOW + 3 * DAY + 2)[0]["cooling_down_until"] == (
         NOW + 3 * DAY + 12
     )
-    st.record(balancer, 0, failed(error, 30 * DAY, stated=True), now=NOW + 4 * DAY)
+    st.record(balancer, 0, failed(error, 30 * DAY, stated=True, exact=True), now=NOW + 4 * DAY)
     until = st.stats(balancer, now=NOW + 4 * DAY)[0]["cooling_down_until"]
     assert until == NOW + 4 * DAY + config.MAX_STATED_SECONDS
+    # a Retry-After on a 5xx, or quota_cooldown, still doubles when it comes right back
+    st.record(balancer, 1, failed(cooldown=20, stated=True), now=NOW + 5 * DAY)
+    st.record(balancer, 1, failed(cooldown=20, stated=True), now=NOW + 5 * DAY + 21)
+    assert st.stats(balancer, now=NOW + 5 * DAY + 21)[1]["cooling_down_until"] == (
+        NOW + 5 * DAY + 21 + 40
+    )
 
 
 def test_a_cooldown_recorded_while_the_clock_ran_ahead_lasts_its_own_length(backend):

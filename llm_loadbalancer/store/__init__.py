@@ -75,6 +75,7 @@ class Outcome(NamedTuple):
     error: str | None = None  # "reason: message" of a failure; None for a success
     cooldown: float | None = None  # seconds the failure calls for (the store escalates it)
     stated: bool = False  # the cooldown is the provider's stated reset (Retry-After, quota)
+    exact: bool = False  # the provider said when its limit resets: never doubled (resets.py)
     cooled: bool = True  # the member had a cooldown on record, which a success clears
     conversation: str | None = None  # a success ties this conversation to the member
     tokens_in: int = 0

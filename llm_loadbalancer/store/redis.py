@@ -333,7 +333,7 @@ class RedisStore:
                     previous = float(on_record.split("|")[2]) if on_record else None
                 except MALFORMED as ex:
                     raise self.malformed(ex, balancer) from ex
-                fields["cooldown"] = rules.next_cooldown(outcome.cooldown, previous, outcome.stated)
+                fields["cooldown"] = rules.next_cooldown(outcome.cooldown, previous, outcome.exact)
                 fields["expect"] = on_record
             args[1] = json.dumps(fields)
             reply = self.call(self.recorder, args=args)

@@ -25,12 +25,13 @@ KEEP_DAYS = 30  # conversation ties (and a server's keys) unused for this long a
 DAY = 86400.0
 
 
-def next_cooldown(cooldown: float, previous: float | None, stated: bool = False) -> float:
+def next_cooldown(cooldown: float, previous: float | None, exact: bool = False) -> float:
     """The length of a member's cooldown after a failure that calls for ``cooldown`` seconds:
-    a reset the provider stated, as stated, up to MAX_STATED_SECONDS; otherwise twice the last
-    one when the member still has one on record (it failed again right after it, before a
-    success cleared it), and never more than MAX_SECONDS."""
-    if stated:
+    the time until a reset the provider stated (``exact``), as stated, up to
+    MAX_STATED_SECONDS; otherwise twice the last one when the member still has one on record
+    (it failed again right after it, before a success cleared it), and never more than
+    MAX_SECONDS."""
+    if exact:
         return min(cooldown, MAX_STATED_SECONDS)
     if previous is not None:
         cooldown = max(cooldown, 2 * previous)

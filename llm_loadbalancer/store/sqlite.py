@@ -230,7 +230,7 @@ class SQLiteStore:
                     [key, member],
                 ).fetchone()
                 length = rules.next_cooldown(
-                    outcome.cooldown, previous and previous[0], outcome.stated
+                    outcome.cooldown, previous and previous[0], outcome.exact
                 )
                 db.execute(
                     "insert into cooldowns (balancer, member, until, reason, known, length) "
