@@ -9,8 +9,8 @@ key with a newline in it).
 
 | failure (before the first chunk)            | fail over | cooldown                        |
 |---------------------------------------------|-----------|---------------------------------|
-| quota exhausted (429, 400 credit balance)   | yes       | its stated reset, else the      |
-|                                             |           | balancer's quota_cooldown       |
+| quota exhausted (429, 400 credit balance)   | yes       | the balancer's quota_cooldown,  |
+|                                             |           | or its stated reset if later    |
 | 429                                         | yes       | its stated reset (``resets.py``)|
 |                                             |           | else the balancer's cooldown    |
 | 5xx                                         | yes       | Retry-After, else the balancer's|
