@@ -132,16 +132,17 @@ def test_an_absurd_retry_after_never_keeps_a_member_out_past_a_week(
     assert run_llm("lb", "stats").exit_code == 0
 
 
+@pytest.mark.parametrize("known", [0, 1])
 def test_a_cooldown_stored_by_an_older_version_is_capped_and_stats_never_crash(
-    fake_models, run_llm
+    fake_models, run_llm, known
 ):
     save_lb("x", "flaky name=a", "flaky name=b")
     run_llm("-m", "lb:x", "hi")
     with sqlite3.connect(store.file_of()) as db:  # what 0.1.0 stored for Retry-After: inf
         db.execute(
-            "insert into cooldowns (balancer, member, until, reason) "
-            "select balancer, 0, ?, 'inf' from rotation where balancer like 'x:%'",
-            [math.inf],
+            "insert into cooldowns (balancer, member, until, reason, known) "
+            "select balancer, 0, ?, 'inf', ? from rotation where balancer like 'x:%'",
+            [math.inf, known],
         )
     result = run_llm("lb", "stats", "x", "--json")
     assert result.exit_code == 0

@@ -51,8 +51,10 @@ def read_cooldowns(rows, now: float):
     cooling, blocked, cooled, redated = {}, {}, set(), {}
     for member, until, stated, length in rows:
         cooled.add(member)
-        cap = MAX_STATED_SECONDS if stated else MAX_SECONDS
-        latest = now + (min(length, cap) if length and length > 0 else cap)
+        if length and length > 0:  # (a row of an older version has none: a day at most)
+            latest = now + min(length, MAX_STATED_SECONDS if stated else MAX_SECONDS)
+        else:
+            latest = now + MAX_SECONDS
         if until > latest + 0.001:
             until = redated[member] = latest
         if until > now:
