@@ -797,6 +797,16 @@ def lb_stats(name, json_):
             click.echo(_stats_line(member, entry["kind"]))
 
 
+def _use(item) -> str:
+    """A limit's use now, as ``stats`` shows it: ``tpm 150/300`` and, for tokens reserved by
+    prompts in flight (not yet reported), ``(+150 in flight)``."""
+    name, use = item
+    text = f"{name} {use['used']:,}/{use['limit']:,}"
+    if use.get("reserved"):
+        text += f" (+{use['reserved']:,} in flight)"
+    return text
+
+
 def _when(timestamp) -> str:
     if not timestamp:
         return "never"
@@ -843,12 +853,7 @@ def _stats_line(member: dict, kind: str = CHAT) -> str:
     if timings:
         lines.append("; ".join(timings))
     if member["limits"]:
-        lines.append(
-            "limits now: "
-            + ", ".join(
-                f"{name} {use['used']:,}/{use['limit']:,}" for name, use in member["limits"].items()
-            )
-        )
+        lines.append("limits now: " + ", ".join(map(_use, member["limits"].items())))
     if member["cooling_down_until"]:
         why = f" ({member['cooling_down_for']})" if member["cooling_down_for"] else ""
         lines.append(f"cooling down until {_when(member['cooling_down_until'])}{why}")

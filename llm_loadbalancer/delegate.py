@@ -16,7 +16,7 @@ import time
 
 import llm
 
-from . import drive, failures, model_options
+from . import drive, estimates, failures, model_options
 from .config import Balancer, ConfigError, Member
 from .members import build_options, load_stored_keys
 from .policy import plan
@@ -136,6 +136,9 @@ class Run:
         self.store = open_store(self.balancer)
         self.plan = self.ticket = None
         self.cooled = frozenset()  # members with a cooldown on record, as the choice read them
+        # what the prompt asks of token limits (a batch of embeddings: not known)
+        self.demand = None if prompt is None else estimates.Demand(prompt, self.output_cap)
+        self.waited_for = None  # the member the last wait was said to be for
         for index, problem in lb.missing.items():
             print(
                 f"Warning: {lb.model_id}: {problem}: skipped; install the plugin that provides "
@@ -158,6 +161,7 @@ class Run:
                 unavailable=unavailable,
                 stream=self.stream,
                 rng=RNG,
+                demand=self.demand,
             )
         except StateUnavailable as ex:
             now = time.time()
@@ -188,10 +192,13 @@ class Run:
                 f"provider stated; the first to free up is {first}, in {delay:.0f} s, longer than "
                 f"max_wait ({self.balancer.max_wait:g} s; llm lb save --max-wait)"
             )
-        print(
-            f"{self.lb.model_id}: every member is at its limit; waiting {delay:.0f} s for {first}",
-            file=sys.stderr,
-        )
+        if index != self.waited_for:  # (said once while it waits for the same member)
+            self.waited_for = index
+            print(
+                f"{self.lb.model_id}: every member is at its limit; waiting {delay:.0f} s for "
+                f"{first}",
+                file=sys.stderr,
+            )
         return delay
 
     def attempts(self):
@@ -204,7 +211,7 @@ class Run:
                 continue
             attempt = self.attempt_class(self, index)
             attempt.ticket = ticket
-            if ticket is not None and self.balancer.policy == "least-busy":
+            if ticket is not None and ticket.leased:  # (in flight, or tokens reserved)
                 process_leases().hold(self.store, self.balancer, index, ticket)
             if self.debug:
                 key = f"key: {attempt.member.key}" if attempt.member.key else "no key of its own"
@@ -254,13 +261,26 @@ class Run:
             )
         return chosen
 
-    def member_options(self, attempt: Attempt, model):
+    def merged_options(self, member: Member, model) -> dict:
         "The member's model defaults, then its saved options, then those given at prompt time."
         merged = model_options.defaults(model.model_id, self.balancer.user_dir)
-        merged.update(attempt.member.options)
+        merged.update(member.options)
         if self.prompt.options.model_fields_set:  # options given at prompt time
             given = self.prompt.options.model_dump(exclude_unset=True)
             merged.update({name: value for name, value in given.items() if value is not None})
+        return merged
+
+    def output_cap(self, index: int) -> int | None:
+        "The cap a member's options set on its answer (``estimates.output_cap``), or None."
+        try:
+            model = self.member_model(index)
+        except LoadBalancerError:
+            return None
+        return estimates.output_cap(self.merged_options(self.balancer.members[index], model))
+
+    def member_options(self, attempt: Attempt, model):
+        "The member's options (``merged_options``), as its own Options class."
+        merged = self.merged_options(attempt.member, model)
         try:
             return build_options(model.Options, merged)
         except ConfigError as ex:
@@ -326,7 +346,7 @@ class Run:
         if not self.use_state:
             return None
         try:
-            return self.store.claim(self.balancer, index)
+            return self.store.claim(self.balancer, index, demand=self.demand)
         except StateUnavailable as ex:
             warn_unavailable(ex)
             self.use_state = False
@@ -350,8 +370,8 @@ class Run:
                 pass
 
     def _release(self, attempt: Attempt) -> None:
-        "The prompt is no longer in flight: its lease is not renewed (least-busy)."
-        if attempt.ticket is not None and self.balancer.policy == "least-busy":
+        "The prompt is no longer in flight: its lease is not renewed."
+        if attempt.ticket is not None and attempt.ticket.leased:
             process_leases().release(attempt.ticket)
 
     def _record(self, attempt: Attempt, **outcome) -> None:

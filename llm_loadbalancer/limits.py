@@ -4,9 +4,12 @@ A member may allow at most ``rpm`` / ``rpd`` requests and ``tpm`` / ``tpd`` toke
 output, as the member reported them) in any 60 s / 24 h window. The store keeps the requests
 counted and the tokens reported, and ``selection.free_at`` asks these functions inside the
 same transaction (or snapshot) that then counts the next request, so that concurrent
-processes never exceed a limit. A request whose usage is unknown counts as 0 tokens; a token limit has room while the
-tokens already used in its window are below it (the next request's size is not known before
-it is sent).
+processes never exceed a limit.
+
+A prompt counts against a token limit from the moment it is chosen, at its estimate
+(``estimates.py``), until its member reports: a token limit has room for it when what the
+window holds, what the prompts in flight reserved and its own estimate fit under the limit
+(``token_room``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,20 @@ WINDOWS = {"rpm": 60.0, "rpd": 86400.0, "tpm": 60.0, "tpd": 86400.0}
 LONGEST = max(WINDOWS.values())
 # each limit's window, and what it counts in ``full``'s totals: requests (0) or tokens (1)
 _COUNTED = {name: (window, 0 if name[0] == "r" else 1) for name, window in WINDOWS.items()}
+
+
+POLL = 1.0  # seconds before looking again when only prompts in flight ending can make room
+
+
+class Reserved(NamedTuple):
+    "What the prompts in flight on a bucket reserved of its token windows."
+
+    tokens: int = 0
+    prompts: int = 0  # the prompts holding a reservation
+    blind: int = 0  # of them, those sent with no estimate of their answer
+
+
+NOTHING = Reserved()
 
 
 class Use(NamedTuple):
@@ -36,19 +53,46 @@ def usage(limits: dict, events, now: float) -> list[Use]:
     return result
 
 
-def full(limits: dict, totals: dict) -> bool:
-    """Whether any limit is reached, given {window seconds: (requests, tokens)} in each of
-    the member's windows now."""
+def full(limits: dict, totals: dict, reserved: Reserved = NOTHING, need=None) -> bool:
+    """Whether any limit leaves no room for the prompt, given {window seconds: (requests,
+    tokens)} in each of the member's windows now, what prompts in flight reserved, and the
+    prompt's ``estimates.Need`` (None: not known, as if it cost one token)."""
     for name, limit in limits.items():
         window, counted = _COUNTED[name]
-        if totals[window][counted] >= limit:
+        used = totals[window][counted]
+        if counted == 0:
+            if used >= limit:
+                return True
+        elif not token_room(limit, used, reserved, need):
             return True
     return False
 
 
-def free_at(limits: dict, events, now: float) -> float | None:
-    """None when another request may be sent now; otherwise the earliest time at which every
-    limit has room again (when enough of the requests in its window have aged out of it)."""
+def token_room(limit: int, used: int, reserved: Reserved, need=None) -> bool:
+    """Whether a token window has room for a prompt: when nothing is in it and nothing in
+    flight, any prompt (alone: one estimated above the whole limit is not held back for ever);
+    while a prompt whose answer could not be estimated is in flight, none; a prompt whose
+    answer cannot be estimated (``need.blind``), when nothing else is in flight and its input
+    fits; otherwise when the window, the reservations and its estimate (one token at least)
+    fit under the limit. So a window never holds more than its limit while the estimates are
+    not below what the prompts cost."""
+    if used <= 0 and reserved.prompts == 0:
+        return True
+    if reserved.blind:
+        return False
+    if need is not None and need.blind:
+        return reserved.prompts == 0 and used + need.tokens <= limit
+    tokens = 0 if need is None else need.tokens
+    return used + reserved.tokens + max(tokens, 1) <= limit
+
+
+def free_at(
+    limits: dict, events, now: float, reserved: Reserved = NOTHING, need=None
+) -> float | None:
+    """None when the prompt may be sent now; otherwise the earliest time at which every limit
+    has room again: when enough of the requests (or tokens) in its window have aged out of
+    it; while prompts in flight hold reservations, POLL seconds from now at the latest (when
+    they end is not known)."""
     latest = None
     for name, limit in limits.items():
         window = WINDOWS[name]
@@ -60,14 +104,16 @@ def free_at(limits: dict, events, now: float) -> float | None:
             when = inside[len(inside) - limit][0] + window
         else:
             used = sum(tokens for _, tokens in inside)
-            if used < limit:
+            if token_room(limit, used, reserved, need):
                 continue
             when = None
             for at, tokens in inside:
                 used -= tokens
-                if used < limit:
+                if token_room(limit, used, reserved, need):
                     when = at + window
                     break
+            if reserved.prompts and (when is None or when > now + POLL):
+                when = now + POLL
         if when is not None and (latest is None or when > latest):
             latest = when
     return latest

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from . import limits
+from . import estimates, limits
 from .config import Balancer
 from .policy import Plan, plan
 
@@ -35,6 +35,12 @@ class Snapshot(Protocol):
     def events(self, member: int, since: float) -> tuple[list, list]:
         "(time, 0) of each request and (time, tokens) of each report of the member since then."
 
+    def reserved(self, member: int) -> limits.Reserved:
+        "What prompts in flight reserved of the member's bucket's token windows, now."
+
+    def history(self, member: int) -> estimates.History:
+        "What the recent reports of the member's bucket say (``rules.history``)."
+
 
 def choose(
     balancer: Balancer,
@@ -44,10 +50,12 @@ def choose(
     unavailable: frozenset[int] = frozenset(),
     rng=None,
     now: float,
+    demand=None,
 ) -> Plan:
     """The order of members for one prompt and the next rotation position. Only the member
     chosen first has its limits looked at (the others, if the prompt fails over to them, when
-    they are claimed): one at a limit is left out, and the choice made again."""
+    they are claimed): one at a limit is left out, and the choice made again. ``demand``: the
+    prompt's ``estimates.Demand``, for token limits (None: one token)."""
     pinned = preferred = None
     if snapshot.tie is not None:
         if tool_turn:
@@ -76,27 +84,46 @@ def choose(
         if first is None or first in checked:
             return result
         checked.add(first)
-        free = free_at(balancer, snapshot, first, now)
+        free = free_at(balancer, snapshot, first, now, demand)
         if free is None:
             return result
         blocked[first] = max(blocked.get(first, free), free)
 
 
-def free_at(balancer: Balancer, snapshot: Snapshot, member: int, now: float) -> float | None:
-    """None when the member has room under every limit now; otherwise when it will. The common
-    case costs the backend a few look-ups (``totals``); only a member at a limit has its
-    events read, to tell until when."""
+def free_at(
+    balancer: Balancer, snapshot: Snapshot, member: int, now: float, demand=None
+) -> float | None:
+    """None when the member has room under every limit now for the prompt (``demand``);
+    otherwise when it will. The common case costs the backend a few look-ups (``totals``);
+    only a member at a limit has its events read, to tell until when."""
     member_limits = snapshot.limits(member)
-    if not member_limits or not limits.full(member_limits, snapshot.totals(member)):
+    if not member_limits:
+        return None
+    need = need_of(snapshot, member, demand)
+    reserved = snapshot.reserved(member) if token_limited(member_limits) else limits.NOTHING
+    if not limits.full(member_limits, snapshot.totals(member), reserved, need):
         return None
     since = now - max(limits.WINDOWS[name] for name in member_limits)
     requests, spent = snapshot.events(member, since)
     frees = [
         limits.free_at(of_kind(member_limits, "r"), requests, now),
-        limits.free_at(of_kind(member_limits, "t"), spent, now),
+        limits.free_at(of_kind(member_limits, "t"), spent, now, reserved, need),
     ]
     frees = [free for free in frees if free is not None]
     return max(frees) if frees else None
+
+
+def need_of(snapshot: Snapshot, member: int, demand) -> estimates.Need | None:
+    """What the prompt reserves of the member's token windows (``estimates.need``), or None:
+    no token limit applies to it, or its size is not known (a batch of embeddings)."""
+    if demand is None or not token_limited(snapshot.limits(member)):
+        return None
+    return estimates.need(demand.input, demand.cap(member), snapshot.history(member))
+
+
+def token_limited(member_limits: dict) -> bool:
+    "Whether a token limit (``tpm``, ``tpd``) is among the limits."
+    return "tpm" in member_limits or "tpd" in member_limits
 
 
 def of_kind(member_limits: dict, kind: str) -> dict:

@@ -123,8 +123,11 @@ class Handler(local_server.Handler):
         for data in (b'data: {"id": "chatcmpl-test", not JSON\n\n', b"data: [DONE]\n\n", b""):
             self.chunk(data)
 
-    @staticmethod
-    def _usage(body, text):
+    def _usage(self, body, text):
+        "A word a token; or what the test set (``usage``: prompt_tokens and completion_tokens)."
+        given = self.server.owner.usage
+        if given is not None:
+            return {**given, "total_tokens": sum(given.values())}
         prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in body["messages"])
         return {
             "prompt_tokens": prompt_tokens,
@@ -204,6 +207,7 @@ class LocalOpenAI(local_server.LocalServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.embedded: list[tuple[str, str]] = []  # (key, item): each item of a whole answer
+        self.usage: dict | None = None  # the usage every answer reports (None: its words)
 
     def _embedded(self, key: str, inputs: list) -> None:
         with self._lock:

@@ -20,3 +20,15 @@ def chosen(st, balancer, now, **kwargs):
     if choice.ticket is not None:
         st.record(balancer, choice.plan.order[0], Outcome(), ticket=choice.ticket, now=now)
     return choice.plan
+
+
+class Ask:
+    """What a prompt asks of token limits, as ``estimates.Demand`` says it: its input's
+    estimate, and the cap its members' options set on the answer (None: none)."""
+
+    def __init__(self, input_tokens, cap=None):
+        self.input = input_tokens
+        self._cap = cap
+
+    def cap(self, member):
+        return self._cap

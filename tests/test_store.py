@@ -17,9 +17,10 @@ import random
 
 import pytest
 from conftest import NOW, invoke, run_workers, save_lb, set_keys
-from store_helpers import chosen, echo
+from store_helpers import Ask, chosen, echo
 
 from llm_loadbalancer import config, store
+from llm_loadbalancer.limits import POLL
 from llm_loadbalancer.policy import schedule
 from llm_loadbalancer.store import Outcome, rules
 from llm_loadbalancer.store import sqlite as sqlite_store
@@ -190,7 +191,7 @@ def test_token_limits_count_what_members_reported(backend):
     assert chosen(st, balancer, NOW + 61).order[:1] == (0,)
     members = st.stats(balancer, now=NOW + 1)
     assert (members[0]["input_tokens"], members[0]["output_tokens"]) == (70, 40)
-    assert members[0]["limits"] == {"tpm": {"used": 110, "limit": 100}}
+    assert members[0]["limits"] == {"tpm": {"used": 110, "limit": 100, "reserved": 0}}
 
 
 def test_tpd_has_room_while_the_days_tokens_are_below_it(backend):
@@ -202,7 +203,7 @@ def test_tpd_has_room_while_the_days_tokens_are_below_it(backend):
     st.record(balancer, 0, Outcome(tokens_in=500), ticket=second.ticket, now=NOW + 3600)
     assert chosen(st, balancer, NOW + 7200).order == (1,)  # 1100: left out for the day
     assert st.stats(balancer, now=NOW + 7200)[0]["limits"] == {
-        "tpd": {"used": 1100, "limit": 1000}
+        "tpd": {"used": 1100, "limit": 1000, "reserved": 0}
     }
     assert chosen(st, balancer, NOW + DAY - 1).order == (1,)
     assert chosen(st, balancer, NOW + DAY).order[0] == 0  # the first 600 aged out
@@ -259,6 +260,131 @@ def test_the_request_limit_is_exact_when_many_processes_reach_it_at_once(backend
     assert sum(done for done, _ in counts) == 200  # 2 members x 100, never a 101st
     limits_now = [member["limits"]["rpd"] for member in backend.stats("race")]
     assert limits_now == [{"used": 100, "limit": 100}] * 2
+
+
+# --- token reservations: what prompts in flight will cost counts before they report ----------
+
+
+def reported(st, balancer, member, choice_or_ticket, now, tokens_in=0, tokens_out=0, **more):
+    "A prompt's outcome, with the tokens its member reported."
+    ticket = getattr(choice_or_ticket, "ticket", choice_or_ticket)
+    outcome = Outcome(tokens_in=tokens_in, tokens_out=tokens_out, **more)
+    st.record(balancer, member, outcome, ticket=ticket, now=now)
+
+
+def test_a_prompt_in_flight_reserves_its_estimate_so_a_token_limit_holds_under_concurrency(
+    backend,
+):
+    balancer, st = backend.open("res", echo(tpm=300), echo(), policy="failover")
+    ask = Ask(10)
+    # no report yet: the answer cannot be estimated, so the first prompt goes alone
+    first = st.choose(balancer, now=NOW, demand=ask)
+    assert first.plan.order[0] == 0
+    assert st.choose(balancer, now=NOW + 1, demand=ask).plan.order == (1,)
+    reported(st, balancer, 0, first, NOW + 2, tokens_in=10, tokens_out=140)
+    # 150 reported; the next is estimated at 10 + 140 (the largest answer): 300 fits, once
+    second = st.choose(balancer, now=NOW + 3, demand=ask)
+    assert second.plan.order[0] == 0
+    limit = st.stats(balancer, now=NOW + 3)[0]["limits"]["tpm"]
+    assert limit == {"used": 150, "limit": 300, "reserved": 150}
+    assert st.choose(balancer, now=NOW + 4, demand=ask).plan.order == (1,)
+    reported(st, balancer, 0, second, NOW + 5, tokens_in=10, tokens_out=140)
+    assert st.stats(balancer, now=NOW + 5)[0]["limits"]["tpm"] == {
+        "used": 300,
+        "limit": 300,
+        "reserved": 0,
+    }
+    assert st.choose(balancer, now=NOW + 6, demand=ask).plan.order == (1,)
+    assert st.choose(balancer, now=NOW + 63, demand=ask).plan.order[0] == 0  # aged out
+
+
+def test_while_prompts_in_flight_leave_no_room_the_plan_looks_again_shortly(backend):
+    balancer, st = backend.open("soon", echo(tpm=300))
+    first = st.choose(balancer, now=NOW, demand=Ask(10))
+    waiting = st.choose(balancer, now=NOW + 1, demand=Ask(10))
+    assert (waiting.plan.order, waiting.plan.wait) == ((), (NOW + 1 + POLL, 0))
+    reported(st, balancer, 0, first, NOW + 2, tokens_in=10, tokens_out=100)
+    assert st.choose(balancer, now=NOW + 2, demand=Ask(10)).plan.order == (0,)
+
+
+def test_a_cap_on_the_answer_is_its_estimate_and_prompts_run_together_under_it(backend):
+    balancer, st = backend.open("cap", echo(tpm=300), echo(), policy="failover")
+    ask = Ask(20, cap=80)  # max_tokens 80: 100 a prompt, with no report yet
+    firsts = [st.choose(balancer, now=NOW, demand=ask).plan.order[0] for _ in range(4)]
+    assert firsts == [0, 0, 0, 1]
+    assert st.stats(balancer, now=NOW)[0]["limits"]["tpm"]["reserved"] == 300
+
+
+def test_what_a_report_misses_of_its_input_is_added_to_the_next_estimates(backend):
+    balancer, st = backend.open("miss", echo(tpm=300), echo(), policy="failover")
+    first = st.choose(balancer, now=NOW, demand=Ask(10))
+    # the input was 60 tokens, not 10 (a template, a tokenizer that counts more), the answer 40
+    reported(st, balancer, 0, first, NOW + 1, tokens_in=60, tokens_out=40)
+    # 100 used; the next prompts are estimated at 10 + 50 missed + 40 answered = 100 each
+    firsts = [st.choose(balancer, now=NOW + 2, demand=Ask(10)).plan.order[0] for _ in range(3)]
+    assert firsts == [0, 0, 1]
+
+
+def test_a_reservation_ends_with_the_prompt(backend):
+    balancer, st = backend.open("ends", echo(tpm=300), echo(), policy="failover")
+    primer = st.choose(balancer, now=NOW, demand=Ask(10))
+    reported(st, balancer, 0, primer, NOW, tokens_in=10, tokens_out=90)  # 100 used
+    # stopped before any chunk (finish): freed; failed before any chunk: freed
+    st.finish(balancer, 0, st.choose(balancer, now=NOW + 1, demand=Ask(10)).ticket, now=NOW + 1)
+    failing = st.choose(balancer, now=NOW + 2, demand=Ask(10))
+    st.record(balancer, 0, failed(cooldown=None), ticket=failing.ticket, now=NOW + 2)
+    assert st.stats(balancer, now=NOW + 2)[0]["limits"]["tpm"]["used"] == 100
+    # answered without a report, or failed after its first chunk: its estimate is kept
+    quiet = st.choose(balancer, now=NOW + 3, demand=Ask(10))
+    st.record(balancer, 0, Outcome(), ticket=quiet.ticket, now=NOW + 3)
+    cut = st.claim(balancer, 0, now=NOW + 4, demand=Ask(10))
+    cut_off = Outcome(error="connection: cut", first_chunk=0.5)
+    st.record(balancer, 0, cut_off, ticket=cut, now=NOW + 4)
+    assert st.stats(balancer, now=NOW + 4)[0]["limits"]["tpm"] == {
+        "used": 300,
+        "limit": 300,
+        "reserved": 0,
+    }
+
+
+def test_a_reservation_counts_while_its_lease_is_renewed_and_not_after_its_process_died(backend):
+    balancer, st = backend.open("lease", echo(tpm=300), echo(), policy="failover")
+    held = st.choose(balancer, now=NOW, demand=Ask(10)).ticket
+    assert held.leased
+    st.renew(balancer, 0, held, now=NOW + 40)
+    assert st.choose(balancer, now=NOW + 60, demand=Ask(10)).plan.order == (1,)
+    # not renewed again (its process died): it stops counting when its lease ends
+    after = st.choose(balancer, now=NOW + 40 + rules.LEASE + 1, demand=Ask(10))
+    assert after.plan.order[0] == 0
+
+
+def test_a_prompt_estimated_above_the_whole_limit_goes_alone(backend):
+    balancer, st = backend.open("big", echo(tpm=100), echo(), policy="failover")
+    big = st.choose(balancer, now=NOW, demand=Ask(500))
+    assert big.plan.order[0] == 0  # nothing in its window, nothing in flight
+    assert st.choose(balancer, now=NOW + 1, demand=Ask(5)).plan.order == (1,)
+
+
+def test_a_prompt_with_no_estimate_counts_as_before(backend):
+    # (a batch of embeddings, whose size is not known): room while the window is below the limit
+    balancer, st = backend.open("none", echo(tpm=100), echo(), policy="failover")
+    choice = st.choose(balancer, now=NOW)
+    assert choice.ticket is not None and not choice.ticket.leased
+    reported(st, balancer, 0, choice, NOW, tokens_in=99)
+    assert st.choose(balancer, now=NOW + 1).plan.order[0] == 0
+    assert st.stats(balancer, now=NOW + 1)[0]["limits"]["tpm"]["reserved"] == 0
+
+
+def test_token_reservations_hold_across_processes(backend):
+    balancer = backend.balancer("procs", echo(tpm=300), echo(), policy="failover")
+    first = backend.store(balancer)
+    primer = first.choose(balancer, now=NOW, demand=Ask(10))
+    reported(first, balancer, 0, primer, NOW, tokens_in=10, tokens_out=90)  # 100 used
+    store.new_process()
+    second = backend.store(balancer)
+    assert first.choose(balancer, now=NOW + 1, demand=Ask(10)).plan.order[0] == 0
+    assert second.choose(balancer, now=NOW + 1, demand=Ask(10)).plan.order[0] == 0
+    assert first.choose(balancer, now=NOW + 1, demand=Ask(10)).plan.order == (1,)
 
 
 # --- the provider's bucket: a limit belongs to the key (and the model) -----------------------
@@ -765,7 +891,10 @@ def test_statistics_of_each_member(backend):
         "items": 7,
         "first_chunk": {"median": 0.5, "p95": 0.75},
         "total_time": {"median": 2.0, "p95": 3.0},
-        "limits": {"rpm": {"used": 1, "limit": 10}, "tpm": {"used": 18, "limit": 1000}},
+        "limits": {
+            "rpm": {"used": 1, "limit": 10},
+            "tpm": {"used": 18, "limit": 1000, "reserved": 0},
+        },
         "last_used": NOW + 3,
         "last_error": None,
         "cooling_down_until": None,
@@ -808,7 +937,7 @@ def test_statistics_of_each_member(backend):
     # limits now: the window has moved on
     assert st.stats(balancer, now=NOW + 61)[0]["limits"] == {
         "rpm": {"used": 0, "limit": 10},
-        "tpm": {"used": 3, "limit": 1000},
+        "tpm": {"used": 3, "limit": 1000, "reserved": 0},
     }
 
 

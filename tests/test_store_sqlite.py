@@ -206,7 +206,7 @@ def test_a_state_file_of_version_3_is_upgraded_and_keeps_counting_its_requests_a
     members = store.open_store(balancer).stats(balancer, now=now)
     assert [member["limits"] for member in members] == [
         {"rpm": {"used": 1, "limit": 1}},
-        {"tpm": {"used": 150, "limit": 100}},
+        {"tpm": {"used": 150, "limit": 100, "reserved": 0}},
     ]
     # what stats had counted is counted once
     assert (members[0]["requests"], members[0]["input_tokens"]) == (4, 40)
@@ -250,7 +250,7 @@ def test_a_state_file_of_version_4_is_upgraded_and_keeps_its_counts_outcomes_and
     members = store.open_store(balancer).stats(balancer, now=now)
     assert [member["limits"] for member in members] == [
         {"rpm": {"used": 1, "limit": 1}},
-        {"tpm": {"used": 180, "limit": 100}},
+        {"tpm": {"used": 180, "limit": 100, "reserved": 0}},
     ]
     # what choices count: 30 tokens until now + 10, and 150 until now + 40.5
     assert store.open_store(balancer).claim(balancer, 1, now=now + 40) is False
@@ -266,6 +266,7 @@ def test_a_state_file_of_version_4_is_upgraded_and_keeps_its_counts_outcomes_and
     assert store.open_store(balancer).stats(balancer, now=now + 1)[1]["limits"]["tpm"] == {
         "used": 190,
         "limit": 100,
+        "reserved": 0,
     }
     assert_upgraded(user_path)
 

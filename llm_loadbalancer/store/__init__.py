@@ -99,29 +99,36 @@ class Store(Protocol):
         stream: bool = True,
         rng=None,
         now: float | None = None,
+        demand=None,
     ) -> Choice:
         """Choose the order of members for one prompt (``selection.choose``) and move the
         rotation; a first member with limits (or under least-busy) has its request counted
-        there and then: its ticket. ``tool_turn``: the prompt answers tool calls of the
-        conversation's last member, which it goes back to; with ``sticky`` every turn starts
-        at the member of the first. When no member may be asked now, ``plan.wait`` says."""
+        there and then: its ticket; under a token limit, the prompt's estimate (``demand``,
+        ``estimates.Demand``) is reserved until its outcome. ``tool_turn``: the prompt answers
+        tool calls of the conversation's last member, which it goes back to; with ``sticky``
+        every turn starts at the member of the first. When no member may be asked now,
+        ``plan.wait`` says."""
 
-    def claim(self, balancer: Balancer, member: int, now: float | None = None) -> object:
+    def claim(
+        self, balancer: Balancer, member: int, now: float | None = None, demand=None
+    ) -> object:
         """Before failing over to a member: False (skip it) when it is at a limit or inside a
         provider's stated reset; otherwise its request is counted as a choice's would be, and
         its ticket (None: nothing was counted)."""
 
     def finish(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
-        "A request that ended without an outcome (the caller stopped reading): not in flight."
+        """A request that ended without an outcome (the caller stopped reading): not in flight,
+        and its reservation freed."""
 
     def renew(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
-        "A request in flight still runs: its lease lasts ``rules.LEASE`` from now."
+        """A request in flight still runs: its lease (and its reservation's) lasts
+        ``rules.LEASE`` from now."""
 
     def record(
         self, balancer: Balancer, member: int, outcome: Outcome, *, ticket=None, now=None
     ) -> None:
-        """One attempt's outcome: statistics, tokens against limits, timings; a failure's
-        cooldown (``rules.next_cooldown``); a success clears the cooldown and ties the
+        """One attempt's outcome: statistics, tokens against limits in place of its reservation
+        (``rules.spent``), timings; a failure's cooldown (``rules.next_cooldown``); a success clears the cooldown and ties the
         conversation (its first member is kept)."""
 
     def reset(self, balancer: Balancer) -> None:

@@ -25,6 +25,10 @@ class Fallen(NamedTuple):
 
     ticket: object
 
+    @property
+    def leased(self) -> bool:
+        return self.ticket.leased
+
 
 class WithFallback:
     "A store, and the one that answers whenever it cannot."
@@ -51,13 +55,13 @@ class WithFallback:
         choice = self.fallback.choose(balancer, **kwargs)
         return choice._replace(ticket=_wrapped(choice.ticket))
 
-    def claim(self, balancer: Balancer, member: int, now: float | None = None):
+    def claim(self, balancer: Balancer, member: int, now: float | None = None, demand=None):
         if self._usable():
             try:
-                return self.first.claim(balancer, member, now)
+                return self.first.claim(balancer, member, now, demand)
             except StateUnavailable as ex:
                 self._fall_back(ex)
-        return _wrapped(self.fallback.claim(balancer, member, now))
+        return _wrapped(self.fallback.claim(balancer, member, now, demand))
 
     def record(
         self, balancer: Balancer, member: int, outcome: Outcome, *, ticket=None, now=None

@@ -289,6 +289,30 @@ update bucket_limits set line = coalesce(rpm, '') || '|' || coalesce(rpd, '') ||
     )
 
 
+# 7 -> 8: token reservations (issue 21): a prompt chosen for a member with a token limit
+# reserves its estimate in ``bucket_reserved`` until its member reports (while its lease
+# lasts); a report keeps the input estimate it is compared with and its answer's tokens, from
+# which the next prompts' answers are estimated (``rules.history``).
+@migration
+def m008_reservations(db):
+    run(
+        db,
+        """
+alter table bucket_tokens add column estimate integer;
+alter table bucket_tokens add column output integer;
+create table bucket_reserved (
+    bucket text not null,
+    id integer not null,
+    tokens integer not null,
+    blind integer not null,
+    at real not null,
+    lease real not null,
+    primary key (bucket, id)
+) without rowid;
+""",
+    )
+
+
 VERSION = len(MIGRATIONS)
 
 

@@ -15,7 +15,8 @@ Every key starts with ``llm-lb:2:`` (2: the format of the keys; a server whose
 keys then carry the digest of its name and member list (two definitions under one name never
 share a rotation or statistics); a provider's bucket's (``b:``, a model and a stored key), the
 digest of those: its requests and tokens counted against limits, and the limits members
-declared for it, shared by every balancer. Keys expire after ``rules.KEEP_DAYS`` without use.
+declared for it, and the tokens reserved by prompts in flight, shared by every balancer.
+Keys expire after ``rules.KEEP_DAYS`` without use.
 Whatever the server answers is checked as it is read: anything malformed is ``Malformed``, which
 is treated like a server that cannot be reached. redis-py is imported only here, when a
 balancer uses Redis.
@@ -34,7 +35,8 @@ from typing import NamedTuple
 
 from ..config import Balancer, shown_url
 from ..config import cut as config_cut
-from ..selection import choose, counted_ahead, free_at
+from .. import limits
+from ..selection import choose, counted_ahead, free_at, need_of
 from . import Busy, Choice, Outcome, Unreachable, rules, timeout
 
 CONNECT_TIMEOUT = 0.25  # seconds to connect, at most
@@ -56,11 +58,19 @@ class Malformed(Unreachable):
 
 class Ticket(NamedTuple):
     """A request counted when it was chosen: its id, whether the tokens it reports count
-    against its bucket's limits, and whether it is in flight (least-busy)."""
+    against its bucket's limits, whether it is in flight (least-busy), the tokens it reserved
+    in its bucket (None: no reservation) and its input's estimate."""
 
     id: str
     tokens: bool
     flight: bool
+    reserved: int | None = None
+    estimate: int | None = None
+
+    @property
+    def leased(self) -> bool:
+        "Whether it holds something while it runs (in flight, a reservation): a lease."
+        return self.flight or self.reserved is not None
 
 
 def script(name: str, *library: str) -> str:
@@ -150,6 +160,7 @@ class RedisStore:
             "flight": policy == "least-busy",
             "timings": policy == "lowest-latency",
             "buckets": [[self.bucket(m), bool(m.limits)] for m in balancer.members],
+            "reports": rules.RECENT_REPORTS,
         }
         if conversation:
             want["conversation"] = conversation
@@ -189,6 +200,7 @@ class RedisStore:
         stream: bool = True,
         rng=None,
         now: float | None = None,
+        demand=None,
     ) -> Choice:
         prefix = self.prefix(balancer)
         asks_tie = conversation if conversation and (tool_turn or balancer.sticky) else None
@@ -209,27 +221,30 @@ class RedisStore:
                 unavailable=unavailable,
                 rng=rng,
                 now=snapshot.now,
+                demand=demand,
             )
             first = plan.order[0] if plan.order else None
             counted = first is not None and snapshot.counted(first)
             moved = plan.position != snapshot.position
             if not moved and not counted and not snapshot.redated:
                 return Choice(plan, None, snapshot.cooled, snapshot.now)  # the read was the choice
+            need = need_of(snapshot, first, demand) if counted else None
             reply = self._commit(
                 balancer,
                 snapshot,
                 want,
                 position=plan.position if moved else None,
                 member=first if counted else None,
+                need=need,
             )
             if reply[0] == 1:
                 if speculates:
                     self.snapshots[prefix] = (reply[2], time.monotonic())
-                ticket = snapshot.ticket(first, reply[1]) if counted else None
+                ticket = snapshot.ticket(first, reply[1], need) if counted else None
                 return Choice(plan, ticket, snapshot.cooled, snapshot.now)
             raw = overtaken.again(reply[1])
 
-    def _commit(self, balancer, snapshot, want, *, position=None, member=None):
+    def _commit(self, balancer, snapshot, want, *, position=None, member=None, need=None):
         """Store a choice made from ``snapshot``: [1, its ticket ('' without), the snapshot after
         it], or [0, a new snapshot] when a version moved since."""
         now = snapshot.now
@@ -253,6 +268,8 @@ class RedisStore:
                 if own.limits and not snapshot.declares(member):
                     source = f"{self.prefix(balancer)}#{member}"
                     choice["declare"] = [source, _declaration(own, now)]
+                if need is not None:
+                    choice["reserve"] = f"{need.tokens}|{int(need.blind)}|{now + rules.LEASE:.6f}"
             if balancer.policy == "least-busy":
                 choice["flight"] = f"{now + rules.LEASE:.6f}|{now:.6f}"
         reply = self.call(self.commit, args=[self.prefix(balancer), json.dumps(choice), want])
@@ -260,7 +277,7 @@ class RedisStore:
             raise self.malformed(ValueError(f"a reply of {type(reply).__name__}"), balancer)
         return reply
 
-    def claim(self, balancer: Balancer, member: int, now: float | None = None):
+    def claim(self, balancer: Balancer, member: int, now: float | None = None, demand=None):
         prefix = self.prefix(balancer)
         want = self._want(balancer, now=now)
         overtaken = _Overtaken(self.url, "claim")
@@ -271,25 +288,31 @@ class RedisStore:
             snapshot = self._snapshot(balancer, raw, now)
             if (
                 member in snapshot.blocked
-                or free_at(balancer, snapshot, member, snapshot.now) is not None
+                or free_at(balancer, snapshot, member, snapshot.now, demand) is not None
             ):
                 return False
             if not snapshot.counted(member):
                 return None
-            reply = self._commit(balancer, snapshot, want, member=member)
+            need = need_of(snapshot, member, demand)
+            reply = self._commit(balancer, snapshot, want, member=member, need=need)
             if reply[0] == 1:
-                return snapshot.ticket(member, reply[1])
+                return snapshot.ticket(member, reply[1], need)
             raw = overtaken.again(reply[1])
 
     # --- recording ----------------------------------------------------------------------------
 
+    def _held(self, balancer: Balancer, member: int, ticket) -> list:
+        "finish.lua's first arguments: the prompt's ticket, and the bucket of its reservation."
+        bucket = self.bucket(balancer.members[member]) if ticket.reserved is not None else ""
+        return [self.prefix(balancer), ticket.id, KEEP, bucket]
+
     def finish(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
-        if ticket.flight:
-            self.call(self.finisher, args=[self.prefix(balancer), ticket.id, KEEP])
+        if ticket.leased:
+            self.call(self.finisher, args=self._held(balancer, member, ticket))
 
     def renew(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
-        if ticket.flight:
-            args = [self.prefix(balancer), ticket.id, KEEP, rules.LEASE]
+        if ticket.leased:
+            args = [*self._held(balancer, member, ticket), rules.LEASE]
             if now is not None:
                 args.append(f"{now:.6f}")
             self.call(self.finisher, args=args)
@@ -309,8 +332,16 @@ class RedisStore:
             "keep": KEEP,
             "timings_kept": rules.RECENT,
         }
-        if rules.counts_tokens(own.limits, ticket):
+        spent, estimate, output = rules.spent(outcome, ticket)
+        if spent > 0 and rules.counts_tokens(own.limits, ticket):
             fields["bucket"] = self.bucket(own)
+            fields["spent"] = spent
+            fields["detail"] = ":" + ("" if estimate is None else str(estimate)) + ":" + (
+                "" if output is None else str(output)
+            )
+        if ticket is not None and ticket.reserved is not None:
+            fields["bucket"] = self.bucket(own)
+            fields["reservation"] = ticket.id
         if outcome.error is not None:
             fields["error"] = outcome.error
         if outcome.conversation:
@@ -406,9 +437,10 @@ class RedisStore:
             pipe.zrangebyscore(bucket + "requests", "-inf", "+inf", withscores=True)
             pipe.zrangebyscore(bucket + "spent", "-inf", "+inf", withscores=True)
             pipe.hgetall(bucket + "limits")
+            pipe.hgetall(bucket + "reserved")
         server_time, counters, cooldowns, *per_member = self.call(pipe.execute)
         now = server_time[0] + server_time[1] / 1e6 if now is None else now
-        rows, events, timings, on_record, applied = {}, {}, {}, [], {}
+        rows, events, timings, on_record, applied, reservations = {}, {}, {}, [], {}, {}
         for index, member in enumerate(balancer.members):
             got = {name: counters.get(f"{index}:{name}") for name in _COUNTERS}
             if got["requests"] is not None:
@@ -426,7 +458,7 @@ class RedisStore:
             if row:
                 until, stated, length, reason = row.split("|", 3)
                 on_record.append((index, float(until), stated == "1", float(length), reason))
-            recent, requests, spent, declared = per_member[4 * index : 4 * index + 4]
+            recent, requests, spent, declared, reserved = per_member[5 * index : 5 * index + 5]
             timings[index] = [
                 (timing[1], timing[2]) for timing in map(_timing, recent) if timing[2]
             ]
@@ -434,8 +466,11 @@ class RedisStore:
             applied[index] = rules.strictest(member.limits, sources.values(), now)
             if applied[index]:
                 events[index] = _events(requests, spent, now - rules.DAY)
+                reservations[index] = rules.reserved(_reservations(reserved.items()), now)
         cooling = rules.cooling_now(on_record, now)
-        return rules.shape_stats(balancer, rows, cooling, events, timings, now, applied)
+        return rules.shape_stats(
+            balancer, rows, cooling, events, timings, now, applied, reservations
+        )
 
     def report(self, balancer: Balancer) -> dict:
         "The server's version and round trip (seconds), and what it holds for this definition."
@@ -552,6 +587,7 @@ class _ServerSnapshot:
         if len(buckets) != len(balancer.members):
             raise ValueError(f"{len(buckets)} buckets for {len(balancer.members)} members")
         self.bucket_versions, self._limits, self._totals, self._declared = {}, {}, {}, {}
+        self._reserved, self._history = {}, {}
         self.any_declared = False
         for index, (member, found) in enumerate(zip(balancer.members, buckets)):
             try:
@@ -561,7 +597,7 @@ class _ServerSnapshot:
 
     def _bucket(self, index: int, member, found) -> None:
         "What the snapshot read of a member's bucket: its version, declarations and totals."
-        bucket_version, declared, totals = found
+        bucket_version, declared, totals, reserved, reports = found
         self.bucket_versions[self.store.bucket(member)] = _text(bucket_version)
         sources = _sources(zip(declared[::2], declared[1::2]))
         self.any_declared = self.any_declared or bool(sources)
@@ -572,12 +608,22 @@ class _ServerSnapshot:
             if len(counts) != 4:
                 raise ValueError(f"{len(counts)} window totals")
             self._totals[index] = {60.0: tuple(counts[:2]), 86400.0: tuple(counts[2:])}
+            pairs = zip(reserved[::2], reserved[1::2])
+            self._reserved[index] = rules.reserved(_reservations(pairs), self.now)
+            found = [(float(at), *_report(entry)) for entry, at in zip(reports[::2], reports[1::2])]
+            self._history[index] = rules.history(found, self.now)
 
     def limits(self, member: int) -> dict:
         return self._limits[member]
 
     def totals(self, member: int) -> dict[float, tuple[int, int]]:
         return self._totals[member]
+
+    def reserved(self, member: int) -> limits.Reserved:
+        return self._reserved.get(member, limits.NOTHING)
+
+    def history(self, member: int):
+        return self._history[member]
 
     def declares(self, member: int) -> bool:
         "Whether the member's own declaration is on record, and recent."
@@ -588,9 +634,12 @@ class _ServerSnapshot:
         "Whether a request of the member is counted when chosen (``selection.counted_ahead``)."
         return counted_ahead(self.balancer, self, member)
 
-    def ticket(self, member: int, ticket_id) -> Ticket:
+    def ticket(self, member: int, ticket_id, need=None) -> Ticket:
         tokens = rules.counts_tokens(self._limits[member])
-        return Ticket(_text(ticket_id), tokens, self.balancer.policy == "least-busy")
+        flight = self.balancer.policy == "least-busy"
+        if need is None:
+            return Ticket(_text(ticket_id), tokens, flight)
+        return Ticket(_text(ticket_id), tokens, flight, need.tokens, need.input)
 
     def redate_fields(self) -> list:
         "[member, the field read, the field with the corrected end] of each cooldown to redate."
@@ -634,6 +683,23 @@ def _events(requests, spent, since: float):
         [(float(at), 0) for _, at in requests if float(at) > since],
         [(float(at), int(entry.split(":")[1])) for entry, at in spent if float(at) > since],
     )
+
+
+def _reservations(pairs) -> list[tuple]:
+    "(tokens, blind, at, lease) of a bucket's ``reserved`` hash, from its (field, value)s."
+    found = []
+    for _, value in pairs:
+        tokens, blind, at, lease = _text(value).split("|")
+        found.append((int(tokens), blind == "1", float(at), float(lease)))
+    return found
+
+
+def _report(entry: str) -> tuple:
+    """(tokens, estimate, output) of an entry of a bucket's ``spent`` set: 'cum:tokens' (an
+    older version's), or 'cum:tokens:estimate:output'."""
+    _, tokens, *detail = _text(entry).split(":")
+    estimate, output = detail if detail else ("", "")
+    return int(tokens), int(estimate) if estimate else None, int(output) if output else None
 
 
 def _sources(pairs) -> dict:

@@ -15,7 +15,8 @@ import math
 
 from .. import limits
 from ..config import LIMITS, MAX_SECONDS, MAX_STATED_SECONDS
-from ..selection import of_kind
+from ..estimates import History
+from ..selection import of_kind, token_limited
 
 IN_FLIGHT_HOURS = 1  # least-busy: a prompt in flight longer than this stops counting
 RECENT_TIMINGS = 20  # lowest-latency: the median of each member's last 20 timings ...
@@ -92,6 +93,38 @@ def in_flight(entries, now: float) -> dict[int, int]:
     return counts
 
 
+def reserved(entries, now: float) -> limits.Reserved:
+    """What the prompts in flight on a bucket reserved of its token windows, from (tokens,
+    blind, chosen at, lease until) entries: those whose lease lasts (as ``in_flight`` reads a
+    lease). A prompt that ended, or whose process died, reserves nothing."""
+    tokens = prompts = blind = 0
+    for spent, unknown, at, lease in entries:
+        if at <= now - IN_FLIGHT_HOURS * 3600 or not now < lease <= now + LEASE + 0.001:
+            continue
+        tokens += spent
+        prompts += 1
+        blind += bool(unknown)
+    return limits.Reserved(tokens, prompts, blind)
+
+
+RECENT_REPORTS = 20  # a prompt's answer is estimated from the bucket's last 20 reports ...
+
+
+def history(reports, now: float) -> History:
+    """What a bucket's recent reports say of the next prompt's cost (``estimates.need``): from
+    (at, tokens, input estimate, output) of its last RECENT_REPORTS reports, newest first, those
+    of the last day that were estimated (a reservation kept without a report, or a report of an
+    older version, has no estimate): the largest answer, and the most by which a report's input
+    exceeded its estimate."""
+    output, missed = None, 0
+    for at, tokens, estimate, answer in reports[:RECENT_REPORTS]:
+        if estimate is None or answer is None or at <= now - DAY:
+            continue
+        output = answer if output is None else max(output, answer)
+        missed = max(missed, tokens - answer - estimate)
+    return History(output, missed)
+
+
 def bucket(member) -> str:
     """The provider's bucket a member's requests and tokens count against: its model and its
     stored key (as written: a model's alias is another bucket). Every balancer and definition
@@ -131,7 +164,23 @@ def declared_lately(at: float | None, now: float) -> bool:
 def counts_tokens(member_limits: dict, ticket=None) -> bool:
     """Whether the tokens a member reports count against its bucket's windows: a token limit
     applies to it (its own, or, as the ticket its choice gave says, declared by another)."""
-    return "tpm" in member_limits or "tpd" in member_limits or getattr(ticket, "tokens", False)
+    return token_limited(member_limits) or getattr(ticket, "tokens", False)
+
+
+def spent(outcome, ticket) -> tuple[int, int | None, int | None]:
+    """What an attempt's end puts in its bucket's token windows, in place of its reservation:
+    (tokens, their input estimate, their answer). The tokens its member reported, with the
+    estimate they are compared with (``history``); a member that reported none keeps its
+    reservation when it answered (or had begun to: the provider counted it), and frees it
+    when it did not."""
+    reported = outcome.tokens_in + outcome.tokens_out
+    reserved = getattr(ticket, "reserved", None)
+    if reported > 0:
+        estimate = getattr(ticket, "estimate", None) if reserved is not None else None
+        return reported, estimate, outcome.tokens_out if estimate is not None else None
+    if reserved and (outcome.error is None or outcome.first_chunk is not None):
+        return reserved, None, None
+    return 0, None, None
 
 
 def median_latency(timings, now: float, stream: bool) -> float | None:
@@ -159,13 +208,16 @@ def spread(values: list[float]) -> dict | None:
     return {"median": median, "p95": p95}
 
 
-def shape_stats(balancer, rows, cooling, events, timings, now: float, applied=None) -> list[dict]:
+def shape_stats(
+    balancer, rows, cooling, events, timings, now: float, applied=None, reservations=None
+) -> list[dict]:
     """The statistics of each member as ``llm lb stats`` gives them, from what a backend read:
     ``rows`` {member: (requests, successes, failures, last used, last error, tokens in, tokens
     out, items)}, ``cooling`` {member: (until, reason)} of the cooldowns not yet ended,
     ``events`` {member: (requests, token reports)} of the last day, as (time, 0) and (time,
     tokens), ``timings`` {member: [(first chunk, total)]}, newest first (the last RECENT),
-    ``applied`` {member: the limits that apply to it (``strictest``)}, its own where left out."""
+    ``applied`` {member: the limits that apply to it (``strictest``)}, its own where left out,
+    ``reservations`` {member: what prompts in flight reserved of its bucket (``reserved``)}."""
     total = sum(r[0] for r in rows.values())
     result = []
     for index, member in enumerate(balancer.members):
@@ -189,7 +241,10 @@ def shape_stats(balancer, rows, cooling, events, timings, now: float, applied=No
                 "first_chunk": spread([first for first, _ in recent if first is not None]),
                 "total_time": spread([whole for _, whole in recent]),
                 "limits": _limits_now(
-                    (applied or {}).get(index, member.limits), events.get(index, ([], [])), now
+                    (applied or {}).get(index, member.limits),
+                    events.get(index, ([], [])),
+                    now,
+                    (reservations or {}).get(index, limits.NOTHING),
                 ),
                 "last_used": last_used,
                 "last_error": last_error,
@@ -200,10 +255,15 @@ def shape_stats(balancer, rows, cooling, events, timings, now: float, applied=No
     return result
 
 
-def _limits_now(member_limits: dict, events, now: float) -> dict:
+def _limits_now(member_limits: dict, events, now: float, reserved: limits.Reserved) -> dict:
+    """Each limit's use in its window now; a token limit's also the tokens reserved by prompts
+    in flight (not yet reported)."""
     requests, spent = events
     uses = limits.usage(of_kind(member_limits, "r"), requests, now) + limits.usage(
         of_kind(member_limits, "t"), spent, now
     )
     by_name = {use.name: {"used": use.used, "limit": use.limit} for use in uses}
+    for name, found in by_name.items():
+        if name[0] == "t":
+            found["reserved"] = reserved.tokens
     return {name: by_name[name] for name in member_limits}

@@ -16,8 +16,10 @@ own rows and never resets the new one's):
 And per provider's bucket (``rules.bucket``: a model and a stored key), shared by every
 balancer: ``bucket_requests`` and ``bucket_tokens``, the requests and tokens counted against
 limits, numbered (``seq``, ``n``) with running totals, so that a window's count is two index
-look-ups, not a scan; ``bucket_limits``, the limits each member declared for its bucket, of
-which the strictest applies (``rules.strictest``).
+look-ups, not a scan (a report keeps the estimate it replaced, ``rules.history``);
+``bucket_reserved``, the tokens reserved by prompts in flight under a token limit, until their
+member reports (``estimates.py``); ``bucket_limits``, the limits each member declared for its
+bucket, of which the strictest applies (``rules.strictest``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import NamedTuple
 
 from .. import limits
 from ..config import Balancer
-from ..selection import choose, counted_ahead, free_at
+from ..selection import choose, counted_ahead, free_at, need_of
 from . import Choice, Outcome, StateUnavailable, rules, timeout
 from .migrations import TooNew, upgrade
 
@@ -129,6 +131,7 @@ class SQLiteStore:
         stream: bool = True,
         rng=None,
         now: float | None = None,
+        demand=None,
     ) -> Choice:
         with self.transaction() as db:
             now = time.time() if now is None else now  # in the lock: rows in time order
@@ -147,17 +150,23 @@ class SQLiteStore:
             elif balancer.policy == "lowest-latency":
                 snapshot.latency = _latencies(db, balancer, key, now, stream)
             plan = choose(
-                balancer, snapshot, tool_turn=tool_turn, unavailable=unavailable, rng=rng, now=now
+                balancer,
+                snapshot,
+                tool_turn=tool_turn,
+                unavailable=unavailable,
+                rng=rng,
+                now=now,
+                demand=demand,
             )
             if plan.position != position:
                 db.execute(
                     "update rotation set position = ? where balancer = ?", [plan.position, key]
                 )
             _redate(db, key, snapshot.redated)
-            ticket = snapshot.count(plan.order[0]) if plan.order else None
+            ticket = snapshot.count(plan.order[0], demand) if plan.order else None
             return Choice(plan, ticket, snapshot.cooled, now)
 
-    def claim(self, balancer: Balancer, member: int, now: float | None = None):
+    def claim(self, balancer: Balancer, member: int, now: float | None = None, demand=None):
         with self.transaction() as db:
             now = time.time() if now is None else now  # in the lock: rows in time order
             key = _key(balancer)
@@ -168,27 +177,38 @@ class SQLiteStore:
             ).fetchall()
             snapshot = _FileSnapshot(db, balancer, key, now, cooldowns)
             _redate(db, key, snapshot.redated)
-            if member in snapshot.blocked or free_at(balancer, snapshot, member, now) is not None:
+            if (
+                member in snapshot.blocked
+                or free_at(balancer, snapshot, member, now, demand) is not None
+            ):
                 return False
-            return snapshot.count(member)
+            return snapshot.count(member, demand)
 
     # --- recording ----------------------------------------------------------------------------
 
     def finish(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
-        if ticket.at is None:  # (only least-busy counts requests in flight)
+        if not ticket.leased:  # (least-busy counts requests in flight; token limits, tokens)
             return
         with self.transaction() as db:
-            _ended(db, _key(balancer), member, ticket, time.time() if now is None else now)
+            if ticket.at is not None:
+                _ended(db, _key(balancer), member, ticket, time.time() if now is None else now)
+            _unreserve(db, balancer.members[member], ticket)
 
     def renew(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
         "A prompt in flight still runs: its lease lasts ``rules.LEASE`` from now."
         with self.transaction() as db:
             now = time.time() if now is None else now
-            db.execute(
-                "update requests set lease = ? where balancer = ? and member = ? and at = ? "
-                "and seq = ? and total is null",
-                [now + rules.LEASE, _key(balancer), member, ticket.at, ticket.id],
-            )
+            if ticket.at is not None:
+                db.execute(
+                    "update requests set lease = ? where balancer = ? and member = ? "
+                    "and at = ? and seq = ? and total is null",
+                    [now + rules.LEASE, _key(balancer), member, ticket.at, ticket.id],
+                )
+            if ticket.reserved is not None:
+                db.execute(
+                    "update bucket_reserved set lease = ? where bucket = ? and id = ?",
+                    [now + rules.LEASE, rules.bucket(balancer.members[member]), ticket.id],
+                )
 
     def record(
         self, balancer: Balancer, member: int, outcome: Outcome, *, ticket=None, now=None
@@ -198,7 +218,6 @@ class SQLiteStore:
             now = time.time() if now is None else now  # in the lock: rows in time order
             if ticket is not None and ticket.at is not None:
                 _ended(db, key, member, ticket, now)
-            spent = outcome.tokens_in + outcome.tokens_out
             db.execute(
                 "insert into outcomes (balancer, member, at, n, first_chunk, total, streamed, "
                 "input_tokens, output_tokens, error, items) "
@@ -219,8 +238,11 @@ class SQLiteStore:
             )
             own = balancer.members[member]
             bucket = rules.bucket(own)
+            if ticket is not None:
+                _unreserve(db, own, ticket)
+            spent, estimate, output = rules.spent(outcome, ticket)
             if spent > 0 and rules.counts_tokens(own.limits, ticket):
-                _spent(db, bucket, spent, now)
+                db.execute(_SPENT, [bucket, now, spent, estimate, output])
             prune = random.random() * PRUNE_EVERY < 1
             if prune:  # this member's rows older than a day: into the totals
                 _fold(db, key, member, bucket, now - limits.LONGEST)
@@ -314,19 +336,23 @@ class SQLiteStore:
                 ).fetchall(),
                 now,
             )
-            timings, applied = {}, {}
+            timings, applied, reservations = {}, {}, {}
             for index, member in enumerate(balancer.members):
                 bucket = rules.bucket(member)
                 declared = db.execute(f"select {_DECLARED}", [bucket]).fetchone()[0]
                 applied[index] = rules.strictest(member.limits, _declarations(declared), now)
                 if applied[index]:
                     events[index] = _events(db, bucket, now - limits.LONGEST)
+                    reserved = db.execute(f"select {_RESERVED}", [bucket]).fetchone()[0]
+                    reservations[index] = rules.reserved(_reservations(reserved), now)
                 timings[index] = db.execute(
                     "select first_chunk, total from outcomes where balancer = ? "
                     "and member = ? and total > 0 order by at desc limit ?",
                     [key, index, rules.RECENT],
                 ).fetchall()
-        return rules.shape_stats(balancer, rows, cooling, events, timings, now, applied)
+        return rules.shape_stats(
+            balancer, rows, cooling, events, timings, now, applied, reservations
+        )
 
     def report(self, balancer: Balancer) -> dict:
         return {"file": self.path}
@@ -541,11 +567,20 @@ def _redate(db, key: str, redated: dict) -> None:
 
 class Ticket(NamedTuple):
     """A request counted when it was chosen: whether the tokens it reports count against its
-    bucket's limits, and, in flight (least-busy), its row's (at, id); None otherwise."""
+    bucket's limits; in flight (least-busy), its row's time (``at``); the number naming its
+    rows (``id``); the tokens it reserved in its bucket (None: no reservation) and its input's
+    estimate."""
 
     tokens: bool
     at: float | None = None
     id: int | None = None
+    reserved: int | None = None
+    estimate: int | None = None
+
+    @property
+    def leased(self) -> bool:
+        "Whether it holds something while it runs (in flight, a reservation): a lease."
+        return self.at is not None or self.reserved is not None
 
 
 class _FileSnapshot:
@@ -563,6 +598,9 @@ class _FileSnapshot:
         self._limits: dict[int, dict] = {}
         self._totals: dict[int, dict] = {}
         self._declared: dict[int, list] = {}
+        # per member: its bucket's reservations and recent reports, as read (parsed when asked)
+        self._reserved: dict[int, object] = {}
+        self._reports: dict[int, object] = {}
 
     def limits(self, member: int) -> dict:
         found = self._limits.get(member)
@@ -583,16 +621,16 @@ class _FileSnapshot:
         """Read the bucket's windows (requests and tokens, in the last minute and day) and the
         limits declared for it, in one statement; the declarations."""
         now = self.now
-        arguments = [bucket, now - 60, now - rules.DAY, now]
+        arguments = [bucket, now - 60, now - rules.DAY, now, rules.RECENT_REPORTS]
         row = self.db.execute(_BUCKET, arguments).fetchone()
-        seq, seq_minute, seq_day, cum, cum_minute, cum_day, declared = row
+        seq, cum = row[0], row[3]
         if (seq is not None and seq < 0) or (cum is not None and cum < 0):
             for table, newest in (("bucket_requests", seq), ("bucket_tokens", cum)):
                 if newest is not None and newest < 0:  # dated after now: the clock went back
                     _after_now(self.db, table, bucket, now)
-            seq, seq_minute, seq_day, cum, cum_minute, cum_day, declared = self.db.execute(
-                _BUCKET, arguments
-            ).fetchone()
+            row = self.db.execute(_BUCKET, arguments).fetchone()
+        seq, seq_minute, seq_day, cum, cum_minute, cum_day, declared, reserved, reports = row
+        self._reserved[member], self._reports[member] = reserved, reports
         self.last_requests[member] = seq or 0
         # a window's count: the newest running number less the one before the window (none
         # before it: the window is empty)
@@ -618,29 +656,47 @@ class _FileSnapshot:
     def events(self, member: int, since: float):
         return _events(self.db, rules.bucket(self.balancer.members[member]), since)
 
-    def count(self, member: int) -> Ticket | None:
+    def reserved(self, member: int):
+        self.totals(member)  # (read with them)
+        return rules.reserved(_reservations(self._reserved[member]), self.now)
+
+    def history(self, member: int):
+        self.totals(member)
+        return rules.history(_reports(self._reports[member]), self.now)
+
+    def count(self, member: int, demand=None) -> Ticket | None:
         """Count a request of the member, chosen now: against its bucket's windows when limits
-        apply to it (and its own limits declared there), and in flight under least-busy. Its
-        ticket, or None when nothing was counted."""
+        apply to it (and its own limits declared there), its estimate reserved there under a
+        token limit, and in flight under least-busy. Its ticket, or None when nothing was
+        counted."""
         if not counted_ahead(self.balancer, self, member):
             return None
         member_limits = self.limits(member)
-        flight = self.balancer.policy == "least-busy"
+        own = self.balancer.members[member]
         if member_limits:
-            own = self.balancer.members[member]
             _sent(self.db, rules.bucket(own), self.now, self.last_requests.get(member))
             if own.limits:
                 self._declare(member, own)
         tokens = rules.counts_tokens(member_limits)
-        if not flight:
-            return Ticket(tokens)
         number = random.getrandbits(62)
+        need = need_of(self, member, demand)
+        reserved = estimate = None
+        if need is not None:
+            reserved, estimate = need.tokens, need.input
+            self.db.execute(
+                "insert into bucket_reserved (bucket, id, tokens, blind, at, lease) "
+                "values (?, ?, ?, ?, ?, ?)",
+                [rules.bucket(own), number, reserved, int(need.blind), self.now,
+                 self.now + rules.LEASE],
+            )
+        if self.balancer.policy != "least-busy":
+            return Ticket(tokens, None, number, reserved, estimate)
         self.db.execute(
             "insert into requests (balancer, member, at, seq, total, lease) "
             "values (?, ?, ?, ?, null, ?)",
             [self.key, member, self.now, number, self.now + rules.LEASE],
         )
-        return Ticket(tokens, self.now, number)
+        return Ticket(tokens, self.now, number, reserved, estimate)
 
     def _declare(self, member: int, own) -> None:
         "The member's own limits, declared for its bucket (again, when not renewed for a while)."
@@ -654,10 +710,21 @@ class _FileSnapshot:
 # The limits declared for a bucket ?1: their lines, 'rpm|rpd|tpm|tpd|at|source' each (written
 # by _declare), ';' between them (sources are 'name:definition#member': neither character)
 _DECLARED = "(select group_concat(line, ';') from bucket_limits where bucket = ?1)"
+# The reservations of prompts in flight on a bucket ?1: 'tokens|blind|at|lease' each
+_RESERVED = (
+    "(select group_concat(tokens || '|' || blind || '|' || at || '|' || lease, ';') "
+    "from bucket_reserved where bucket = ?1)"
+)
+# Its last ?5 reports (newest first): 'at|tokens|estimate|output' each
+_REPORTS = (
+    "(select group_concat(at || '|' || tokens || '|' || coalesce(estimate, '') || '|' || "
+    "coalesce(output, ''), ';') from (select at, tokens, estimate, output from bucket_tokens "
+    "where bucket = ?1 order by at desc, n desc limit ?5))"
+)
 # What a choice needs of a bucket ?1, in one statement: for its requests, then its tokens, the
 # newest row's running number (negative when it is dated after now, ?4: the clock went back)
 # and the running number just before the last minute (?2) and the last day (?3) (a window's
-# count is two index look-ups, not a scan); and _DECLARED.
+# count is two index look-ups, not a scan); _DECLARED, _RESERVED and _REPORTS.
 _BUCKET = "select " + ", ".join(
     [
         f"(select case when at > ?4 then -{running} else {running} end from {table} "
@@ -671,8 +738,33 @@ _BUCKET = "select " + ", ".join(
         )
         for window in (None, "?2", "?3")
     ]
-    + [_DECLARED]
+    + [_DECLARED, _RESERVED, _REPORTS]
 )
+
+
+def _reservations(text: str | None) -> list[tuple]:
+    "(tokens, blind, at, lease) of each reservation that _RESERVED gave."
+    if not text:
+        return []
+    found = []
+    for entry in text.split(";"):
+        tokens, blind, at, lease = entry.split("|")
+        found.append((int(tokens), blind == "1", float(at), float(lease)))
+    return found
+
+
+def _reports(text: str | None) -> list[tuple]:
+    "(at, tokens, estimate, output) of each report that _REPORTS gave, newest first."
+    if not text:
+        return []
+    found = []
+    for entry in text.split(";"):
+        at, tokens, estimate, output = entry.split("|")
+        found.append(
+            (float(at), int(tokens), int(estimate) if estimate else None,
+             int(output) if output else None)
+        )
+    return found
 
 
 def _declarations(text: str | None) -> list[tuple]:
@@ -752,20 +844,26 @@ def _sent(db, bucket: str, now: float, last: int | None = None) -> None:
     )
 
 
-def _spent(db, bucket: str, tokens: int, now: float) -> None:
-    """Tokens a member of the bucket reported, numbered after its last report, with their
-    running total, in one statement. Dated now, or as the last when that is later (the clock
-    went back): the reports stay in order, and the next choice dates them now."""
-    db.execute(_SPENT, [bucket, now, tokens])
-
-
+# Tokens ?3 a member of the bucket ?1 reported (?4: the estimate of their input, ?5: their
+# answer), numbered after its last report, with their running total, in one statement. Dated
+# now (?2), or as the last when that is later (the clock went back): the reports stay in
+# order, and the next choice dates them now.
 _LAST_TOKENS = "(select {} from bucket_tokens where bucket = ?1 order by at desc, n desc limit 1)"
 _SPENT = (
-    "insert into bucket_tokens (bucket, at, n, tokens, cum) values (?1, "
+    "insert into bucket_tokens (bucket, at, n, tokens, cum, estimate, output) values (?1, "
     f"max(?2, coalesce({_LAST_TOKENS.format('at')}, ?2)), "
     f"coalesce({_LAST_TOKENS.format('n')}, 0) + 1, ?3, "
-    f"coalesce({_LAST_TOKENS.format('cum')}, 0) + ?3)"
+    f"coalesce({_LAST_TOKENS.format('cum')}, 0) + ?3, ?4, ?5)"
 )
+
+
+def _unreserve(db, member, ticket) -> None:
+    "A prompt's reservation is no longer: it ended (its report, if any, replaces it)."
+    if getattr(ticket, "reserved", None) is not None:
+        db.execute(
+            "delete from bucket_reserved where bucket = ? and id = ?",
+            [rules.bucket(member), ticket.id],
+        )
 
 
 def _ended(db, key: str, member: int, ticket: Ticket, now: float) -> None:
@@ -841,6 +939,8 @@ def _fold(db, name: str, member: int, bucket: str, before: float) -> None:
     for table in ("bucket_requests", "bucket_tokens"):
         db.execute(f"delete from {table} where bucket = ? and at < ?", [bucket, before])
     db.execute("delete from bucket_limits where at < ?", [before])
+    # reservations of prompts that never ended (their process died): their leases ran out
+    db.execute("delete from bucket_reserved where bucket = ? and lease < ?", [bucket, before])
 
 
 def _added(folded, live) -> tuple:

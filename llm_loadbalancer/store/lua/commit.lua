@@ -7,6 +7,8 @@
 --   member    the member whose request is counted (its ticket), or absent
 --   bucket    with member: the prefix of its bucket, when its request counts against limits
 --   declare   with bucket: {source, 'rpm|rpd|tpm|tpd|at'}: the member's own limits, or absent
+--   reserve   with bucket: 'tokens|blind|lease' reserved for the prompt under a token limit, or
+--             absent
 --   flight    with member: 'lease|at' of the request in flight (least-busy), or absent
 --   redate    {{member, the cooldown field read, the field to store instead}, ...}, or absent
 --   now       the time of the choice ('%.6f')
@@ -48,6 +50,11 @@ if c.member then
     redis.call('ZADD', requests, now, ticket)
     redis.call('ZREMRANGEBYSCORE', requests, '-inf', string.format('%.6f', tonumber(now) - 86400))
     redis.call('EXPIRE', requests, keep)
+    if c.reserve then
+      local tokens, blind, lease = string.match(c.reserve, '^([^|]*)|([^|]*)|(.*)$')
+      put_dated(c.bucket .. 'reserved', ticket, tokens .. '|' .. blind .. '|' .. now .. '|' .. lease,
+        now, tonumber(now) - c.stale, keep)
+    end
     if c.declare then
       redis.call('HSET', c.bucket .. 'limits', c.declare[1], c.declare[2])
       redis.call('EXPIRE', c.bucket .. 'limits', keep)

@@ -1,28 +1,41 @@
 -- finish: a prompt that ended without an outcome (the caller stopped reading) is no longer in
--- flight; or, with a lease, it still runs: its lease is renewed.
+-- flight, and its reservation is freed; or, with a lease, it still runs: its leases are renewed.
 -- ARGV[1]  the balancer's key prefix
 -- ARGV[2]  its ticket
 -- ARGV[3]  seconds a balancer's keys are kept without use
--- ARGV[4]  absent to end it; else the seconds its lease lasts from now
--- ARGV[5]  with ARGV[4]: the time ('%.6f'), or absent: the server's
-local p, ticket = ARGV[1], ARGV[2]
-if ARGV[4] then
+-- ARGV[4]  the prefix of its member's bucket when it holds a reservation there, else ''
+-- ARGV[5]  absent to end it; else the seconds its lease lasts from now
+-- ARGV[6]  with ARGV[5]: the time ('%.6f'), or absent: the server's
+local p, ticket, keep, bp = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+if ARGV[5] then
+  local now = tonumber(ARGV[6])
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
+  local lease = string.format('%.6f', now + tonumber(ARGV[5]))
   local entry = redis.call('HGET', p .. 'flight', ticket)
   if entry then
-    local now = tonumber(ARGV[5])
-    if not now then
-      local t = redis.call('TIME')
-      now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-    end
     local member, at = string.match(entry, '^([^|]*)|[^|]*|(.*)$')
-    local lease = string.format('%.6f', now + tonumber(ARGV[4]))
     redis.call('HSET', p .. 'flight', ticket, member .. '|' .. lease .. '|' .. at)
-    bump(p, tonumber(ARGV[3]))
+    bump(p, keep)
+  end
+  if bp ~= '' then
+    local held = redis.call('HGET', bp .. 'reserved', ticket)
+    if held then
+      local tokens, blind, at = string.match(held, '^([^|]*)|([^|]*)|([^|]*)|')
+      redis.call('HSET', bp .. 'reserved', ticket, tokens .. '|' .. blind .. '|' .. at .. '|' .. lease)
+      bump(bp, keep)
+    end
   end
   return 1
 end
 if redis.call('HDEL', p .. 'flight', ticket) == 1 then
   redis.call('ZREM', p .. 'flight_at', ticket)
-  bump(p, tonumber(ARGV[3]))
+  bump(p, keep)
+end
+if bp ~= '' and redis.call('HDEL', bp .. 'reserved', ticket) == 1 then
+  redis.call('ZREM', bp .. 'reserved_at', ticket)
+  bump(bp, keep)
 end
 return 1

@@ -14,6 +14,10 @@
 --   first_chunk, total   seconds ('%.6f'), or absent
 --   streamed       true or false
 --   bucket         the prefix of the member's bucket, when its tokens count against limits
+--                  or it holds a reservation there
+--   spent          the tokens to count against its bucket's limits (``rules.spent``)
+--   detail         with spent: ':estimate:output' of a report ('::' when not known)
+--   reservation    the ticket whose reservation in the bucket ends, or absent
 --   now            the time ('%.6f'), or absent: the server's
 --   keep           seconds a balancer's keys (and a conversation's tie) are kept without use
 --   timings_kept   how many timings are kept per member
@@ -53,8 +57,14 @@ if o.streamed then streamed = '1' end
 redis.call('LPUSH', timings, at .. '|' .. (o.first_chunk or '') .. '|' .. (o.total or '') .. '|' .. streamed)
 redis.call('LTRIM', timings, 0, o.timings_kept - 1)
 redis.call('EXPIRE', timings, keep)
-local spent = o.tokens_in + o.tokens_out
+local spent = o.spent or 0
 local changed = false  -- what a choice depends on: tokens against a limit, cooldowns, ties
+if o.bucket and o.reservation then
+  if redis.call('HDEL', o.bucket .. 'reserved', o.reservation) == 1 then
+    redis.call('ZREM', o.bucket .. 'reserved_at', o.reservation)
+    bump(o.bucket, keep)
+  end
+end
 if o.bucket and spent > 0 then
   bump(o.bucket, keep)
   local key = o.bucket .. 'spent'
@@ -64,7 +74,8 @@ if o.bucket and spent > 0 then
     cum = tonumber(string.match(top[1], '^(%d+)')) + spent
     when = math.max(now, tonumber(top[2]))
   end
-  redis.call('ZADD', key, string.format('%.6f', when), string.format('%020d:%d', cum, spent))
+  redis.call('ZADD', key, string.format('%.6f', when),
+    string.format('%020d:%d', cum, spent) .. (o.detail or ''))
   redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.6f', now - 86400))
   redis.call('EXPIRE', key, keep)
 end

@@ -6,10 +6,12 @@
 --   flight        true: the prompts in flight (least-busy)
 --   timings       true: each member's recent timings (lowest-latency)
 --   buckets       per member: {its bucket's key prefix, true when it has limits of its own}
+--   reports       how many of a bucket's last token reports to read
 --   now           the time of the choice ('%.6f'), or absent: the server's (tests give one)
 -- Returns {version, position, cooldowns (a flat hash), tie or '', in flight (a flat hash),
 -- timings per member, per member its bucket's {version, declared limits (a flat hash),
--- requests and tokens in the last 60 s and 86400 s (when it has limits, its own or declared)},
+-- requests and tokens in the last 60 s and 86400 s, its reservations (a flat hash) and its
+-- last token reports with their times (these three when it has limits, its own or declared)},
 -- the time}.
 local function snapshot(p, want)
   local format = tonumber(redis.call('GET', 'llm-lb:format') or '0')
@@ -40,8 +42,10 @@ local function snapshot(p, want)
   for _, b in ipairs(want.buckets) do
     local bp, limited = b[1], b[2]
     local declared = redis.call('HGETALL', bp .. 'limits')
-    local totals = {}
+    local totals, reserved, reports = {}, {}, {}
     if limited or #declared > 0 then
+      reserved = redis.call('HGETALL', bp .. 'reserved')
+      reports = redis.call('ZREVRANGE', bp .. 'spent', 0, want.reports - 1, 'WITHSCORES')
       local top = redis.call('ZREVRANGE', bp .. 'spent', 0, 0)
       local newest = 0
       if #top > 0 then newest = tonumber(string.match(top[1], '^(%d+)')) end
@@ -57,7 +61,8 @@ local function snapshot(p, want)
         totals[#totals + 1] = string.format('%d', used)
       end
     end
-    buckets[#buckets + 1] = {redis.call('GET', bp .. 'version') or '0', declared, totals}
+    buckets[#buckets + 1] = {
+      redis.call('GET', bp .. 'version') or '0', declared, totals, reserved, reports}
   end
   out[7] = buckets
   out[8] = string.format('%.6f', now)
