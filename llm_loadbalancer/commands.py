@@ -148,6 +148,14 @@ def lb():
     help="Skip a member whose quota is exhausted for this long (default: 3600)",
 )
 @click.option(
+    "--affinity",
+    type=float,
+    metavar="SECONDS",
+    help="Send a prompt whose system prompt, fragments and attachments make a long prefix "
+    "(4 KB or more) to the member that served it in the last SECONDS, where the provider "
+    "may still have it cached (default: 0, off)",
+)
+@click.option(
     "--state",
     metavar="URL",
     help="Keep its state in this Redis server (redis://host:6379/0), shared by every machine "
@@ -176,6 +184,7 @@ def lb_save(
     timeout,
     max_wait,
     quota_cooldown,
+    affinity,
     state,
     state_key,
     embedding,
@@ -228,6 +237,7 @@ def lb_save(
             timeout=timeout,
             max_wait=max_wait,
             quota_cooldown=quota_cooldown,
+            affinity=affinity,
             state=state,
             state_key=state_key,
         )
@@ -298,7 +308,8 @@ def _check_state(balancer: Balancer) -> None:
 
 
 def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 'es' if noun.endswith('ch') else 's'}"
+    plural = "es" if noun.endswith(("ch", "x")) else "s"
+    return f"{number} {noun}{'' if number == 1 else plural}"
 
 
 def _same_model_as_before(balancer: Balancer, found) -> None:
@@ -762,7 +773,9 @@ def lb_stats(name, json_):
                 _fail(ex)
             continue
         try:
-            members = store.open_store(balancer, fallback=False).stats(balancer)
+            found = store.open_store(balancer, fallback=False)
+            members = found.stats(balancer)
+            cached = found.affinity(balancer) if balancer.affinity else None
         except store.Unreachable as ex:
             problem = f"cannot read statistics of lb:{each}: {_unreachable(ex)}"
             if name:
@@ -774,15 +787,16 @@ def lb_stats(name, json_):
             raise click.ClickException(f"cannot read statistics: {ex}")
         for member, row in zip(balancer.members, members):
             row["label"] = member.label(keys)
-        result.append(
-            {
-                "name": each,
-                "model_id": balancer.model_id,
-                "kind": balancer.kind,
-                "state": store.where(balancer, keys),
-                "members": members,
-            }
-        )
+        entry = {
+            "name": each,
+            "model_id": balancer.model_id,
+            "kind": balancer.kind,
+            "state": store.where(balancer, keys),
+            "members": members,
+        }
+        if cached is not None:
+            entry["affinity"] = {"seconds": balancer.affinity, **cached}
+        result.append(entry)
     if _printed_json_or_nothing(result, json_):
         return
     for number, entry in enumerate(result):
@@ -793,6 +807,13 @@ def lb_stats(name, json_):
             continue
         shared = entry["state"] != store.LOCAL
         click.echo(entry["model_id"] + (f"  (state: {entry['state']})" if shared else ""))
+        if "affinity" in entry:
+            cached = entry["affinity"]
+            click.echo(
+                f"  affinity {cached['seconds']:g} s: {_count(cached['routed'], 'prompt')} sent "
+                f"to the member that served their prefix; "
+                f"{_count(cached['prefixes'], 'prefix')} held"
+            )
         for member in entry["members"]:
             click.echo(_stats_line(member, entry["kind"]))
 

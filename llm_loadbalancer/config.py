@@ -49,6 +49,7 @@ TOP_FIELDS = (
     "timeout",
     "max_wait",
     "quota_cooldown",
+    "affinity",
     "state",
     "state_key",
 )
@@ -162,6 +163,8 @@ class Balancer(Frozen):
     timeout: float | None = None  # seconds a member has for its first chunk; None: no limit
     max_wait: float = DEFAULT_MAX_WAIT  # seconds to wait when every member is at its limit
     quota_cooldown: float = DEFAULT_QUOTA_COOLDOWN  # after "quota exhausted"
+    # seconds a long prompt prefix stays with the member that last served it (0: off)
+    affinity: float = 0.0
     state: str | None = None  # where its state lives: a redis:// URL, or "local"; None: default
     state_key: str | None = None  # the stored key holding the Redis password
     kind: str = CHAT
@@ -180,6 +183,7 @@ class Balancer(Frozen):
         timeout: float | None = None,
         max_wait: float = DEFAULT_MAX_WAIT,
         quota_cooldown: float = DEFAULT_QUOTA_COOLDOWN,
+        affinity: float = 0.0,
         state: str | None = None,
         state_key: str | None = None,
         kind: str = CHAT,
@@ -195,6 +199,7 @@ class Balancer(Frozen):
             timeout=timeout,
             max_wait=max_wait,
             quota_cooldown=quota_cooldown,
+            affinity=affinity,
             state=state,
             state_key=state_key,
             kind=kind,
@@ -221,6 +226,8 @@ class Balancer(Frozen):
             data["max_wait"] = self.max_wait
         if self.quota_cooldown != DEFAULT_QUOTA_COOLDOWN:
             data["quota_cooldown"] = self.quota_cooldown
+        if self.affinity:
+            data["affinity"] = self.affinity
         if self.state is not None:
             data["state"] = self.state
         if self.state_key is not None:
@@ -456,6 +463,7 @@ def from_dict(name: str, data) -> Balancer:
     quota_cooldown = seconds(
         data.get("quota_cooldown", DEFAULT_QUOTA_COOLDOWN), "quota_cooldown", minimum=0
     )
+    affinity = seconds(data.get("affinity", 0), "affinity", minimum=0)
     state = data.get("state")
     if state is not None:
         state = state_url(state, "state")
@@ -471,7 +479,7 @@ def from_dict(name: str, data) -> Balancer:
         raise ConfigError(f"{len(raw_members)} members: a load balancer has at most {MAX_MEMBERS}")
     members = tuple(_member(i, raw) for i, raw in enumerate(raw_members, 1))
     if balancer_kind == EMBEDDING:
-        _check_embedding(sticky, members)
+        _check_embedding(sticky, members, affinity)
     return Balancer(
         name=name,
         members=members,
@@ -482,6 +490,7 @@ def from_dict(name: str, data) -> Balancer:
         timeout=timeout,
         max_wait=max_wait,
         quota_cooldown=quota_cooldown,
+        affinity=affinity,
         state=state,
         state_key=state_key,
         kind=balancer_kind,
@@ -550,12 +559,17 @@ def shown_url(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
-def _check_embedding(sticky: bool, members: tuple[Member, ...]) -> None:
+def _check_embedding(sticky: bool, members: tuple[Member, ...], affinity: float = 0) -> None:
     "What an embedding balancer cannot have: conversations, options, token limits."
     if sticky:
         raise ConfigError(
             "sticky keeps a conversation on one member, and an embedding balancer has no "
             "conversations: remove sticky"
+        )
+    if affinity:
+        raise ConfigError(
+            "affinity sends a long prompt prefix back to the member that cached it, and an "
+            "embedding balancer has no prompts: remove affinity"
         )
     for position, member in enumerate(members, 1):
         where = f"member {position} ({member.model})"

@@ -16,7 +16,7 @@ import time
 
 import llm
 
-from . import drive, estimates, failures, model_options
+from . import affinity, drive, estimates, failures, model_options
 from .config import Balancer, ConfigError, Member
 from .members import build_options, load_stored_keys
 from .policy import plan
@@ -138,7 +138,13 @@ class Run:
         self.cooled = frozenset()  # members with a cooldown on record, as the choice read them
         # what the prompt asks of token limits (a batch of embeddings: not known)
         self.demand = None if prompt is None else estimates.Demand(prompt, self.output_cap)
+        # the digest of its long prefix, when the balancer keeps prefixes on their member
+        self.prefix = None
+        if prompt is not None and self.balancer.affinity and not prompt.tool_results:
+            self.prefix = affinity.prefix(prompt)
         self.waited_for = None  # the member the last wait was said to be for
+        self.deadline: float | None = None  # when the prompt has waited max_wait
+        self.merged: dict[int, dict] = {}  # member: its options (merged_options)
         for index, problem in lb.missing.items():
             print(
                 f"Warning: {lb.model_id}: {problem}: skipped; install the plugin that provides "
@@ -150,7 +156,8 @@ class Run:
         """Choose the members for this prompt: None when chosen, or the seconds to sleep before
         asking again, because every member is at its limit or inside a reset its provider
         stated and the first to free up does so within the balancer's max_wait (one line on
-        stderr says so). Longer than that, the prompt fails at once."""
+        stderr says so). Longer than that, or once the prompt has waited max_wait in all, it
+        fails."""
         unavailable = frozenset(self.lb.missing)
         try:
             # the time is the backend's (a Redis server's clock, for every machine alike)
@@ -162,6 +169,7 @@ class Run:
                 stream=self.stream,
                 rng=RNG,
                 demand=self.demand,
+                prefix=self.prefix,
             )
         except StateUnavailable as ex:
             now = time.time()
@@ -186,11 +194,20 @@ class Run:
         when, index = self.plan.wait
         delay = max(when - now, 0.0)
         first = self.balancer.members[index].describe(index + 1, self.keys)
-        if delay > self.balancer.max_wait:
+        max_wait = self.balancer.max_wait
+        if self.deadline is None:
+            self.deadline = now + max_wait
+        if delay > max_wait:
             raise LoadBalancerError(
                 f"{self.lb.model_id}: every member is at its limit or inside a reset its "
                 f"provider stated; the first to free up is {first}, in {delay:.0f} s, longer than "
-                f"max_wait ({self.balancer.max_wait:g} s; llm lb save --max-wait)"
+                f"max_wait ({max_wait:g} s; llm lb save --max-wait)"
+            )
+        if now + delay > self.deadline + 0.001:  # (prompts in flight that have not ended)
+            raise LoadBalancerError(
+                f"{self.lb.model_id}: every member is at its limit or inside a reset its "
+                f"provider stated; waited max_wait ({max_wait:g} s; llm lb save --max-wait) "
+                f"and {first} has no room yet"
             )
         if index != self.waited_for:  # (said once while it waits for the same member)
             self.waited_for = index
@@ -209,7 +226,15 @@ class Run:
             if ticket is False:
                 at_limit.append(index)
                 continue
-            attempt = self.attempt_class(self, index)
+            try:
+                attempt = self.attempt_class(self, index)
+            except BaseException:  # (an option it refuses): what was counted for it ends
+                if ticket is not None and self.use_state:
+                    try:
+                        self.store.finish(self.balancer, index, ticket)
+                    except StateUnavailable:
+                        pass
+                raise
             attempt.ticket = ticket
             if ticket is not None and ticket.leased:  # (in flight, or tokens reserved)
                 process_leases().hold(self.store, self.balancer, index, ticket)
@@ -261,9 +286,14 @@ class Run:
             )
         return chosen
 
-    def merged_options(self, member: Member, model) -> dict:
-        "The member's model defaults, then its saved options, then those given at prompt time."
-        merged = model_options.defaults(model.model_id, self.balancer.user_dir)
+    def merged_options(self, index: int, model) -> dict:
+        """The member's model defaults, then its saved options, then those given at prompt time
+        (worked out once a prompt: its estimate reads them too)."""
+        found = self.merged.get(index)
+        if found is not None:
+            return found
+        member = self.balancer.members[index]
+        merged = self.merged[index] = model_options.defaults(model.model_id, self.balancer.user_dir)
         merged.update(member.options)
         if self.prompt.options.model_fields_set:  # options given at prompt time
             given = self.prompt.options.model_dump(exclude_unset=True)
@@ -276,11 +306,11 @@ class Run:
             model = self.member_model(index)
         except LoadBalancerError:
             return None
-        return estimates.output_cap(self.merged_options(self.balancer.members[index], model))
+        return estimates.output_cap(self.merged_options(index, model))
 
     def member_options(self, attempt: Attempt, model):
         "The member's options (``merged_options``), as its own Options class."
-        merged = self.merged_options(attempt.member, model)
+        merged = self.merged_options(attempt.index, model)
         try:
             return build_options(model.Options, merged)
         except ConfigError as ex:
@@ -330,13 +360,18 @@ class Run:
             )
 
     def succeeded(self, attempt: Attempt, response) -> None:
-        """Record a success: the tokens the member reported, its timings, and the conversation
-        tie where one will be needed: with sticky, or when the member made tool calls (their
-        results go back to it)."""
-        tied = self.balancer.sticky or getattr(response, "_tool_calls", True)
+        """Record a success: the tokens the member reported, its timings, the conversation tie
+        where one will be needed (with sticky or affinity, or when the member made tool calls:
+        their results go back to it), and the member as the home of the prompt's prefix."""
+        tied = (
+            self.balancer.sticky
+            or self.balancer.affinity
+            or getattr(response, "_tool_calls", True)
+        )
         self._record(
             attempt,
             conversation=self.conversation_id if tied else None,
+            prefix=self.prefix,
             tokens_in=response.input_tokens or 0,
             tokens_out=response.output_tokens or 0,
             **attempt.timings(),

@@ -69,10 +69,11 @@ def text_tokens(text) -> int:
     "The tokens of a text, at most: one per BYTES_PER_TOKEN bytes of UTF-8."
     if not text:
         return 0
-    if not isinstance(text, str):
+    if text.__class__ is not str:
         text = str(text)
-    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-    return -(-size // BYTES_PER_TOKEN)
+    if text.isascii():
+        return -(-len(text) // BYTES_PER_TOKEN)
+    return -(-len(text.encode("utf-8", "surrogatepass")) // BYTES_PER_TOKEN)
 
 
 def attachment_tokens(kind: str | None, size: int | None) -> int:
@@ -89,7 +90,10 @@ def prompt_tokens(prompt) -> int:
     for message in prompt.messages:
         total += MESSAGE_TOKENS
         for part in message.parts:
-            total += _part_tokens(part)
+            if type(part).__name__ == "TextPart":  # (most of them: the rest reads every field)
+                total += text_tokens(part.text)
+            else:
+                total += _part_tokens(part)
     for tool in getattr(prompt, "tools", None) or ():
         total += text_tokens(getattr(tool, "name", "")) + text_tokens(
             getattr(tool, "description", "")
@@ -164,6 +168,7 @@ class Demand:
         self.prompt = prompt
         self._caps = caps
         self._input: int | None = None
+        self._capped: dict[int, int | None] = {}
 
     @property
     def input(self) -> int:
@@ -172,4 +177,6 @@ class Demand:
         return self._input
 
     def cap(self, member: int) -> int | None:
-        return self._caps(member)
+        if member not in self._capped:
+            self._capped[member] = self._caps(member)
+        return self._capped[member]

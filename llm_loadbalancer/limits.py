@@ -106,14 +106,22 @@ def free_at(
             used = sum(tokens for _, tokens in inside)
             if token_room(limit, used, reserved, need):
                 continue
-            when = None
-            for at, tokens in inside:
-                used -= tokens
-                if token_room(limit, used, reserved, need):
-                    when = at + window
-                    break
-            if reserved.prompts and (when is None or when > now + POLL):
-                when = now + POLL
+            when = _aged(limit, used, inside, window, reserved, need)
+            if reserved.prompts:  # they may end sooner: look again when that could make room
+                soonest = now + POLL
+                if not token_room(limit, used, NOTHING, need):
+                    soonest = max(_aged(limit, used, inside, window, NOTHING, need), soonest)
+                when = soonest if when is None else min(when, soonest)
         if when is not None and (latest is None or when > latest):
             latest = when
     return latest
+
+
+def _aged(limit: int, used: int, inside, window: float, reserved: Reserved, need) -> float | None:
+    """When enough of a token window's reports, (time, tokens) oldest first, have aged out of
+    it to make room (``token_room``), or None: not before the reservations end."""
+    for at, tokens in inside:
+        used -= tokens
+        if token_room(limit, used, reserved, need):
+            return at + window
+    return None

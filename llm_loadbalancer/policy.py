@@ -152,6 +152,7 @@ def plan(
     *,
     pinned: int | None = None,
     preferred: int | None = None,
+    preferred_why: str = "the conversation's member",
     unavailable: frozenset[int] = frozenset(),
     weights: tuple[int, ...] | None = None,
     blocked: dict[int, float] | None = None,
@@ -163,8 +164,8 @@ def plan(
 
     - ``pinned``: the only member that may answer (a tool-result turn goes back to the member
       that made the tool calls); the rotation does not move.
-    - ``preferred``: tried first when it is not cooling down (a sticky conversation); the
-      rotation does not move.
+    - ``preferred``: tried first when it is not cooling down (a sticky conversation, a
+      prompt prefix's member: ``preferred_why`` says which); the rotation does not move.
     - ``roundrobin``: walk the weighted cycle (``rotation``) from ``position``; the first
       member available goes first, the others follow in cycle order; the next prompt starts
       after the slot chosen. ``failover``: always the members in the order listed (weights
@@ -207,7 +208,7 @@ def plan(
         skipped = tuple(index for index in base if index not in available)
     if preferred is not None and preferred in available:
         order = [preferred] + [index for index in available if index != preferred]
-        return Plan(tuple(order), skipped, position, why="the conversation's member")
+        return Plan(tuple(order), skipped, position, why=preferred_why)
     order, why = _by_policy(policy, available, weights, busy, latency, rng)
     return Plan(tuple(order), skipped, _advance(policy, slot, order[0], position, total), why=why)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from . import estimates, limits
+from . import affinity, estimates, limits
 from .config import Balancer
 from .policy import Plan, plan
 
@@ -20,8 +20,10 @@ class Snapshot(Protocol):
     blocked: dict[int, float]  # {member: until} inside a provider's Retry-After
     redated: dict[int, float]  # {member: until} of cooldowns to store again (a clock step)
     tie: tuple[int, int] | None  # the conversation's (first, last) member, where asked for
+    home: tuple[int, float] | None  # the prompt prefix's (member, when it last served it)
     busy: dict[int, int] | None  # least-busy: prompts in flight per member
     latency: dict[int, float] | None  # lowest-latency: recent median per member
+    needs: dict  # {member: the prompt's ``estimates.Need`` of it} (need_of's, within a choice)
 
     def limits(self, member: int) -> dict:
         """The limits that apply to the member: its own, and those other members (of any
@@ -51,17 +53,27 @@ def choose(
     rng=None,
     now: float,
     demand=None,
+    prefix: str | None = None,
 ) -> Plan:
     """The order of members for one prompt and the next rotation position. Only the member
     chosen first has its limits looked at (the others, if the prompt fails over to them, when
     they are claimed): one at a limit is left out, and the choice made again. ``demand``: the
-    prompt's ``estimates.Demand``, for token limits (None: one token)."""
+    prompt's ``estimates.Demand``, for token limits (None: one token). ``prefix``: the digest of
+    its long prefix (``affinity.prefix``), whose member (``snapshot.home``) it goes to first
+    while that served it less than ``affinity`` seconds ago, unless it continues a
+    conversation (its member first, as with ``sticky``)."""
     pinned = preferred = None
+    why = "the conversation's member"
     if snapshot.tie is not None:
         if tool_turn:
             pinned = snapshot.tie[1]
-        elif balancer.sticky:
+        elif balancer.sticky or balancer.affinity:
             preferred = snapshot.tie[0]
+    home = snapshot.home
+    if pinned is None and preferred is None and prefix and home is not None:
+        member, at = home
+        if 0 <= member < len(balancer.members) and now - at <= balancer.affinity:
+            preferred, why = member, affinity.why(prefix, max(now - at, 0.0))
     blocked = dict(snapshot.blocked)
     checked = set()
     while True:
@@ -73,6 +85,7 @@ def choose(
             now,
             pinned=pinned,
             preferred=preferred,
+            preferred_why=why,
             unavailable=unavailable,
             weights=balancer.weights,
             blocked=blocked,
@@ -118,7 +131,12 @@ def need_of(snapshot: Snapshot, member: int, demand) -> estimates.Need | None:
     no token limit applies to it, or its size is not known (a batch of embeddings)."""
     if demand is None or not token_limited(snapshot.limits(member)):
         return None
-    return estimates.need(demand.input, demand.cap(member), snapshot.history(member))
+    found = snapshot.needs.get(member)
+    if found is None:
+        found = snapshot.needs[member] = estimates.need(
+            demand.input, demand.cap(member), snapshot.history(member)
+        )
+    return found
 
 
 def token_limited(member_limits: dict) -> bool:
@@ -129,6 +147,11 @@ def token_limited(member_limits: dict) -> bool:
 def of_kind(member_limits: dict, kind: str) -> dict:
     "The request limits (kind ``r``) or the token limits (``t``) of a member."
     return {name: value for name, value in member_limits.items() if name.startswith(kind)}
+
+
+def by_affinity(plan: Plan) -> bool:
+    "Whether the plan sends the prompt to its prefix's member."
+    return plan.why.startswith("affinity")
 
 
 def counted_ahead(balancer: Balancer, snapshot: Snapshot, member: int) -> bool:

@@ -121,10 +121,10 @@ def test_reservations_count_while_their_lease_lasts():
         (100, False, NOW - 10, NOW + 35),
         (50, True, NOW - 5, NOW + 40),
         (70, False, NOW - 100, NOW - 1),  # its lease ended: its process died
-        (90, False, NOW - 10, NOW + 3 * rules.LEASE),  # written by a clock that ran ahead
+        (90, False, NOW - 10, NOW + 3 * rules.LEASE),  # before the clock was set back
         (80, False, NOW - 4000, NOW + 10),  # in flight for over an hour
     ]
-    assert rules.reserved(entries, NOW) == Reserved(150, 2, 1)
+    assert rules.reserved(entries, NOW) == Reserved(240, 3, 1)
 
 
 def test_what_an_attempt_leaves_in_its_windows():
@@ -168,8 +168,12 @@ def test_free_at_waits_for_reports_to_age_out_or_looks_again_while_prompts_run()
     need = Need(100, False, 10)
     # 300 used: room for 100 when the first report leaves the window
     assert limits.free_at({"tpm": 300}, spent, NOW, Reserved(), need) == NOW + 10
-    # with prompts in flight, when they end is not known: look again shortly
+    # prompts in flight could not make room sooner: the same
     held = Reserved(50, 1, 0)
-    assert limits.free_at({"tpm": 300}, spent, NOW, held, need) == NOW + limits.POLL
+    assert limits.free_at({"tpm": 300}, spent, NOW, held, need) == NOW + 10
+    # they could (when they end is not known): look again shortly
+    one = [(NOW - 50, 100)]
+    assert limits.free_at({"tpm": 300}, one, NOW, Reserved(150, 1, 0), need) == NOW + limits.POLL
     assert limits.free_at({"tpm": 300}, [], NOW, Reserved(10, 1, 1), need) == NOW + limits.POLL
     assert limits.free_at({"tpm": 1000}, spent, NOW, held, need) is None
+

@@ -14,6 +14,7 @@ from contextlib import closing
 
 import pytest
 from conftest import invoke, run_workers, save_lb
+from store_helpers import Ask
 
 from llm_loadbalancer import config, store
 
@@ -109,6 +110,31 @@ def test_token_limits_hold_when_prompts_run_at_the_same_time(local_openai, state
     for member in json.loads(invoke("lb", "stats", "conc", "--json").stdout)[0]["members"]:
         assert member["limits"]["tpm"]["used"] <= 300
         assert member["limits"]["tpm"]["reserved"] == 0  # every prompt ended
+
+
+def test_a_prompt_waits_for_prompts_in_flight_at_most_max_wait_in_all(user_path):
+    save_lb("w", "echo tpm=300", "echo tpm=300", flags=("--max-wait", "1"))
+    balancer = config.load("w")
+    for member in range(2):  # a prompt in flight on each key, elsewhere: no report yet
+        store.open_store(balancer).claim(balancer, member, demand=Ask(10))
+    result = invoke("-m", "lb:w", "hi")  # looks again each second; fails once it waited 1 s
+    assert result.exit_code == 1
+    assert re.fullmatch(
+        r"lb:w: every member is at its limit; waiting 1 s for member \d \(echo, tpm=300\)\n"
+        r"Error: lb:w: every member is at its limit or inside a reset its provider stated; "
+        r"waited max_wait \(1 s; llm lb save --max-wait\) and member \d \(echo, tpm=300\) has "
+        r"no room yet\n",
+        result.stderr,
+    ), result.stderr
+
+
+def test_a_prompt_refused_before_it_is_sent_frees_its_reservation(fake_models, user_path):
+    save_lb("rej", "strict tpm=300", "strict tpm=300", flags=("--max-wait", "0"))
+    refused = invoke("-m", "lb:rej", "-o", "temperature", "1.5", "hi")
+    assert refused.exit_code == 1 and "temperature" in refused.stderr
+    members = json.loads(invoke("lb", "stats", "rej", "--json").stdout)[0]["members"]
+    assert [m["limits"]["tpm"]["reserved"] for m in members] == [0, 0]
+    assert invoke("-m", "lb:rej", "hi").exit_code == 0
 
 
 def age_requests(seconds):

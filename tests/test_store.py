@@ -358,6 +358,14 @@ def test_a_reservation_counts_while_its_lease_is_renewed_and_not_after_its_proce
     assert after.plan.order[0] == 0
 
 
+def test_a_reservation_holds_when_the_clock_is_set_back(backend):
+    balancer, st = backend.open("back", echo(tpm=300), echo(), policy="failover")
+    st.choose(balancer, now=NOW, demand=Ask(10))  # alone: no report yet
+    assert st.choose(balancer, now=NOW - 30, demand=Ask(10)).plan.order == (1,)
+    # a process that died then frees it within a lease of the clock being right
+    assert st.choose(balancer, now=NOW + rules.LEASE + 1, demand=Ask(10)).plan.order[0] == 0
+
+
 def test_a_prompt_estimated_above_the_whole_limit_goes_alone(backend):
     balancer, st = backend.open("big", echo(tpm=100), echo(), policy="failover")
     big = st.choose(balancer, now=NOW, demand=Ask(500))

@@ -78,6 +78,7 @@ class Outcome(NamedTuple):
     exact: bool = False  # the provider said when its limit resets: never doubled (resets.py)
     cooled: bool = True  # the member had a cooldown on record, which a success clears
     conversation: str | None = None  # a success ties this conversation to the member
+    prefix: str | None = None  # a success makes the member this prompt prefix's (affinity)
     tokens_in: int = 0
     tokens_out: int = 0
     first_chunk: float | None = None  # seconds to the first chunk
@@ -100,14 +101,16 @@ class Store(Protocol):
         rng=None,
         now: float | None = None,
         demand=None,
+        prefix: str | None = None,
     ) -> Choice:
         """Choose the order of members for one prompt (``selection.choose``) and move the
         rotation; a first member with limits (or under least-busy) has its request counted
         there and then: its ticket; under a token limit, the prompt's estimate (``demand``,
         ``estimates.Demand``) is reserved until its outcome. ``tool_turn``: the prompt answers
         tool calls of the conversation's last member, which it goes back to; with ``sticky``
-        every turn starts at the member of the first. When no member may be asked now,
-        ``plan.wait`` says."""
+        every turn starts at the member of the first. ``prefix``: the digest of the prompt's
+        long prefix (``affinity.prefix``), which goes to the member that last served it while
+        ``affinity`` lasts (counted). When no member may be asked now, ``plan.wait`` says."""
 
     def claim(
         self, balancer: Balancer, member: int, now: float | None = None, demand=None
@@ -128,8 +131,9 @@ class Store(Protocol):
         self, balancer: Balancer, member: int, outcome: Outcome, *, ticket=None, now=None
     ) -> None:
         """One attempt's outcome: statistics, tokens against limits in place of its reservation
-        (``rules.spent``), timings; a failure's cooldown (``rules.next_cooldown``); a success clears the cooldown and ties the
-        conversation (its first member is kept)."""
+        (``rules.spent``), timings; a failure's cooldown (``rules.next_cooldown``); a success
+        clears the cooldown, ties the conversation (its first member is kept) and makes the
+        member its prompt prefix's."""
 
     def reset(self, balancer: Balancer) -> None:
         """Start again: rotation, cooldowns, ties and statistics are forgotten (for every
@@ -145,6 +149,10 @@ class Store(Protocol):
 
     def stats(self, balancer: Balancer, now: float | None = None) -> list[dict]:
         "Per-member statistics (``rules.shape_stats``), in the order of the definition."
+
+    def affinity(self, balancer: Balancer, now: float | None = None) -> dict:
+        """{routed: prompts sent to their prefix's member, prefixes: prefixes whose tie is
+        younger than ``affinity``}."""
 
     def report(self, balancer: Balancer) -> dict:
         "Where the state is and what it holds, for ``llm lb state``."

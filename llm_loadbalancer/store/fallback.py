@@ -91,7 +91,8 @@ class WithFallback:
         try:
             getattr(self.first, what)(balancer, member, ticket, now)
         except StateUnavailable as ex:
-            self._fall_back(ex)
+            if what != "renew":  # (a lease renewed in the background: tried again next time)
+                self._fall_back(ex)
 
     def reset(self, balancer: Balancer) -> None:
         self.fallback.reset(balancer)
@@ -106,6 +107,9 @@ class WithFallback:
 
     def stats(self, balancer: Balancer, now: float | None = None) -> list[dict]:
         return self.first.stats(balancer, now)
+
+    def affinity(self, balancer: Balancer, now: float | None = None) -> dict:
+        return self.first.affinity(balancer, now)
 
     def report(self, balancer: Balancer) -> dict:
         return self.first.report(balancer)

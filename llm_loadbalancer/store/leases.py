@@ -45,7 +45,7 @@ class Leases:
         for store, balancer, member, ticket in held:
             try:
                 store.renew(balancer, member, ticket, now)
-            except StateUnavailable:
+            except (StateUnavailable, ValueError, TypeError):  # (the others are renewed still)
                 pass
         return len(held)
 

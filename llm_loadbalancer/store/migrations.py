@@ -291,8 +291,8 @@ update bucket_limits set line = coalesce(rpm, '') || '|' || coalesce(rpd, '') ||
 
 # 7 -> 8: token reservations (issue 21): a prompt chosen for a member with a token limit
 # reserves its estimate in ``bucket_reserved`` until its member reports (while its lease
-# lasts); a report keeps the input estimate it is compared with and its answer's tokens, from
-# which the next prompts' answers are estimated (``rules.history``).
+# lasts); a report keeps the estimate of its input and its answer's tokens, from which the next
+# prompts' are estimated (``rules.history``).
 @migration
 def m008_reservations(db):
     run(
@@ -311,6 +311,13 @@ create table bucket_reserved (
 ) without rowid;
 """,
     )
+
+
+# 8 -> 9: prompt-cache affinity (issue 21): the prompts each definition sent to their prefix's
+# member (a prefix's tie is a row of ``affinity``, named ``prefix:`` and its digest).
+@migration
+def m009_affinity_routed(db):
+    run(db, "alter table rotation add column routed integer not null default 0")
 
 
 VERSION = len(MIGRATIONS)

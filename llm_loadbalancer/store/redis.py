@@ -35,8 +35,8 @@ from typing import NamedTuple
 
 from ..config import Balancer, shown_url
 from ..config import cut as config_cut
-from .. import limits
-from ..selection import choose, counted_ahead, free_at, need_of
+from .. import affinity, limits
+from ..selection import by_affinity, choose, counted_ahead, free_at, need_of
 from . import Busy, Choice, Outcome, Unreachable, rules, timeout
 
 CONNECT_TIMEOUT = 0.25  # seconds to connect, at most
@@ -150,7 +150,7 @@ class RedisStore:
 
     # --- choosing -----------------------------------------------------------------------------
 
-    def _want(self, balancer, conversation=None, now=None) -> str:
+    def _want(self, balancer, conversation=None, now=None, prefix=None) -> str:
         """What snapshot() reads for a choice (JSON): in flight and timings as the policy needs
         them, each member's bucket, at ``now`` (None: the server's time)."""
         policy = balancer.policy
@@ -164,6 +164,8 @@ class RedisStore:
         }
         if conversation:
             want["conversation"] = conversation
+        if prefix:
+            want["prefix"] = affinity.TAG + prefix
         if now is not None:
             want["now"] = f"{now:.6f}"
         return json.dumps(want)
@@ -201,11 +203,14 @@ class RedisStore:
         rng=None,
         now: float | None = None,
         demand=None,
+        prefix: str | None = None,
     ) -> Choice:
+        digest = prefix if balancer.affinity else None
         prefix = self.prefix(balancer)
-        asks_tie = conversation if conversation and (tool_turn or balancer.sticky) else None
-        want = self._want(balancer, asks_tie, now=now)
-        speculates = self._speculates(balancer, asks_tie)
+        sticks = tool_turn or balancer.sticky or balancer.affinity
+        asks_tie = conversation if conversation and sticks else None
+        want = self._want(balancer, asks_tie, now=now, prefix=digest)
+        speculates = self._speculates(balancer, asks_tie or digest)
         raw = self.snapshots.get(prefix) if speculates else None
         overtaken = _Overtaken(self.url, "choice")
         while True:
@@ -222,11 +227,13 @@ class RedisStore:
                 rng=rng,
                 now=snapshot.now,
                 demand=demand,
+                prefix=digest,
             )
             first = plan.order[0] if plan.order else None
             counted = first is not None and snapshot.counted(first)
             moved = plan.position != snapshot.position
-            if not moved and not counted and not snapshot.redated:
+            routed = by_affinity(plan)
+            if not moved and not counted and not snapshot.redated and not routed:
                 return Choice(plan, None, snapshot.cooled, snapshot.now)  # the read was the choice
             need = need_of(snapshot, first, demand) if counted else None
             reply = self._commit(
@@ -236,6 +243,7 @@ class RedisStore:
                 position=plan.position if moved else None,
                 member=first if counted else None,
                 need=need,
+                routed=routed,
             )
             if reply[0] == 1:
                 if speculates:
@@ -244,7 +252,9 @@ class RedisStore:
                 return Choice(plan, ticket, snapshot.cooled, snapshot.now)
             raw = overtaken.again(reply[1])
 
-    def _commit(self, balancer, snapshot, want, *, position=None, member=None, need=None):
+    def _commit(
+        self, balancer, snapshot, want, *, position=None, member=None, need=None, routed=False
+    ):
         """Store a choice made from ``snapshot``: [1, its ticket ('' without), the snapshot after
         it], or [0, a new snapshot] when a version moved since."""
         now = snapshot.now
@@ -258,6 +268,8 @@ class RedisStore:
         }
         if position is not None:
             choice["position"] = position
+        if routed:
+            choice["routed"] = True
         if snapshot.redated:
             choice["redate"] = snapshot.redate_fields()
         if member is not None:
@@ -346,6 +358,8 @@ class RedisStore:
             fields["error"] = outcome.error
         if outcome.conversation:
             fields["conversation"] = outcome.conversation
+        if outcome.prefix:
+            fields["prefix"] = affinity.TAG + outcome.prefix
         for name in ("first_chunk", "total"):
             if getattr(outcome, name) is not None:
                 fields[name] = f"{getattr(outcome, name):.6f}"
@@ -472,6 +486,25 @@ class RedisStore:
             balancer, rows, cooling, events, timings, now, applied, reservations
         )
 
+    def affinity(self, balancer: Balancer, now: float | None = None) -> dict:
+        prefix = self.prefix(balancer)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.time()
+        pipe.hget(prefix + "stats", "affinity:routed")
+        pipe.hgetall(prefix + "ties")
+        server_time, routed, ties = self.call(pipe.execute)
+        now = server_time[0] + server_time[1] / 1e6 if now is None else now
+        try:
+            held = sum(
+                1
+                for field, value in ties.items()
+                if field.startswith(affinity.TAG)
+                and float(value.split("|")[2]) >= now - balancer.affinity
+            )
+            return {"routed": int(routed or 0), "prefixes": held}
+        except MALFORMED as ex:
+            raise self.malformed(ex, balancer) from ex
+
     def report(self, balancer: Balancer) -> dict:
         "The server's version and round trip (seconds), and what it holds for this definition."
         self.call(self.client.ping)  # connects
@@ -557,7 +590,8 @@ class _ServerSnapshot:
     parsed (a malformed one raises one of MALFORMED)."""
 
     def __init__(self, store: RedisStore, balancer: Balancer, raw, now):
-        (version, position, cooldowns, tie, flight, timings, buckets, server_now), arrived = raw
+        read, arrived = raw
+        version, position, cooldowns, tie, flight, timings, buckets, server_now, home = read
         self.store, self.balancer = store, balancer
         self.version = _text(version)
         self.position = int(position)
@@ -571,10 +605,13 @@ class _ServerSnapshot:
         self.cooling, self.blocked, self.cooled, self.redated = rules.read_cooldowns(
             rows, self.now
         )
-        self.tie = None
+        self.tie = self.home = None
         if tie:
             first, last = (int(x) for x in _text(tie).split("|")[:2])
             self.tie = (first, last)
+        if home:
+            _, last, at = _text(home).split("|")[:3]
+            self.home = (int(last), float(at))
         self.busy = None
         if balancer.policy == "least-busy":
             entries = []
@@ -584,6 +621,7 @@ class _ServerSnapshot:
             self.busy = rules.in_flight(entries, self.now)
         self.timings = [[_timing(entry) for entry in member] for member in timings]
         self.latency = None
+        self.needs: dict = {}
         if len(buckets) != len(balancer.members):
             raise ValueError(f"{len(buckets)} buckets for {len(balancer.members)} members")
         self.bucket_versions, self._limits, self._totals, self._declared = {}, {}, {}, {}

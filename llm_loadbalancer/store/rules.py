@@ -95,11 +95,13 @@ def in_flight(entries, now: float) -> dict[int, int]:
 
 def reserved(entries, now: float) -> limits.Reserved:
     """What the prompts in flight on a bucket reserved of its token windows, from (tokens,
-    blind, chosen at, lease until) entries: those whose lease lasts (as ``in_flight`` reads a
-    lease). A prompt that ended, or whose process died, reserves nothing."""
+    blind, chosen at, lease until) entries: those chosen less than IN_FLIGHT_HOURS ago whose
+    lease lasts. A prompt that ended, or whose process died, reserves nothing. A lease further
+    ahead than LEASE (written before the clock was set back) still counts: no step of the clock
+    lets a prompt past a reservation (the state file dates it LEASE from now)."""
     tokens = prompts = blind = 0
     for spent, unknown, at, lease in entries:
-        if at <= now - IN_FLIGHT_HOURS * 3600 or not now < lease <= now + LEASE + 0.001:
+        if at <= now - IN_FLIGHT_HOURS * 3600 or lease <= now:
             continue
         tokens += spent
         prompts += 1
@@ -107,7 +109,7 @@ def reserved(entries, now: float) -> limits.Reserved:
     return limits.Reserved(tokens, prompts, blind)
 
 
-RECENT_REPORTS = 20  # a prompt's answer is estimated from the bucket's last 20 reports ...
+RECENT_REPORTS = 10  # a prompt's answer is estimated from the bucket's last 10 reports ...
 
 
 def history(reports, now: float) -> History:
@@ -115,7 +117,8 @@ def history(reports, now: float) -> History:
     (at, tokens, input estimate, output) of its last RECENT_REPORTS reports, newest first, those
     of the last day that were estimated (a reservation kept without a report, or a report of an
     older version, has no estimate): the largest answer, and the most by which a report's input
-    exceeded its estimate."""
+    exceeded its estimate. (The state file asks its rows the same in SQL:
+    ``sqlite._REPORTS``.)"""
     output, missed = None, 0
     for at, tokens, estimate, answer in reports[:RECENT_REPORTS]:
         if estimate is None or answer is None or at <= now - DAY:

@@ -37,7 +37,9 @@ from typing import NamedTuple
 
 from .. import limits
 from ..config import Balancer
-from ..selection import choose, counted_ahead, free_at, need_of
+from ..estimates import History
+from .. import affinity
+from ..selection import by_affinity, choose, counted_ahead, free_at, need_of
 from . import Choice, Outcome, StateUnavailable, rules, timeout
 from .migrations import TooNew, upgrade
 
@@ -132,6 +134,7 @@ class SQLiteStore:
         rng=None,
         now: float | None = None,
         demand=None,
+        prefix: str | None = None,
     ) -> Choice:
         with self.transaction() as db:
             now = time.time() if now is None else now  # in the lock: rows in time order
@@ -139,11 +142,17 @@ class SQLiteStore:
             position, cooldowns = _rotation_and_cooldowns(db, balancer, key, now)
             snapshot = _FileSnapshot(db, balancer, key, now, cooldowns)
             snapshot.position = position
-            if conversation and (tool_turn or balancer.sticky):
+            if conversation and (tool_turn or balancer.sticky or balancer.affinity):
                 snapshot.tie = db.execute(
                     "select first_member, last_member from affinity "
                     "where balancer = ? and conversation = ?",
                     [key, conversation],
+                ).fetchone()
+            if prefix and balancer.affinity:
+                snapshot.home = db.execute(
+                    "select last_member, updated from affinity "
+                    "where balancer = ? and conversation = ?",
+                    [key, affinity.TAG + prefix],
                 ).fetchone()
             if balancer.policy == "least-busy":
                 snapshot.busy = _in_flight(db, key, now)
@@ -157,7 +166,10 @@ class SQLiteStore:
                 rng=rng,
                 now=now,
                 demand=demand,
+                prefix=prefix,
             )
+            if by_affinity(plan):
+                db.execute("update rotation set routed = routed + 1 where balancer = ?", [key])
             if plan.position != position:
                 db.execute(
                     "update rotation set position = ? where balancer = ?", [plan.position, key]
@@ -266,13 +278,14 @@ class SQLiteStore:
                 db.execute(
                     "delete from affinity where updated < ?", [now - rules.KEEP_DAYS * rules.DAY]
                 )
-            if outcome.error is None and outcome.conversation:
-                db.execute(  # the first member is kept
-                    "insert into affinity (balancer, conversation, first_member, last_member, "
-                    "updated) values (?, ?, ?, ?, ?) on conflict do update set "
-                    "last_member = excluded.last_member, updated = excluded.updated",
-                    [key, outcome.conversation, member, member, now],
-                )
+            for tied in (outcome.conversation, outcome.prefix and affinity.TAG + outcome.prefix):
+                if outcome.error is None and tied:
+                    db.execute(  # the first member is kept; a prefix's is its last
+                        "insert into affinity (balancer, conversation, first_member, "
+                        "last_member, updated) values (?, ?, ?, ?, ?) on conflict do update set "
+                        "last_member = excluded.last_member, updated = excluded.updated",
+                        [key, tied, member, member, now],
+                    )
 
     def reset(self, balancer: Balancer) -> None:
         with self.transaction() as db:
@@ -353,6 +366,18 @@ class SQLiteStore:
         return rules.shape_stats(
             balancer, rows, cooling, events, timings, now, applied, reservations
         )
+
+    def affinity(self, balancer: Balancer, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        key = _key(balancer)
+        with self.transaction(write=False) as db:
+            row = db.execute("select routed from rotation where balancer = ?", [key]).fetchone()
+            held = db.execute(
+                "select count(*) from affinity where balancer = ?1 and conversation >= ?2 "
+                "and conversation < ?3 and updated >= ?4",
+                [key, affinity.TAG, affinity.TAG[:-1] + ";", now - balancer.affinity],
+            ).fetchone()[0]
+        return {"routed": row[0] if row else 0, "prefixes": held}
 
     def report(self, balancer: Balancer) -> dict:
         return {"file": self.path}
@@ -591,16 +616,17 @@ class _FileSnapshot:
         self.cooling, self.blocked, self.cooled, self.redated = rules.read_cooldowns(
             cooldowns, now
         )
-        self.tie = self.busy = self.latency = None
+        self.tie = self.busy = self.latency = self.home = None
+        self.needs: dict = {}
         self.position = 0
         self.last_requests: dict[int, tuple] = {}  # (time, number) of each bucket's last request
         # per member: the limits that apply, its bucket's totals, the limits declared for it
         self._limits: dict[int, dict] = {}
         self._totals: dict[int, dict] = {}
         self._declared: dict[int, list] = {}
-        # per member: its bucket's reservations and recent reports, as read (parsed when asked)
-        self._reserved: dict[int, object] = {}
-        self._reports: dict[int, object] = {}
+        # per member: its bucket's reservations and what its last reports say, as read
+        self._reserved: dict[int, str | None] = {}
+        self._reports: dict[int, str | None] = {}
 
     def limits(self, member: int) -> dict:
         found = self._limits.get(member)
@@ -658,11 +684,23 @@ class _FileSnapshot:
 
     def reserved(self, member: int):
         self.totals(member)  # (read with them)
-        return rules.reserved(_reservations(self._reserved[member]), self.now)
+        entries = _reservations(self._reserved[member])
+        latest = self.now + rules.LEASE
+        if any(lease > latest for *_, lease in entries):  # the clock was set back since
+            self.db.execute(
+                "update bucket_reserved set lease = ?1 where bucket = ?2 and lease > ?1",
+                [latest, rules.bucket(self.balancer.members[member])],
+            )
+        return rules.reserved(entries, self.now)
 
-    def history(self, member: int):
+    def history(self, member: int) -> History:
         self.totals(member)
-        return rules.history(_reports(self._reports[member]), self.now)
+        self.totals(member)  # (read with them)
+        found = self._reports[member]
+        if not found:
+            return History()
+        output, missed = found.split("|")
+        return History(int(output), max(int(missed), 0))
 
     def count(self, member: int, demand=None) -> Ticket | None:
         """Count a request of the member, chosen now: against its bucket's windows when limits
@@ -710,16 +748,18 @@ class _FileSnapshot:
 # The limits declared for a bucket ?1: their lines, 'rpm|rpd|tpm|tpd|at|source' each (written
 # by _declare), ';' between them (sources are 'name:definition#member': neither character)
 _DECLARED = "(select group_concat(line, ';') from bucket_limits where bucket = ?1)"
-# The reservations of prompts in flight on a bucket ?1: 'tokens|blind|at|lease' each
+# The reservations of prompts in flight on a bucket ?1: 'tokens|blind|at|lease' each (';')
 _RESERVED = (
     "(select group_concat(tokens || '|' || blind || '|' || at || '|' || lease, ';') "
     "from bucket_reserved where bucket = ?1)"
 )
-# Its last ?5 reports (newest first): 'at|tokens|estimate|output' each
+# What the last ?5 reports of a bucket ?1 say of the next prompt (``rules.history``, in SQL:
+# reading the rows into Python cost 8 us a prompt): of those after ?3 (a day ago) that were
+# estimated, 'the largest answer|the most their input exceeded its estimate'
 _REPORTS = (
-    "(select group_concat(at || '|' || tokens || '|' || coalesce(estimate, '') || '|' || "
-    "coalesce(output, ''), ';') from (select at, tokens, estimate, output from bucket_tokens "
-    "where bucket = ?1 order by at desc, n desc limit ?5))"
+    "(select max(output) || '|' || max(tokens - output - estimate) from (select at, tokens, "
+    "estimate, output from bucket_tokens where bucket = ?1 order by at desc, n desc limit ?5) "
+    "where estimate is not null and output is not null and at > ?3)"
 )
 # What a choice needs of a bucket ?1, in one statement: for its requests, then its tokens, the
 # newest row's running number (negative when it is dated after now, ?4: the clock went back)
@@ -753,18 +793,7 @@ def _reservations(text: str | None) -> list[tuple]:
     return found
 
 
-def _reports(text: str | None) -> list[tuple]:
-    "(at, tokens, estimate, output) of each report that _REPORTS gave, newest first."
-    if not text:
-        return []
-    found = []
-    for entry in text.split(";"):
-        at, tokens, estimate, output = entry.split("|")
-        found.append(
-            (float(at), int(tokens), int(estimate) if estimate else None,
-             int(output) if output else None)
-        )
-    return found
+
 
 
 def _declarations(text: str | None) -> list[tuple]:

@@ -17,15 +17,19 @@ if ARGV[5] then
   local entry = redis.call('HGET', p .. 'flight', ticket)
   if entry then
     local member, at = string.match(entry, '^([^|]*)|[^|]*|(.*)$')
-    redis.call('HSET', p .. 'flight', ticket, member .. '|' .. lease .. '|' .. at)
-    bump(p, keep)
+    if member then
+      redis.call('HSET', p .. 'flight', ticket, member .. '|' .. lease .. '|' .. at)
+      bump(p, keep)
+    end
   end
   if bp ~= '' then
     local held = redis.call('HGET', bp .. 'reserved', ticket)
     if held then
       local tokens, blind, at = string.match(held, '^([^|]*)|([^|]*)|([^|]*)|')
-      redis.call('HSET', bp .. 'reserved', ticket, tokens .. '|' .. blind .. '|' .. at .. '|' .. lease)
-      bump(bp, keep)
+      if tokens then
+        redis.call('HSET', bp .. 'reserved', ticket, tokens .. '|' .. blind .. '|' .. at .. '|' .. lease)
+        bump(bp, keep)
+      end
     end
   end
   return 1

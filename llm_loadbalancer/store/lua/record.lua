@@ -10,6 +10,8 @@
 --   stated         true: the provider stated the cooldown (Retry-After, a quota's reset)
 --   cooled         true: a success clears the member's cooldown
 --   conversation   a success ties it to the member (its first member is kept), or absent
+--   prefix         a success makes the member this prompt prefix's ('prefix:' and its
+--                  digest), or absent
 --   tokens_in, tokens_out, items
 --   first_chunk, total   seconds ('%.6f'), or absent
 --   streamed       true or false
@@ -99,6 +101,10 @@ if ok and o.conversation then
   local row = redis.call('HGET', ties, o.conversation)
   if row then first = string.match(row, '^(%d+)') end
   put_dated(ties, o.conversation, first .. '|' .. m .. '|' .. at, at, now - keep, keep)
+  changed = true
+end
+if ok and o.prefix then
+  put_dated(p .. 'ties', o.prefix, m .. '|' .. m .. '|' .. at, at, now - keep, keep)
   changed = true
 end
 if changed then

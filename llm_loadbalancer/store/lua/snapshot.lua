@@ -3,6 +3,7 @@
 --   format        this code's format of the keys: a server holding a newer one is refused
 --   members       the number of members
 --   conversation  the conversation whose tie to read, or absent
+--   prefix        the tie of a prompt prefix to read ('prefix:' and its digest), or absent
 --   flight        true: the prompts in flight (least-busy)
 --   timings       true: each member's recent timings (lowest-latency)
 --   buckets       per member: {its bucket's key prefix, true when it has limits of its own}
@@ -12,7 +13,7 @@
 -- timings per member, per member its bucket's {version, declared limits (a flat hash),
 -- requests and tokens in the last 60 s and 86400 s, its reservations (a flat hash) and its
 -- last token reports with their times (these three when it has limits, its own or declared)},
--- the time}.
+-- the time, the prefix's tie or ''}.
 local function snapshot(p, want)
   local format = tonumber(redis.call('GET', 'llm-lb:format') or '0')
   if format and format > want.format then
@@ -66,5 +67,7 @@ local function snapshot(p, want)
   end
   out[7] = buckets
   out[8] = string.format('%.6f', now)
+  out[9] = ''
+  if want.prefix then out[9] = redis.call('HGET', p .. 'ties', want.prefix) or '' end
   return out
 end

@@ -1,0 +1,45 @@
+"""Prompt-cache affinity: a prompt whose cacheable prefix is long goes back to the member that
+last served the same prefix, where the provider may still have it cached (OpenAI and Anthropic
+cache a repeated prefix of 1,024 tokens or more, per organisation or key). Pure: the prefix is
+read from the prompt llm built; the tie is the store's (``Store.choose``'s ``prefix``).
+
+The prefix is what llm sends before the prompt's own text, in its order: the system prompt
+(with its system fragments), the fragments, and the attachments. Only a digest of it is kept,
+never its text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from .estimates import ATTACHMENT_TOKENS
+
+MIN_PREFIX_TOKENS = 1024  # the least a provider caches (OpenAI, Anthropic)
+BYTES_PER_TOKEN = 4  # of English text, as the providers' tokenizers count it
+MIN_PREFIX_BYTES = MIN_PREFIX_TOKENS * BYTES_PER_TOKEN
+TAG = "prefix:"  # how the store names a prefix's tie, beside conversations' ids
+
+
+def prefix(prompt) -> str | None:
+    """The digest (hex) of a prompt's cacheable prefix, or None when it has none long enough
+    (about MIN_PREFIX_TOKENS: MIN_PREFIX_BYTES of text, an attachment counting
+    ATTACHMENT_TOKENS)."""
+    system = prompt.system or ""
+    fragments = [str(fragment) for fragment in prompt.fragments or ()]
+    attachments = list(prompt.attachments or ())
+    size = len(system) + sum(len(fragment) for fragment in fragments)
+    size += len(attachments) * ATTACHMENT_TOKENS * BYTES_PER_TOKEN
+    if size < MIN_PREFIX_BYTES:
+        return None
+    digest = hashlib.sha256()
+    for part in (system, *fragments):
+        digest.update(b"t%d:" % len(part.encode("utf-8", "surrogatepass")))
+        digest.update(part.encode("utf-8", "surrogatepass"))
+    for attachment in attachments:
+        digest.update(b"a:" + attachment.id().encode())
+    return digest.hexdigest()
+
+
+def why(digest: str, age: float) -> str:
+    "How the debug line says a prompt went to its prefix's member."
+    return f"affinity (prefix {digest[:4]}…, {age:.0f} s ago)"
