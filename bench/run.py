@@ -127,6 +127,9 @@ class Bench:
         self.llm("aliases", "set", "echo-limited", "echo")
         self.llm("lb", "save", "limited", f"echo-limited {limited}", f"echo-limited {limited}")
         self.llm("lb", "save", "heavy", "echo", "echo weight=1000000000")
+        self.llm(  # (the same limits as lb:limited, and affinity)
+            "lb", "save", "cached", *[f"echo-limited {limited}"] * 2, "--affinity", "300"
+        )
         # 46 more, so that 50 balancers are saved for the start-up measurements
         folder = self.dir / "user" / "loadbalancers"
         template = (folder / "bench.yaml").read_text()
@@ -260,6 +263,95 @@ class Bench:
             "3b", "weights 1, 10**9 vs 1, 1", "heavy", "added <= 25 us", baseline="lb:bench"
         )
 
+    # 3c --------------------------------------------------------------------------------
+    def affinity(self):
+        """Prompt-cache affinity (issue 21): the cost per prompt with limits and affinity on,
+        four 5 KB system prompts in turn with a short prompt after each (in a conversation, as
+        the CLI sends them); and the share of long-prefix prompts that reach the member that
+        last served their prefix (where its cache is warm), with and without affinity: 400
+        choices over 4 members through the state file, a second apart, in a random order."""
+        prompts = 200 if self.quick else 4000
+        script = textwrap.dedent(
+            f"""
+            import json, time, llm
+            lb = llm.get_model("lb:cached")
+            echo = llm.get_model("echo")
+            systems = [f"System prompt {{n}}: " + "You are a careful assistant. " * 170
+                       for n in range(4)]
+            def ask(model, i):
+                system = systems[(i // 2) % 4] if i % 2 == 0 else None
+                model.conversation().prompt("hi", system=system).text()
+            for model in (lb, echo):
+                for i in range(40):
+                    ask(model, i)
+            blocks = 10
+            per_block = {prompts} // blocks
+            times = {{"lb": [], "echo": []}}
+            for block in range(blocks):
+                order = (("lb", lb), ("echo", echo)) if block % 2 == 0 else (("echo", echo), ("lb", lb))
+                for name, model in order:
+                    start = time.perf_counter()
+                    for i in range(per_block):
+                        ask(model, i)
+                    times[name].append((time.perf_counter() - start) / per_block)
+            print(json.dumps(times))
+            """
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=self.env, check=True, capture_output=True, text=True
+        ).stdout
+        times = json.loads(out)
+        self.results.append(
+            comparison(
+                f"3c. in-process, {prompts} prompts: lb:cached vs echo, limits and affinity on, "
+                "half with a 5 KB system prompt, per prompt",
+                "us",
+                times["lb"],
+                times["echo"],
+                "added <= 150 us",
+                scale=1e6,
+            )
+        )
+        shares = {}
+        for seconds in (300, 0):
+            shares[seconds] = self._warm_share(seconds)
+        self.notes["3c. long-prefix prompts reaching a warm member"] = (
+            f"with affinity {shares[300]:.0%}, without {shares[0]:.0%} (4 members, 4 prefixes, "
+            "400 choices, half of them long-prefix)"
+        )
+
+    def _warm_share(self, seconds: float) -> float:
+        "The share of long-prefix prompts chosen for the member that last served their prefix."
+        script = textwrap.dedent(
+            f"""
+            import dataclasses, random, tempfile
+            from llm_loadbalancer import config, store
+            from llm_loadbalancer.store import Outcome
+            data = {{"members": [{{"model": "echo"}}] * 4, "affinity": {seconds}}}
+            balancer = dataclasses.replace(
+                config.from_dict("warm", data), user_dir=tempfile.mkdtemp()
+            )
+            st = store.open_store(balancer)
+            draw = random.Random(21)
+            last, warm, long = {{}}, 0, 0
+            for step in range(400):
+                prefix = draw.choice(["a", "b", "c", "d", None, None, None, None])
+                choice = st.choose(balancer, now=1e9 + step, prefix=prefix)
+                member = choice.plan.order[0]
+                st.record(balancer, member, Outcome(prefix=prefix), now=1e9 + step)
+                if prefix:
+                    if prefix in last:
+                        long += 1
+                        warm += last[prefix] == member
+                    last[prefix] = member
+            print(warm / long)
+            """
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=self.env, check=True, capture_output=True, text=True
+        ).stdout
+        return float(out)
+
     def _in_process_row(self, step, label, balancer, target, conversation=False, baseline="echo"):
         "One row: prompts through lb:BALANCER against ``baseline`` in one process, per prompt."
         prompts = 200 if self.quick else 5000
@@ -379,6 +471,7 @@ class Bench:
             self.hostile_files,
             self.in_process,
             self.heavy_weights,
+            self.affinity,
             self.concurrency,
             self.weighted,
         ]
@@ -835,6 +928,8 @@ def main(argv=None):
         **bench.notes,
     }
     print(render(bench.results))
+    for name, note in bench.notes.items():
+        print(f"{name}: {note}")
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{report['date']}, {report['machine']}; JSON written to {args.json}")
 

@@ -6,6 +6,7 @@ then by later processes, and ``llm lb stats`` says when and where it was stated.
 import datetime
 import email.utils
 import json
+import re
 import time
 
 import anthropic
@@ -345,9 +346,10 @@ def test_through_llm_anthropic_its_reset_headers_keep_the_member_out(local_anthr
     assert first.exit_code == 0, first.output
     member = member_stats("ra")
     assert before + 598 <= member["cooling_down_until"] <= time.time() + 602
-    assert member["cooling_down_for"] == (
-        "429 rate limited, reset in 10m stated by the provider in "
-        "anthropic-ratelimit-output-tokens-reset"
-    )
+    assert re.fullmatch(  # (the date was set before the request: a second or two may pass)
+        r"429 rate limited, reset in (10m|9m\d+s) stated by the provider in "
+        r"anthropic-ratelimit-output-tokens-reset",
+        member["cooling_down_for"],
+    ), member["cooling_down_for"]
     invoke("-m", "lb:ra", "hi")
     assert local_anthropic.seen("key") == ["sk-ant-work", "sk-ant-personal", "sk-ant-personal"]
