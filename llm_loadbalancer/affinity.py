@@ -27,7 +27,7 @@ def prefix(prompt) -> str | None:
     system = prompt.system or ""
     fragments = [str(fragment) for fragment in prompt.fragments or ()]
     attachments = list(prompt.attachments or ())
-    size = len(system) + sum(len(fragment) for fragment in fragments)
+    size = _bytes(system) + sum(_bytes(fragment) for fragment in fragments)
     size += len(attachments) * ATTACHMENT_TOKENS * BYTES_PER_TOKEN
     if size < MIN_PREFIX_BYTES:
         return None
@@ -38,6 +38,10 @@ def prefix(prompt) -> str | None:
     for attachment in attachments:
         digest.update(b"a:" + attachment.id().encode())
     return digest.hexdigest()
+
+
+def _bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def why(digest: str, age: float) -> str:

@@ -153,3 +153,18 @@ def test_affinity_is_saved_shown_and_refused_for_embeddings(user_path):
 def test_affinity_zero_is_off_and_not_written(user_path, seconds):
     save_lb("z", "echo", "echo", flags=("--affinity", str(seconds)))
     assert "affinity" not in invoke("lb", "show", "z").stdout
+
+
+@pytest.mark.parametrize("value", ["0|0|inf", "0|0|nan", "x|y|z"])
+def test_a_malformed_prefix_tie_in_redis_is_reported_not_followed(redis_server, user_path, value):
+    import dataclasses
+
+    from llm_loadbalancer import store
+    from llm_loadbalancer.store.redis import Malformed, RedisStore
+
+    data = {"members": [echo(), echo()], "affinity": 300, "state": redis_server.url}
+    balancer = dataclasses.replace(config.from_dict("bad", data), user_dir=str(user_path))
+    st = store.open_store(balancer, fallback=False)
+    redis_server.client().hset(RedisStore.prefix(balancer) + "prefixes", "prefix:p", value)
+    with pytest.raises(Malformed, match="unexpected data for lb:bad"):
+        st.choose(balancer, prefix="p")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -232,8 +233,9 @@ class RedisStore:
             first = plan.order[0] if plan.order else None
             counted = first is not None and snapshot.counted(first)
             moved = plan.position != snapshot.position
-            routed = by_affinity(plan)
-            if not moved and not counted and not snapshot.redated and not routed:
+            if by_affinity(plan):  # (a count, which no choice depends on: no version check)
+                self.call(self.client.hincrby, prefix + "stats", "affinity:routed", 1)
+            if not moved and not counted and not snapshot.redated:
                 return Choice(plan, None, snapshot.cooled, snapshot.now)  # the read was the choice
             need = need_of(snapshot, first, demand) if counted else None
             reply = self._commit(
@@ -243,7 +245,6 @@ class RedisStore:
                 position=plan.position if moved else None,
                 member=first if counted else None,
                 need=need,
-                routed=routed,
             )
             if reply[0] == 1:
                 if speculates:
@@ -252,9 +253,7 @@ class RedisStore:
                 return Choice(plan, ticket, snapshot.cooled, snapshot.now)
             raw = overtaken.again(reply[1])
 
-    def _commit(
-        self, balancer, snapshot, want, *, position=None, member=None, need=None, routed=False
-    ):
+    def _commit(self, balancer, snapshot, want, *, position=None, member=None, need=None):
         """Store a choice made from ``snapshot``: [1, its ticket ('' without), the snapshot after
         it], or [0, a new snapshot] when a version moved since."""
         now = snapshot.now
@@ -268,8 +267,6 @@ class RedisStore:
         }
         if position is not None:
             choice["position"] = position
-        if routed:
-            choice["routed"] = True
         if snapshot.redated:
             choice["redate"] = snapshot.redate_fields()
         if member is not None:
@@ -360,6 +357,7 @@ class RedisStore:
             fields["conversation"] = outcome.conversation
         if outcome.prefix:
             fields["prefix"] = affinity.TAG + outcome.prefix
+            fields["affinity"] = balancer.affinity
         for name in ("first_chunk", "total"):
             if getattr(outcome, name) is not None:
                 fields[name] = f"{getattr(outcome, name):.6f}"
@@ -402,6 +400,7 @@ class RedisStore:
         prefix = self.prefix(balancer)
         keys = [prefix + name for name in ("version", "rotation", "cooldowns", "stats", "ties")]
         keys += [prefix + name for name in ("ties_at", "flight", "flight_at")]
+        keys += [prefix + name for name in ("prefixes", "prefixes_at")]
         keys += [prefix + f"timings:{index}" for index in range(len(balancer.members))]
         return keys
 
@@ -488,20 +487,15 @@ class RedisStore:
 
     def affinity(self, balancer: Balancer, now: float | None = None) -> dict:
         prefix = self.prefix(balancer)
+        if now is None:
+            seconds, micros = self.call(self.client.time)
+            now = seconds + micros / 1e6
         pipe = self.client.pipeline(transaction=True)
-        pipe.time()
         pipe.hget(prefix + "stats", "affinity:routed")
-        pipe.hgetall(prefix + "ties")
-        server_time, routed, ties = self.call(pipe.execute)
-        now = server_time[0] + server_time[1] / 1e6 if now is None else now
+        pipe.zcount(prefix + "prefixes_at", f"{now - balancer.affinity:.6f}", "+inf")
+        routed, held = self.call(pipe.execute)
         try:
-            held = sum(
-                1
-                for field, value in ties.items()
-                if field.startswith(affinity.TAG)
-                and float(value.split("|")[2]) >= now - balancer.affinity
-            )
-            return {"routed": int(routed or 0), "prefixes": held}
+            return {"routed": int(routed or 0), "prefixes": int(held)}
         except MALFORMED as ex:
             raise self.malformed(ex, balancer) from ex
 
@@ -612,6 +606,8 @@ class _ServerSnapshot:
         if home:
             _, last, at = _text(home).split("|")[:3]
             self.home = (int(last), float(at))
+            if not math.isfinite(self.home[1]):
+                raise ValueError(f"a prefix's tie dated {at}")
         self.busy = None
         if balancer.policy == "least-busy":
             entries = []

@@ -274,9 +274,14 @@ class SQLiteStore:
                 )
             elif outcome.error is None and outcome.cooled:
                 db.execute("delete from cooldowns where balancer = ? and member = ?", [key, member])
-            if prune:  # ties unused for KEEP_DAYS are forgotten (indexed)
+            if prune:  # ties unused for KEEP_DAYS are forgotten (indexed), a prefix's for affinity
                 db.execute(
                     "delete from affinity where updated < ?", [now - rules.KEEP_DAYS * rules.DAY]
+                )
+                db.execute(
+                    "delete from affinity where balancer = ?1 and conversation >= ?2 "
+                    "and conversation < ?3 and updated < ?4",
+                    [key, affinity.TAG, affinity.TAG[:-1] + ";", now - balancer.affinity],
                 )
             for tied in (outcome.conversation, outcome.prefix and affinity.TAG + outcome.prefix):
                 if outcome.error is None and tied:

@@ -4,7 +4,6 @@
 --   version   the version the choice was made from
 --   buckets   {bucket prefix: its version then} of the buckets the snapshot read
 --   position  the new rotation position, or absent
---   routed    true: the prompt goes to its prefix's member (counted), or absent
 --   member    the member whose request is counted (its ticket), or absent
 --   bucket    with member: the prefix of its bucket, when its request counts against limits
 --   declare   with bucket: {source, 'rpm|rpd|tpm|tpd|at'}: the member's own limits, or absent
@@ -33,10 +32,6 @@ bump(p, keep)
 if c.position then
   redis.call('HSET', p .. 'rotation', 'position', string.format('%d', c.position))
   redis.call('EXPIRE', p .. 'rotation', keep)
-end
-if c.routed then
-  redis.call('HINCRBY', p .. 'stats', 'affinity:routed', 1)
-  redis.call('EXPIRE', p .. 'stats', keep)
 end
 if c.redate then
   for _, r in ipairs(c.redate) do

@@ -12,6 +12,7 @@
 --   conversation   a success ties it to the member (its first member is kept), or absent
 --   prefix         a success makes the member this prompt prefix's ('prefix:' and its
 --                  digest), or absent
+--   affinity       with prefix: seconds after which a prefix unused is forgotten
 --   tokens_in, tokens_out, items
 --   first_chunk, total   seconds ('%.6f'), or absent
 --   streamed       true or false
@@ -104,7 +105,7 @@ if ok and o.conversation then
   changed = true
 end
 if ok and o.prefix then
-  put_dated(p .. 'ties', o.prefix, m .. '|' .. m .. '|' .. at, at, now - keep, keep)
+  put_dated(p .. 'prefixes', o.prefix, m .. '|' .. m .. '|' .. at, at, now - o.affinity, keep)
   changed = true
 end
 if changed then

@@ -68,6 +68,6 @@ local function snapshot(p, want)
   out[7] = buckets
   out[8] = string.format('%.6f', now)
   out[9] = ''
-  if want.prefix then out[9] = redis.call('HGET', p .. 'ties', want.prefix) or '' end
+  if want.prefix then out[9] = redis.call('HGET', p .. 'prefixes', want.prefix) or '' end
   return out
 end
