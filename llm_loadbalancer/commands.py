@@ -796,6 +796,11 @@ def lb_stats(name, json_):
         }
         if cached is not None:
             entry["affinity"] = {"seconds": balancer.affinity, **cached}
+        if balancer.tiers is not None:  # the requests each tier served
+            served: dict[str, int] = {}
+            for member, row in zip(balancer.members, members):
+                served[str(member.tier)] = served.get(str(member.tier), 0) + row["requests"]
+            entry["tiers"] = dict(sorted(served.items(), key=lambda item: int(item[0])))
         result.append(entry)
     if _printed_json_or_nothing(result, json_):
         return
@@ -807,6 +812,14 @@ def lb_stats(name, json_):
             continue
         shared = entry["state"] != store.LOCAL
         click.echo(entry["model_id"] + (f"  (state: {entry['state']})" if shared else ""))
+        if "tiers" in entry:
+            click.echo(
+                "  "
+                + "; ".join(
+                    f"tier {tier}: {_count(count, 'request')}"
+                    for tier, count in entry["tiers"].items()
+                )
+            )
         if "affinity" in entry:
             cached = entry["affinity"]
             click.echo(

@@ -56,7 +56,7 @@ TOP_FIELDS = (
 # A member's own settings beside its model, key and options: its share of the rotation, and at
 # most that many requests (rpm, rpd) or tokens (tpm, tpd) in any 60 s / 24 h window.
 LIMITS = ("rpm", "rpd", "tpm", "tpd")
-MEMBER_SETTINGS = ("weight", *LIMITS)
+MEMBER_SETTINGS = ("weight", *LIMITS, "tier")
 MEMBER_FIELDS = ("model", "key", *MEMBER_SETTINGS, "options")
 MAX_COUNT = 10**9
 PREFIX = "lb:"
@@ -83,6 +83,7 @@ class Member(Frozen):
     rpd: int | None = None
     tpm: int | None = None
     tpd: int | None = None
+    tier: int = 1  # members of a higher tier are used only when no lower one is available
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class Member(Frozen):
         rpd: int | None = None,
         tpm: int | None = None,
         tpd: int | None = None,
+        tier: int = 1,
     ) -> None:
         # set where dataclass's __init__ sets them through object.__setattr__ (frozen: not
         # through this class's own __setattr__)
@@ -106,6 +108,7 @@ class Member(Frozen):
             rpd=rpd,
             tpm=tpm,
             tpd=tpd,
+            tier=tier,
         )
 
     @functools.cached_property
@@ -123,6 +126,8 @@ class Member(Frozen):
         if self.weight != 1:
             extras.append(f"weight={self.weight}")
         extras.extend(f"{name}={value}" for name, value in self.limits.items())
+        if self.tier != 1:
+            extras.append(f"tier={self.tier}")
         extras.extend(
             f"{'options.' if name in MEMBER_SETTINGS else ''}{name}={scalar(value)}"
             for name, value in self.options.items()
@@ -145,6 +150,8 @@ class Member(Frozen):
         if self.weight != 1:
             data["weight"] = self.weight
         data.update(self.limits)
+        if self.tier != 1:
+            data["tier"] = self.tier
         if self.options:
             data["options"] = dict(self.options)
         return data
@@ -234,6 +241,12 @@ class Balancer(Frozen):
             data["state_key"] = self.state_key
         data["members"] = [member.to_dict() for member in self.members]
         return data
+
+    @functools.cached_property
+    def tiers(self) -> tuple[int, ...] | None:
+        "Each member's tier, or None when all are in tier 1 (one list, as without tiers)."
+        tiers = tuple(member.tier for member in self.members)
+        return tiers if any(tier != 1 for tier in tiers) else None
 
     @functools.cached_property
     def weights(self) -> tuple[int, ...] | None:

@@ -186,6 +186,7 @@ class Run:
                 now,
                 unavailable=unavailable,
                 weights=self.balancer.weights,
+                tiers=self.balancer.tiers,
                 rng=RNG,
             )
         if self.plan.wait is None:

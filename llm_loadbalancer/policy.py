@@ -155,6 +155,7 @@ def plan(
     preferred_why: str = "the conversation's member",
     unavailable: frozenset[int] = frozenset(),
     weights: tuple[int, ...] | None = None,
+    tiers: tuple[int, ...] | None = None,
     blocked: dict[int, float] | None = None,
     busy: dict[int, int] | None = None,
     latency: dict[int, float] | None = None,
@@ -176,6 +177,10 @@ def plan(
     - Members cooling down after a guessed time (``cooling[i] > now``) are skipped while any
       other is available; when every member is, all are tried, the soonest to end first.
     - ``unavailable`` members (no longer installed) are never tried.
+    - ``tiers`` (each member's, None: all in one): the policy chooses among the available
+      members of the lowest tier that has one; the members of higher tiers follow, tier by
+      tier (a failover reaches them only when every lower one failed). A preferred member of a
+      higher tier waits until no lower one is available.
     - ``least-busy``: the member with the fewest prompts in flight (``busy``) first, ties in
       rotation order. ``lowest-latency``: members with no recent timing (not in ``latency``)
       first, then the fastest; a share EXPLORE of prompts (drawn with ``rng``) goes in rotation
@@ -206,10 +211,19 @@ def plan(
             order = sorted(base, key=lambda index: (cooling.get(index, 0.0), base.index(index)))
             return Plan(tuple(order), (), _advance(policy, slot, order[0], position, total))
         skipped = tuple(index for index in base if index not in available)
+    if tiers is not None:
+        lowest = min(tiers[index] for index in available)
+        if preferred is not None and preferred in available and tiers[preferred] != lowest:
+            preferred = None  # a lower tier is available again
     if preferred is not None and preferred in available:
         order = [preferred] + [index for index in available if index != preferred]
+        if tiers is not None:
+            order[1:] = sorted(order[1:], key=tiers.__getitem__)
         return Plan(tuple(order), skipped, position, why=preferred_why)
     order, why = _by_policy(policy, available, weights, busy, latency, rng)
+    if tiers is not None:
+        order = sorted(order, key=tiers.__getitem__)  # (stable: the policy's order within each)
+        why = f"{why}, tier {lowest}"
     return Plan(tuple(order), skipped, _advance(policy, slot, order[0], position, total), why=why)
 
 

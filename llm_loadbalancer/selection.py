@@ -88,6 +88,7 @@ def choose(
             preferred_why=why,
             unavailable=unavailable,
             weights=balancer.weights,
+            tiers=balancer.tiers,
             blocked=blocked,
             busy=snapshot.busy,
             latency=snapshot.latency,

@@ -255,3 +255,38 @@ def test_a_keys_limit_holds_across_a_save_force_and_a_second_balancer(local_open
         {"member": 1, "limits": {"rpm": 2}, "given_by": ["lb:one"]}
     ]
     assert "stricter_limits" not in rows["one"]
+
+
+def test_tiers_spend_the_free_keys_first_and_come_back_to_them(local_openai, user_path):
+    # issue 22's check: ka and kb (tier 1, rpm=2), kc (tier 2): ten prompts in a minute
+    from conftest import set_keys
+
+    set_keys(user_path, ka="sk-ka", kb="sk-kb", kc="sk-kc")
+    save_lb("t", "local-a key=ka tier=1 rpm=2", "local-a key=kb rpm=2", "local-a key=kc tier=2")
+    for _ in range(10):
+        assert invoke("-m", "lb:t", "hi").exit_code == 0
+    seen = local_openai.seen("key")
+    assert (seen.count("sk-ka"), seen.count("sk-kb"), seen.count("sk-kc")) == (2, 2, 6)
+    stats = json.loads(invoke("lb", "stats", "t", "--json").stdout)[0]
+    assert stats["tiers"] == {"1": 4, "2": 6}
+    assert "tier 1: 4 requests; tier 2: 6 requests" in invoke("lb", "stats", "t").stdout
+    listed = invoke("lb", "list").stdout
+    assert "local-a (key: kc, tier=2)" in listed
+
+
+def test_when_the_lower_tier_fails_the_higher_answers_until_its_cooldowns_end(
+    local_openai, user_path
+):
+    from conftest import end_cooldowns, set_keys
+
+    set_keys(user_path, ka="sk-ka", kb="sk-kb", kc="sk-kc")
+    save_lb("f", "local-a key=ka", "local-a key=kb", "local-a key=kc tier=2")
+    local_openai.fail("429:2", key="sk-ka")
+    local_openai.fail("429:2", key="sk-kb")
+    first = invoke("-m", "lb:f", "hi")
+    assert first.exit_code == 0 and first.stdout.strip() == "answer from a with sk-kc"
+    assert invoke("-m", "lb:f", "hi").stdout.strip() == "answer from a with sk-kc"
+    local_openai.heal()
+    end_cooldowns()
+    assert invoke("-m", "lb:f", "hi").stdout.strip() == "answer from a with sk-ka"
+    assert local_openai.seen("key") == ["sk-ka", "sk-kb", "sk-kc", "sk-kc", "sk-ka"]

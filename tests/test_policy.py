@@ -276,3 +276,36 @@ def test_a_limit_is_full_when_its_window_holds_as_many_requests_or_tokens():
     assert not limits.full({"rpm": 4, "tpm": 100}, totals)
     assert limits.full({"tpm": 90}, totals)
     assert limits.full({"rpm": 4, "tpd": 500}, totals)
+
+
+# --- tiers (issue 22) --------------------------------------------------------------------------
+
+
+def test_the_lowest_tier_with_an_available_member_is_chosen_and_the_others_follow():
+    tiers = (1, 1, 2)
+    firsts = []
+    position = 0
+    for _ in range(4):
+        result = plan("roundrobin", 3, position, {}, NOW, tiers=tiers)
+        firsts.append(result.order[0])
+        assert result.order[-1] == 2 and result.why == "rotation, tier 1"
+        position = result.position
+    assert firsts == [0, 1, 0, 1]  # the rotation within tier 1; tier 2 only after both
+    both_full = plan("roundrobin", 3, 0, {}, NOW, tiers=tiers, blocked={0: NOW + 5, 1: NOW + 9})
+    assert (both_full.order, both_full.why) == ((2,), "rotation, tier 2")
+    cooling = plan("roundrobin", 3, 0, {0: NOW + 30, 1: NOW + 30}, NOW, tiers=tiers)
+    assert cooling.order == (2,) and cooling.skipped == (0, 1)
+    assert plan("roundrobin", 3, 0, {0: NOW - 1}, NOW, tiers=tiers).order[0] == 0  # back down
+
+
+def test_tiers_hold_for_every_policy_and_a_preferred_member_waits_for_its_tier():
+    tiers = (2, 1, 1)
+    for policy in ("failover", "least-busy", "lowest-latency", "random"):
+        result = plan(policy, 3, 0, {}, NOW, tiers=tiers, rng=random.Random(1))
+        assert result.order[0] in (1, 2) and result.order[-1] == 0, policy
+    assert plan("roundrobin", 3, 0, {}, NOW, tiers=tiers, preferred=0).order[0] == 1
+    full = {1: NOW + 1, 2: NOW + 1}
+    assert plan("roundrobin", 3, 0, {}, NOW, tiers=tiers, preferred=0, blocked=full).order == (0,)
+    every = dict.fromkeys(range(3), NOW + 7)
+    waiting = plan("roundrobin", 3, 0, {}, NOW, tiers=tiers, blocked=every)
+    assert (waiting.order, waiting.wait) == ((), (NOW + 7, 0))

@@ -471,6 +471,16 @@ def test_a_process_holding_an_older_definition_and_one_holding_the_new_never_res
     assert orders[1::2] == [0, 1, 2, 3, 1, 2, 3, 1, 2, 3]
 
 
+# --- tiers -------------------------------------------------------------------------------------
+
+
+def test_a_higher_tier_is_used_only_while_no_lower_member_has_room(backend):
+    balancer, st = backend.open("tiers", echo(rpm=2), echo(rpm=2), echo(tier=2))
+    firsts = [chosen(st, balancer, NOW + step).order[0] for step in range(10)]
+    assert firsts == [0, 1, 0, 1, 2, 2, 2, 2, 2, 2]  # 2, 2 and 6, as issue 22 asks
+    assert chosen(st, balancer, NOW + 61).order[0] == 0  # room again: back to tier 1
+
+
 # --- cooldowns -------------------------------------------------------------------------------
 
 
