@@ -748,6 +748,95 @@ def lb_state(name, json_):
     )
 
 
+@lb.command(name="route")
+@click.argument("name")
+@click.option("json_", "--json", is_flag=True, help="Output as JSON")
+def lb_route(name, json_):
+    """
+    Which member the next prompt would go to, and why; and where each member stands
+
+    Sends nothing and changes nothing: the rotation, limit windows and cooldowns stay as
+    they were.
+
+    \b
+    Example:
+        llm lb route fast
+    """
+    balancer = _load(name)
+    keys = load_stored_keys()
+    try:
+        missing = check_saved(balancer, Catalog.installed(balancer.kind), keys)[1]
+    except ConfigError as ex:
+        _fail(ex)
+    try:
+        found = store.open_store(balancer, fallback=False)
+        route = found.route(balancer, unavailable=frozenset(missing))
+        members = found.stats(balancer, now=route.now)
+    except store.Unreachable as ex:
+        raise click.ClickException(f"lb:{name}: {_unreachable(ex)}")
+    except store.StateUnavailable as ex:
+        raise click.ClickException(f"cannot read the state of lb:{name}: {ex}")
+    report = {"name": name, "model_id": balancer.model_id, **_routed(balancer, route, keys)}
+    report["members"] = [
+        _standing(index, balancer, route, members[index], missing, keys)
+        for index in range(len(balancer.members))
+    ]
+    if json_:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{balancer.model_id}: {report['next_line']}")
+    for member in report["members"]:
+        number, label, tier = member["member"], member["label"], member["tier"]
+        click.echo(f"  {number}. {label}  tier {tier}  {member['line']}")
+
+
+def _routed(balancer: Balancer, route, keys: dict) -> dict:
+    "The next choice, as ``route`` says it: {next, wait, next_line}."
+    plan = route.plan
+    if plan.order:
+        index = plan.order[0]
+        member = balancer.members[index]
+        why = plan.why.split(", tier ")[0]
+        line = f"next: {member.describe(index + 1, keys)}, tier {member.tier}, by {why}"
+        chosen = {"member": index + 1, "tier": member.tier, "why": why}
+        return {"next": chosen, "wait": None, "next_line": line}
+    if plan.wait is not None:
+        until, index = plan.wait
+        first = balancer.members[index].describe(index + 1, keys)
+        line = (
+            "next: none now: every member is at its limit or inside a reset its provider "
+            f"stated; the first to free up is {first}, at {_when(until)}"
+        )
+        return {"next": None, "wait": {"member": index + 1, "until": until}, "next_line": line}
+    return {"next": None, "wait": None, "next_line": "next: none: no member is installed"}
+
+
+def _standing(index: int, balancer: Balancer, route, stats: dict, missing, keys) -> dict:
+    "Where one member stands: available, at its limit, cooling down, or not installed."
+    member = balancer.members[index]
+    found = {"member": index + 1, "label": member.label(keys), "tier": member.tier}
+    reason = stats.get("cooling_down_for")
+    until = None
+    if index in missing:
+        state, line = "not installed", "not installed"
+    elif index in route.blocked:
+        state, until = "inside a stated reset", route.blocked[index]
+        line = f"inside a reset its provider stated, until {_when(until)} ({reason})"
+    elif index in route.free:
+        state, until = "at its limit", route.free[index]
+        uses = ", ".join(map(_use, stats["limits"].items()))
+        line = f"at its limit ({uses}), free again at {_when(until)}"
+    elif index in route.cooling:
+        state, until = "cooling down", route.cooling[index]
+        line = f"cooling down until {_when(until)} ({reason})"
+    else:
+        state, line = "available", "available"
+        if stats["limits"]:
+            line += f" ({', '.join(map(_use, stats['limits'].items()))})"
+    found.update(state=state, until=until, limits=stats["limits"], line=line)
+    return found
+
+
 @lb.command(name="stats")
 @click.argument("name", required=False)
 @click.option("json_", "--json", is_flag=True, help="Output as JSON")

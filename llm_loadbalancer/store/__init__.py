@@ -67,6 +67,16 @@ class Choice(NamedTuple):
     now: float  # the time of the choice, by the store's clock (a Redis server's: its own)
 
 
+class Route(NamedTuple):
+    "What the next choice would be, and why, from a state left as it was (``llm lb route``)."
+
+    plan: Plan
+    free: dict[int, float]  # {member: when it has room again} of the members at a limit
+    cooling: dict[int, float]  # {member: until} cooling down after a guessed time
+    blocked: dict[int, float]  # {member: until} inside a reset its provider stated
+    now: float
+
+
 class Outcome(NamedTuple):
     """How one attempt of a member ended, as a store records it. (A NamedTuple rather than a
     frozen dataclass: defining that class cost every ``llm -m lb:NAME`` process 1.2 ms, a
@@ -111,6 +121,13 @@ class Store(Protocol):
         every turn starts at the member of the first. ``prefix``: the digest of the prompt's
         long prefix (``affinity.prefix``), which goes to the member that last served it while
         ``affinity`` lasts (counted). When no member may be asked now, ``plan.wait`` says."""
+
+    def route(
+        self, balancer: Balancer, *, unavailable: frozenset[int] = frozenset(), now=None
+    ) -> Route:
+        """The choice a prompt would get now (``choose``), and every member's limits and
+        cooldowns, without storing anything: the rotation, windows and cooldowns stay as they
+        were."""
 
     def claim(
         self, balancer: Balancer, member: int, now: float | None = None, demand=None

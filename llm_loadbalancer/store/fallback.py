@@ -108,6 +108,9 @@ class WithFallback:
     def stats(self, balancer: Balancer, now: float | None = None) -> list[dict]:
         return self.first.stats(balancer, now)
 
+    def route(self, balancer: Balancer, **kwargs):
+        return self.first.route(balancer, **kwargs)
+
     def affinity(self, balancer: Balancer, now: float | None = None) -> dict:
         return self.first.affinity(balancer, now)
 

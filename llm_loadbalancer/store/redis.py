@@ -37,8 +37,8 @@ from typing import NamedTuple
 from ..config import Balancer, shown_url
 from ..config import cut as config_cut
 from .. import affinity, limits
-from ..selection import by_affinity, choose, counted_ahead, free_at, need_of
-from . import Busy, Choice, Outcome, Unreachable, rules, timeout
+from ..selection import by_affinity, choose, counted_ahead, free_at, limited, need_of
+from . import Busy, Choice, Outcome, Route, Unreachable, rules, timeout
 
 CONNECT_TIMEOUT = 0.25  # seconds to connect, at most
 TIMEOUT = 0.5  # seconds for one reply, at most
@@ -252,6 +252,19 @@ class RedisStore:
                 ticket = snapshot.ticket(first, reply[1], need) if counted else None
                 return Choice(plan, ticket, snapshot.cooled, snapshot.now)
             raw = overtaken.again(reply[1])
+
+    def route(self, balancer: Balancer, *, unavailable=frozenset(), now=None) -> Route:
+        raw = (self.call(self.read, args=[self.prefix(balancer), self._want(balancer, now=now)]),
+               time.monotonic())
+        snapshot = self._snapshot(balancer, raw, now)
+        if balancer.policy == "lowest-latency":
+            snapshot.latency = snapshot.latencies(True)
+        plan = choose(balancer, snapshot, unavailable=unavailable, now=snapshot.now)
+        try:
+            free = limited(balancer, snapshot, snapshot.now)
+        except MALFORMED as ex:
+            raise self.malformed(ex, balancer) from ex
+        return Route(plan, free, snapshot.cooling, snapshot.blocked, snapshot.now)
 
     def _commit(self, balancer, snapshot, want, *, position=None, member=None, need=None):
         """Store a choice made from ``snapshot``: [1, its ticket ('' without), the snapshot after

@@ -39,8 +39,8 @@ from .. import limits
 from ..config import Balancer
 from ..estimates import History
 from .. import affinity
-from ..selection import by_affinity, choose, counted_ahead, free_at, need_of
-from . import Choice, Outcome, StateUnavailable, rules, timeout
+from ..selection import by_affinity, choose, counted_ahead, free_at, limited, need_of
+from . import Choice, Outcome, Route, StateUnavailable, rules, timeout
 from .migrations import TooNew, upgrade
 
 FILENAME = "loadbalancers.db"
@@ -135,6 +135,7 @@ class SQLiteStore:
         now: float | None = None,
         demand=None,
         prefix: str | None = None,
+        dry: bool = False,
     ) -> Choice:
         with self.transaction() as db:
             now = time.time() if now is None else now  # in the lock: rows in time order
@@ -168,6 +169,9 @@ class SQLiteStore:
                 demand=demand,
                 prefix=prefix,
             )
+            if dry:  # (``route``: what was read, and nothing stored: the transaction rolls back)
+                free = limited(balancer, snapshot, now)
+                raise _Dry(Route(plan, free, snapshot.cooling, snapshot.blocked, now))
             if by_affinity(plan):
                 db.execute("update rotation set routed = routed + 1 where balancer = ?", [key])
             if plan.position != position:
@@ -177,6 +181,13 @@ class SQLiteStore:
             _redate(db, key, snapshot.redated)
             ticket = snapshot.count(plan.order[0], demand) if plan.order else None
             return Choice(plan, ticket, snapshot.cooled, now)
+
+    def route(self, balancer: Balancer, *, unavailable=frozenset(), now=None) -> Route:
+        try:
+            self.choose(balancer, unavailable=unavailable, now=now, dry=True)
+        except _Dry as dry:
+            return dry.route
+        raise AssertionError("a dry choice always ends in _Dry")
 
     def claim(self, balancer: Balancer, member: int, now: float | None = None, demand=None):
         with self.transaction() as db:
@@ -593,6 +604,14 @@ def _redate(db, key: str, redated: dict) -> None:
         db.execute(
             "update cooldowns set until = ? where balancer = ? and member = ?", [until, key, member]
         )
+
+
+class _Dry(Exception):
+    "A choice that stores nothing: what it found, raised out of its transaction (rolled back)."
+
+    def __init__(self, route: Route):
+        super().__init__("dry choice")
+        self.route = route
 
 
 class Ticket(NamedTuple):
