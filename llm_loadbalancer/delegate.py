@@ -195,6 +195,8 @@ class Run:
         when, index = self.plan.wait
         delay = max(when - now, 0.0)
         first = self.balancer.members[index].describe(index + 1, self.keys)
+        if self.balancer.tiers is not None:
+            first += f" of tier {self.balancer.members[index].tier}"
         max_wait = self.balancer.max_wait
         if self.deadline is None:
             self.deadline = now + max_wait

@@ -290,3 +290,15 @@ def test_when_the_lower_tier_fails_the_higher_answers_until_its_cooldowns_end(
     end_cooldowns()
     assert invoke("-m", "lb:f", "hi").stdout.strip() == "answer from a with sk-ka"
     assert local_openai.seen("key") == ["sk-ka", "sk-kb", "sk-kc", "sk-kc", "sk-ka"]
+
+
+def test_a_wait_names_the_tier_of_the_member_that_frees_up_first(user_path):
+    from conftest import set_keys
+
+    set_keys(user_path, k1="one", k2="two")
+    save_lb("tw", "echo key=k1 rpm=1", "echo key=k2 rpm=1 tier=2", flags=("--max-wait", "0"))
+    for _ in range(2):
+        assert invoke("-m", "lb:tw", "hi").exit_code == 0
+    result = invoke("-m", "lb:tw", "hi")
+    assert result.exit_code == 1
+    assert "the first to free up is member 1 (echo, key: k1, rpm=1) of tier 1, in" in result.stderr
