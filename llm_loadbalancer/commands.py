@@ -750,17 +750,31 @@ def lb_state(name, json_):
 
 @lb.command(name="route")
 @click.argument("name")
+@click.argument("prompt", required=False)
+@click.option("-s", "--system", help="The prompt's system prompt")
+@click.option(
+    "fragments", "-f", "--fragment", multiple=True, help="A fragment of the prompt, as llm -f"
+)
+@click.option(
+    "system_fragments",
+    "--sf",
+    "--system-fragment",
+    multiple=True,
+    help="A fragment of its system prompt, as llm --sf",
+)
 @click.option("json_", "--json", is_flag=True, help="Output as JSON")
-def lb_route(name, json_):
+def lb_route(name, prompt, system, fragments, system_fragments, json_):
     """
     Which member the next prompt would go to, and why; and where each member stands
 
     Sends nothing and changes nothing: the rotation, limit windows and cooldowns stay as
-    they were.
+    they were. Given a prompt (its text, -s, -f, --sf, as llm takes them), the choice also
+    counts its estimated tokens against token limits and its prefix's affinity.
 
     \b
-    Example:
+    Examples:
         llm lb route fast
+        llm lb route docs -f docs/ -s 'You answer from the docs' 'how do I configure X?'
     """
     balancer = _load(name)
     keys = load_stored_keys()
@@ -768,15 +782,22 @@ def lb_route(name, json_):
         missing = check_saved(balancer, Catalog.installed(balancer.kind), keys)[1]
     except ConfigError as ex:
         _fail(ex)
+    demand = prefix = None
+    if prompt or system or fragments or system_fragments:
+        demand, prefix = _asked(balancer, prompt, system, fragments, system_fragments)
     try:
         found = store.open_store(balancer, fallback=False)
-        route = found.route(balancer, unavailable=frozenset(missing))
+        route = found.route(
+            balancer, unavailable=frozenset(missing), demand=demand, prefix=prefix
+        )
         members = found.stats(balancer, now=route.now)
     except store.Unreachable as ex:
         raise click.ClickException(f"lb:{name}: {_unreachable(ex)}")
     except store.StateUnavailable as ex:
         raise click.ClickException(f"cannot read the state of lb:{name}: {ex}")
     report = {"name": name, "model_id": balancer.model_id, **_routed(balancer, route, keys)}
+    if demand is not None:
+        report["prompt"] = {"input_tokens": demand.input, "prefix": prefix}
     report["members"] = [
         _standing(index, balancer, route, members[index], missing, keys)
         for index in range(len(balancer.members))
@@ -785,9 +806,38 @@ def lb_route(name, json_):
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"{balancer.model_id}: {report['next_line']}")
+    if demand is not None:
+        held = f"; its prefix {prefix[:4]}…" if prefix else "; no long prefix"
+        click.echo(f"  the prompt: about {demand.input:,} tokens of input{held}")
     for member in report["members"]:
         number, label, tier = member["member"], member["label"], member["tier"]
         click.echo(f"  {number}. {label}  tier {tier}  {member['line']}")
+
+
+def _asked(balancer: Balancer, prompt, system, fragments, system_fragments):
+    """What a prompt given to ``route`` asks of the balancer: its ``estimates.Demand`` (with
+    each member's cap on its answer, as a prompt would have it) and its prefix's digest."""
+    import sqlite_utils
+    from llm.cli import FragmentNotFound, logs_db_path, resolve_fragments
+
+    from .delegate import Run
+
+    try:
+        db = sqlite_utils.Database(logs_db_path())
+        found = resolve_fragments(db, fragments)
+        found_system = resolve_fragments(db, system_fragments)
+    except FragmentNotFound as ex:
+        raise click.ClickException(str(ex))
+    model = llm.get_model(balancer.model_id)
+    asked = llm.Prompt(
+        prompt or "",
+        model,
+        system=system,
+        fragments=found,
+        system_fragments=found_system,
+    )
+    run = Run(model, asked, None, None)
+    return run.demand, run.prefix
 
 
 def _routed(balancer: Balancer, route, keys: dict) -> dict:
@@ -813,12 +863,17 @@ def _routed(balancer: Balancer, route, keys: dict) -> dict:
 
 def _standing(index: int, balancer: Balancer, route, stats: dict, missing, keys) -> dict:
     "Where one member stands: available, at its limit, cooling down, or not installed."
+    from .store import rules
+
     member = balancer.members[index]
     found = {"member": index + 1, "label": member.label(keys), "tier": member.tier}
     reason = stats.get("cooling_down_for")
     until = None
     if index in missing:
         state, line = "not installed", "not installed"
+    elif index in route.blocked and (reason or "").startswith(rules.PROBE_REASON):
+        state, until = "being probed", route.blocked[index]
+        line = f"being probed after its cooldown, until {_when(until)} at the latest"
     elif index in route.blocked:
         state, until = "inside a stated reset", route.blocked[index]
         line = f"inside a reset its provider stated, until {_when(until)} ({reason})"

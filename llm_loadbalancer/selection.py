@@ -150,11 +150,11 @@ def of_kind(member_limits: dict, kind: str) -> dict:
     return {name: value for name, value in member_limits.items() if name.startswith(kind)}
 
 
-def limited(balancer: Balancer, snapshot: Snapshot, now: float) -> dict[int, float]:
+def limited(balancer: Balancer, snapshot: Snapshot, now: float, demand=None) -> dict:
     "{member: when it has room again} of the members at a limit now (``free_at``)."
     found = {}
     for member in range(len(balancer.members)):
-        free = free_at(balancer, snapshot, member, now)
+        free = free_at(balancer, snapshot, member, now, demand)
         if free is not None:
             found[member] = free
     return found

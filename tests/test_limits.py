@@ -302,3 +302,30 @@ def test_a_wait_names_the_tier_of_the_member_that_frees_up_first(user_path):
     result = invoke("-m", "lb:tw", "hi")
     assert result.exit_code == 1
     assert "the first to free up is member 1 (echo, key: k1, rpm=1) of tier 1, in" in result.stderr
+
+
+def test_eight_processes_send_one_probe_to_a_member_whose_cooldown_just_ended(local_openai):
+    # issue 22's check: the probe's answer is held for a second; the others go elsewhere
+    from conftest import end_cooldowns
+
+    save_lb("pr", "local-a key=work", "local-a key=personal", flags=("--policy", "failover"))
+    local_openai.fail("429", key="sk-work", times=1)
+    assert invoke("-m", "lb:pr", "hi").exit_code == 0  # work fails: personal answers
+    end_cooldowns()  # its cooldown has just ended
+    local_openai.fail("slow:1", key="sk-work")
+    assert run_workers("lb:pr", 8, 1) == [(1, 0)] * 8
+    assert local_openai.seen("key").count("sk-work") == 2  # the failure, then one probe
+    local_openai.heal()
+    assert invoke("-m", "lb:pr", "hi").stdout.strip() == "answer from a with sk-work"  # back
+
+
+def test_a_probe_that_fails_again_cools_the_member_down_twice_as_long(local_openai):
+    from conftest import end_cooldowns
+
+    save_lb("pf", "local-a key=work", "local-a key=personal", flags=("--policy", "failover"))
+    local_openai.fail("429", key="sk-work")
+    invoke("-m", "lb:pf", "hi")
+    end_cooldowns()
+    invoke("-m", "lb:pf", "hi")  # its probe fails
+    member = json.loads(invoke("lb", "stats", "pf", "--json").stdout)[0]["members"][0]
+    assert 55 <= member["cooling_down_until"] - time.time() <= 61  # 60 s, twice the 30

@@ -92,3 +92,44 @@ def test_route_of_an_unknown_balancer_is_a_one_line_error(user_path):
     result = invoke("lb", "route", "nope")
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_route_shows_a_member_being_probed(flags):
+    save_lb("p", "echo key=k1", "echo key=k2", flags=("--policy", "failover", *flags))
+    balancer = config.load("p")
+    st = store.open_store(balancer, fallback=False)
+    now = __import__("time").time()
+    st.record(balancer, 0, Outcome(error="500 server error: boom", cooldown=30.0), now=now - 31)
+    store.new_process()  # another process's prompt: the cooldown has ended, it probes
+    probe = store.open_store(balancer, fallback=False).choose(balancer)
+    assert probe.ticket.probe
+    lines = route("p").splitlines()
+    assert lines[0] == "lb:p: next: member 2 (echo, key: k2), tier 1, by the first listed"
+    assert re.fullmatch(
+        r"  1\. echo \(key: k1\)  tier 1  being probed after its cooldown, until .+ at the "
+        r"latest",
+        lines[1],
+    ), lines[1]
+
+
+def test_route_with_a_prompt_counts_its_tokens_and_its_prefix(flags, tmp_path):
+    save_lb("a", "echo key=k1", "echo key=k2", flags=("--affinity", "300", *flags))
+    long = "You answer from the manual. " * 200
+    manual = tmp_path / "manual.txt"
+    manual.write_text(long)
+    assert invoke("-m", "lb:a", "-f", str(manual), "first").exit_code == 0  # member 1: its home
+    shown = invoke("lb", "route", "a", "-f", str(manual), "second question")
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert re.fullmatch(
+        r"lb:a: next: member 1 \(echo, key: k1\), tier 1, by affinity \(prefix [0-9a-f]{4}…, "
+        r"\d+ s ago\)",
+        lines[0],
+    ), lines[0]
+    # 5,600 bytes of fragment, a line break and 15 of text at 3 bytes a token, 4 for the message
+    expected = r"  the prompt: about 1,876 tokens of input; its prefix [0-9a-f]{4}…"
+    assert re.fullmatch(expected, lines[1]), lines[1]
+    plain = route("a").splitlines()[0]  # without the prompt: the rotation's turn
+    assert plain == "lb:a: next: member 2 (echo, key: k2), tier 1, by rotation"
+    missing = invoke("lb", "route", "a", "-f", str(tmp_path / "nope.txt"), "q")
+    assert missing.exit_code == 1 and "not found" in missing.stderr

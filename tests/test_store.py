@@ -471,6 +471,41 @@ def test_a_process_holding_an_older_definition_and_one_holding_the_new_never_res
     assert orders[1::2] == [0, 1, 2, 3, 1, 2, 3, 1, 2, 3]
 
 
+# --- one shared probe when a cooldown ends (issue 22) -------------------------------------------
+
+
+def test_when_a_cooldown_ends_one_prompt_probes_the_member_and_the_others_go_elsewhere(backend):
+    balancer, st = backend.open("probe", echo(), echo(), policy="failover")
+    st.choose(balancer, now=NOW)
+    st.record(balancer, 0, failed(cooldown=30.0), now=NOW)
+    probe = st.choose(balancer, now=NOW + 31)  # its cooldown ended: this prompt probes it
+    assert probe.plan.order[0] == 0 and probe.ticket.probe and probe.ticket.leased
+    assert probe.plan.why == "the first listed, its probe after a cooldown"
+    for step in range(2, 5):  # in any process, until the probe ends
+        assert st.choose(balancer, now=NOW + 30 + step).plan.order == (1,)
+    assert st.claim(balancer, 0, now=NOW + 35) is False  # nor by failing over
+    stats = st.stats(balancer, now=NOW + 35)[0]
+    assert stats["cooling_down_for"] == "being probed; 500 server error"
+    st.record(balancer, 0, Outcome(cooled=True), ticket=probe.ticket, now=NOW + 36)
+    assert st.choose(balancer, now=NOW + 37).plan.order[0] == 0  # back in full use
+    assert st.choose(balancer, now=NOW + 37).ticket is None  # no probe: nothing on record
+
+
+def test_a_probe_that_fails_doubles_the_cooldown_and_one_that_dies_frees_the_member(backend):
+    balancer, st = backend.open("probe2", echo(), echo(), policy="failover")
+    st.record(balancer, 0, failed(cooldown=30.0), now=NOW)
+    probe = st.choose(balancer, now=NOW + 31)
+    st.record(balancer, 0, failed(cooldown=30.0), ticket=probe.ticket, now=NOW + 32)
+    assert st.choose(balancer, now=NOW + 32 + 59).plan.order[0] == 1  # 60 s now
+    dying = st.choose(balancer, now=NOW + 32 + 61)
+    assert dying.plan.order[0] == 0 and dying.ticket.probe
+    st.renew(balancer, 0, dying.ticket, now=NOW + 93 + 40)  # its process still runs
+    assert st.choose(balancer, now=NOW + 93 + 80).plan.order == (1,)
+    # then its process died: no renewal; its lease ends, and the next prompt probes again
+    again = st.choose(balancer, now=NOW + 93 + 40 + rules.LEASE + 1)
+    assert again.plan.order[0] == 0 and again.ticket.probe
+
+
 # --- tiers -------------------------------------------------------------------------------------
 
 
@@ -580,12 +615,15 @@ def test_a_cooldown_recorded_while_the_clock_ran_ahead_lasts_its_own_length(back
     back = st.choose(balancer, now=NOW)
     assert back.plan.skipped == (0,)  # cooling down: for 30 s from now, not 10 days
     assert st.stats(balancer, now=NOW)[0]["cooling_down_until"] == pytest.approx(NOW + 30)
-    assert st.choose(balancer, now=NOW + 31).plan.skipped == ()
+    after = st.choose(balancer, now=NOW + 31)
+    assert after.plan.skipped == ()
+    first = after.plan.order[0]  # (member 1's probe, or member 2: either answers)
+    st.record(balancer, first, Outcome(cooled=True), ticket=after.ticket, now=NOW + 31)
     # a stated reset the same: its own length from now at most
     st.record(balancer, 1, failed("429 rate limited: x", 100, stated=True), now=NOW + 10 * DAY)
     assert st.choose(balancer, now=NOW + 40).plan.order == (0,)
-    assert st.choose(balancer, now=NOW + 141).plan.order[0] in (0, 1)
-    assert st.claim(balancer, 1, now=NOW + 141) is not False
+    probe = st.claim(balancer, 1, now=NOW + 141)  # ended: the member may be asked again
+    assert probe not in (None, False) and probe.probe  # (its probe)
 
 
 def test_a_success_clears_the_cooldown_on_record(backend):

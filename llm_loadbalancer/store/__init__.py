@@ -123,11 +123,17 @@ class Store(Protocol):
         ``affinity`` lasts (counted). When no member may be asked now, ``plan.wait`` says."""
 
     def route(
-        self, balancer: Balancer, *, unavailable: frozenset[int] = frozenset(), now=None
+        self,
+        balancer: Balancer,
+        *,
+        unavailable: frozenset[int] = frozenset(),
+        now=None,
+        demand=None,
+        prefix: str | None = None,
     ) -> Route:
-        """The choice a prompt would get now (``choose``), and every member's limits and
-        cooldowns, without storing anything: the rotation, windows and cooldowns stay as they
-        were."""
+        """The choice a prompt would get now (``choose``: with its ``demand`` and ``prefix``,
+        when it is given), and every member's limits and cooldowns, without storing anything:
+        the rotation, windows and cooldowns stay as they were."""
 
     def claim(
         self, balancer: Balancer, member: int, now: float | None = None, demand=None

@@ -67,11 +67,12 @@ class Ticket(NamedTuple):
     flight: bool
     reserved: int | None = None
     estimate: int | None = None
+    probe: bool = False  # the member's probe after its cooldown (``rules.PROBING``)
 
     @property
     def leased(self) -> bool:
-        "Whether it holds something while it runs (in flight, a reservation): a lease."
-        return self.flight or self.reserved is not None
+        "Whether it holds something while it runs (in flight, a reservation, a probe): a lease."
+        return self.flight or self.reserved is not None or self.probe
 
 
 def script(name: str, *library: str) -> str:
@@ -231,7 +232,9 @@ class RedisStore:
                 prefix=digest,
             )
             first = plan.order[0] if plan.order else None
-            counted = first is not None and snapshot.counted(first)
+            counted = first is not None and (snapshot.counted(first) or first in snapshot.due)
+            if first in snapshot.due:
+                plan = plan._replace(why=f"{plan.why}, its probe after a cooldown")
             moved = plan.position != snapshot.position
             if by_affinity(plan):  # (a count, which no choice depends on: no version check)
                 self.call(self.client.hincrby, prefix + "stats", "affinity:routed", 1)
@@ -253,15 +256,27 @@ class RedisStore:
                 return Choice(plan, ticket, snapshot.cooled, snapshot.now)
             raw = overtaken.again(reply[1])
 
-    def route(self, balancer: Balancer, *, unavailable=frozenset(), now=None) -> Route:
-        raw = (self.call(self.read, args=[self.prefix(balancer), self._want(balancer, now=now)]),
-               time.monotonic())
+    def route(
+        self, balancer: Balancer, *, unavailable=frozenset(), now=None, demand=None, prefix=None
+    ) -> Route:
+        digest = prefix if balancer.affinity else None
+        want = self._want(balancer, now=now, prefix=digest)
+        raw = (self.call(self.read, args=[self.prefix(balancer), want]), time.monotonic())
         snapshot = self._snapshot(balancer, raw, now)
         if balancer.policy == "lowest-latency":
             snapshot.latency = snapshot.latencies(True)
-        plan = choose(balancer, snapshot, unavailable=unavailable, now=snapshot.now)
+        plan = choose(
+            balancer,
+            snapshot,
+            unavailable=unavailable,
+            now=snapshot.now,
+            demand=demand,
+            prefix=digest,
+        )
+        if plan.order and plan.order[0] in snapshot.due:
+            plan = plan._replace(why=f"{plan.why}, its probe after a cooldown")
         try:
-            free = limited(balancer, snapshot, snapshot.now)
+            free = limited(balancer, snapshot, snapshot.now, demand)
         except MALFORMED as ex:
             raise self.malformed(ex, balancer) from ex
         return Route(plan, free, snapshot.cooling, snapshot.blocked, snapshot.now)
@@ -285,6 +300,11 @@ class RedisStore:
         if member is not None:
             choice["member"] = member
             own = balancer.members[member]
+            if member in snapshot.due:  # its probe: the only prompt sent to it until it ends
+                field = snapshot.fields[member]
+                _, _, length, reason = field.split("|", 3)
+                probing = f"{now + rules.LEASE:.6f}|{rules.PROBING}|{length}|"
+                choice["probe"] = [field, probing + rules.probe_reason(reason)]
             if snapshot.limits(member):
                 choice["bucket"] = self.bucket(own)
                 if own.limits and not snapshot.declares(member):
@@ -313,7 +333,7 @@ class RedisStore:
                 or free_at(balancer, snapshot, member, snapshot.now, demand) is not None
             ):
                 return False
-            if not snapshot.counted(member):
+            if not snapshot.counted(member) and member not in snapshot.due:
                 return None
             need = need_of(snapshot, member, demand)
             reply = self._commit(balancer, snapshot, want, member=member, need=need)
@@ -328,6 +348,11 @@ class RedisStore:
         bucket = self.bucket(balancer.members[member]) if ticket.reserved is not None else ""
         return [self.prefix(balancer), ticket.id, KEEP, bucket]
 
+    @staticmethod
+    def _probed(member: int, ticket) -> str:
+        "finish.lua's last argument: the member whose probe this is, or ''."
+        return str(member) if ticket.probe else ""
+
     def finish(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
         if ticket.leased:
             self.call(self.finisher, args=self._held(balancer, member, ticket))
@@ -335,8 +360,7 @@ class RedisStore:
     def renew(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
         if ticket.leased:
             args = [*self._held(balancer, member, ticket), rules.LEASE]
-            if now is not None:
-                args.append(f"{now:.6f}")
+            args += ["" if now is None else f"{now:.6f}", self._probed(member, ticket)]
             self.call(self.finisher, args=args)
 
     def record(
@@ -483,7 +507,7 @@ class RedisStore:
             row = cooldowns.get(str(index))
             if row:
                 until, stated, length, reason = row.split("|", 3)
-                on_record.append((index, float(until), stated == "1", float(length), reason))
+                on_record.append((index, float(until), _stated(stated), float(length), reason))
             recent, requests, spent, declared, reserved = per_member[5 * index : 5 * index + 5]
             timings[index] = [
                 (timing[1], timing[2]) for timing in map(_timing, recent) if timing[2]
@@ -608,10 +632,11 @@ class _ServerSnapshot:
         for index, row in zip(cooldowns[::2], cooldowns[1::2]):
             until, stated, length, _ = row.split("|", 3)
             self.fields[int(index)] = row
-            rows.append((int(index), float(until), stated == "1", float(length)))
+            rows.append((int(index), float(until), _stated(stated), float(length)))
         self.cooling, self.blocked, self.cooled, self.redated = rules.read_cooldowns(
             rows, self.now
         )
+        self.due = rules.due(self.cooling, self.blocked, self.cooled)
         self.tie = self.home = None
         if tie:
             first, last = (int(x) for x in _text(tie).split("|")[:2])
@@ -684,9 +709,10 @@ class _ServerSnapshot:
     def ticket(self, member: int, ticket_id, need=None) -> Ticket:
         tokens = rules.counts_tokens(self._limits[member])
         flight = self.balancer.policy == "least-busy"
+        probe = member in self.due
         if need is None:
-            return Ticket(_text(ticket_id), tokens, flight)
-        return Ticket(_text(ticket_id), tokens, flight, need.tokens, need.input)
+            return Ticket(_text(ticket_id), tokens, flight, probe=probe)
+        return Ticket(_text(ticket_id), tokens, flight, need.tokens, need.input, probe)
 
     def redate_fields(self) -> list:
         "[member, the field read, the field with the corrected end] of each cooldown to redate."
@@ -730,6 +756,14 @@ def _events(requests, spent, since: float):
         [(float(at), 0) for _, at in requests if float(at) > since],
         [(float(at), int(entry.split(":")[1])) for entry, at in spent if float(at) > since],
     )
+
+
+def _stated(value: str) -> int:
+    "A cooldown's kind on record: 0 guessed, 1 stated by the provider, 2 a probe's."
+    kind = int(value)
+    if kind not in (0, 1, rules.PROBING):
+        raise ValueError(f"a cooldown of kind {value}")
+    return kind
 
 
 def _reservations(pairs) -> list[tuple]:

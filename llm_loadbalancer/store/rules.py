@@ -52,7 +52,9 @@ def read_cooldowns(rows, now: float):
     cooling, blocked, cooled, redated = {}, {}, set(), {}
     for member, until, stated, length in rows:
         cooled.add(member)
-        if length and length > 0:  # (a row of an older version has none: a day at most)
+        if stated == PROBING:  # a probe in flight: blocked while its lease lasts
+            latest = now + LEASE
+        elif length and length > 0:  # (a row of an older version has none: a day at most)
             latest = now + min(length, MAX_STATED_SECONDS if stated else MAX_SECONDS)
         else:
             latest = now + MAX_SECONDS
@@ -61,6 +63,26 @@ def read_cooldowns(rows, now: float):
         if until > now:
             (blocked if stated else cooling)[member] = until
     return cooling, blocked, frozenset(cooled), redated
+
+
+# A member whose cooldown has ended, still on record (no success since), is due a probe: the
+# next prompt chosen for it is the only one sent to it until it ends. Its cooldown is then
+# on record as PROBING (``stated``), ending LEASE from when it was chosen (renewed while it
+# runs), its length kept: a probe that fails cools the member down twice as long
+# (``next_cooldown``), one that succeeds clears it, and one whose process died, or that ended
+# without an outcome, leaves the member due again when its lease ends.
+PROBING = 2
+PROBE_REASON = "being probed"
+
+
+def due(cooling: dict, blocked: dict, cooled) -> frozenset:
+    "The members due a probe: a cooldown on record that has ended (``read_cooldowns``)."
+    return frozenset(member for member in cooled if member not in cooling and member not in blocked)
+
+
+def probe_reason(reason: str | None) -> str:
+    "The reason a probe's cooldown is on record with: what it probes after."
+    return f"{PROBE_REASON}; {reason}" if reason else PROBE_REASON
 
 
 def cooling_now(rows, now: float) -> dict:

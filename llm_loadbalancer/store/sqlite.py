@@ -169,8 +169,10 @@ class SQLiteStore:
                 demand=demand,
                 prefix=prefix,
             )
+            if plan.order and plan.order[0] in snapshot.due:
+                plan = plan._replace(why=f"{plan.why}, its probe after a cooldown")
             if dry:  # (``route``: what was read, and nothing stored: the transaction rolls back)
-                free = limited(balancer, snapshot, now)
+                free = limited(balancer, snapshot, now, demand)
                 raise _Dry(Route(plan, free, snapshot.cooling, snapshot.blocked, now))
             if by_affinity(plan):
                 db.execute("update rotation set routed = routed + 1 where balancer = ?", [key])
@@ -182,9 +184,18 @@ class SQLiteStore:
             ticket = snapshot.count(plan.order[0], demand) if plan.order else None
             return Choice(plan, ticket, snapshot.cooled, now)
 
-    def route(self, balancer: Balancer, *, unavailable=frozenset(), now=None) -> Route:
+    def route(
+        self, balancer: Balancer, *, unavailable=frozenset(), now=None, demand=None, prefix=None
+    ) -> Route:
         try:
-            self.choose(balancer, unavailable=unavailable, now=now, dry=True)
+            self.choose(
+                balancer,
+                unavailable=unavailable,
+                now=now,
+                demand=demand,
+                prefix=prefix,
+                dry=True,
+            )
         except _Dry as dry:
             return dry.route
         raise AssertionError("a dry choice always ends in _Dry")
@@ -231,6 +242,12 @@ class SQLiteStore:
                 db.execute(
                     "update bucket_reserved set lease = ? where bucket = ? and id = ?",
                     [now + rules.LEASE, rules.bucket(balancer.members[member]), ticket.id],
+                )
+            if ticket.probe:
+                db.execute(
+                    "update cooldowns set until = ? where balancer = ? and member = ? "
+                    "and known = ?",
+                    [now + rules.LEASE, _key(balancer), member, rules.PROBING],
                 )
 
     def record(
@@ -625,11 +642,12 @@ class Ticket(NamedTuple):
     id: int | None = None
     reserved: int | None = None
     estimate: int | None = None
+    probe: bool = False  # the member's probe after its cooldown (``rules.PROBING``)
 
     @property
     def leased(self) -> bool:
-        "Whether it holds something while it runs (in flight, a reservation): a lease."
-        return self.at is not None or self.reserved is not None
+        "Whether it holds something while it runs (in flight, a reservation, a probe): a lease."
+        return self.at is not None or self.reserved is not None or self.probe
 
 
 class _FileSnapshot:
@@ -640,6 +658,7 @@ class _FileSnapshot:
         self.cooling, self.blocked, self.cooled, self.redated = rules.read_cooldowns(
             cooldowns, now
         )
+        self.due = rules.due(self.cooling, self.blocked, self.cooled)
         self.tie = self.busy = self.latency = self.home = None
         self.needs: dict = {}
         self.position = 0
@@ -731,8 +750,20 @@ class _FileSnapshot:
         apply to it (and its own limits declared there), its estimate reserved there under a
         token limit, and in flight under least-busy. Its ticket, or None when nothing was
         counted."""
-        if not counted_ahead(self.balancer, self, member):
+        counted = counted_ahead(self.balancer, self, member)
+        probe = member in self.due
+        if not counted and not probe:
             return None
+        number = random.getrandbits(62)
+        if probe:  # the only prompt sent to it until it ends
+            self.db.execute(
+                "update cooldowns set until = ?, known = ?, reason = ? || coalesce(reason, '') "
+                "where balancer = ? and member = ?",
+                [self.now + rules.LEASE, rules.PROBING, rules.probe_reason("") + "; ", self.key,
+                 member],
+            )
+        if not counted:
+            return Ticket(False, None, number, probe=True)
         member_limits = self.limits(member)
         own = self.balancer.members[member]
         if member_limits:
@@ -740,7 +771,6 @@ class _FileSnapshot:
             if own.limits:
                 self._declare(member, own)
         tokens = rules.counts_tokens(member_limits)
-        number = random.getrandbits(62)
         need = need_of(self, member, demand)
         reserved = estimate = None
         if need is not None:
@@ -752,13 +782,13 @@ class _FileSnapshot:
                  self.now + rules.LEASE],
             )
         if self.balancer.policy != "least-busy":
-            return Ticket(tokens, None, number, reserved, estimate)
+            return Ticket(tokens, None, number, reserved, estimate, probe)
         self.db.execute(
             "insert into requests (balancer, member, at, seq, total, lease) "
             "values (?, ?, ?, ?, null, ?)",
             [self.key, member, self.now, number, self.now + rules.LEASE],
         )
-        return Ticket(tokens, self.now, number, reserved, estimate)
+        return Ticket(tokens, self.now, number, reserved, estimate, probe)
 
     def _declare(self, member: int, own) -> None:
         "The member's own limits, declared for its bucket (again, when not renewed for a while)."

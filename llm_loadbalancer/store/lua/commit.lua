@@ -9,6 +9,7 @@
 --   declare   with bucket: {source, 'rpm|rpd|tpm|tpd|at'}: the member's own limits, or absent
 --   reserve   with bucket: 'tokens|blind|lease' reserved for the prompt under a token limit, or
 --             absent
+--   probe     with member: {its cooldown field read, the field of its probe}, or absent
 --   flight    with member: 'lease|at' of the request in flight (least-busy), or absent
 --   redate    {{member, the cooldown field read, the field to store instead}, ...}, or absent
 --   now       the time of the choice ('%.6f')
@@ -45,6 +46,9 @@ local ticket = ''
 if c.member then
   local m, now = string.format('%d', c.member), c.now
   ticket = tostring(redis.call('INCR', 'llm-lb:2:ids'))
+  if c.probe and redis.call('HGET', p .. 'cooldowns', m) == c.probe[1] then
+    redis.call('HSET', p .. 'cooldowns', m, c.probe[2])
+  end
   if c.bucket then
     local requests = c.bucket .. 'requests'
     redis.call('ZADD', requests, now, ticket)
