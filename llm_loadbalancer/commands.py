@@ -8,6 +8,7 @@ import difflib
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -784,6 +785,10 @@ def lb_route(name, prompt, system, fragments, system_fragments, json_):
         _fail(ex)
     demand = prefix = None
     if prompt or system or fragments or system_fragments:
+        if balancer.kind == EMBEDDING:
+            raise click.ClickException(
+                f"lb:{name} is an embedding balancer: route it without a prompt"
+            )
         demand, prefix = _asked(balancer, prompt, system, fragments, system_fragments)
     try:
         found = store.open_store(balancer, fallback=False)
@@ -819,11 +824,13 @@ def _asked(balancer: Balancer, prompt, system, fragments, system_fragments):
     each member's cap on its answer, as a prompt would have it) and its prefix's digest."""
     import sqlite_utils
     from llm.cli import FragmentNotFound, logs_db_path, resolve_fragments
+    from llm.migrations import migrate
 
     from .delegate import Run
 
     try:
         db = sqlite_utils.Database(logs_db_path())
+        migrate(db)  # (as llm does before it resolves fragments: their aliases live there)
         found = resolve_fragments(db, fragments)
         found_system = resolve_fragments(db, system_fragments)
     except FragmentNotFound as ex:
@@ -846,7 +853,7 @@ def _routed(balancer: Balancer, route, keys: dict) -> dict:
     if plan.order:
         index = plan.order[0]
         member = balancer.members[index]
-        why = plan.why.split(", tier ")[0]
+        why = re.sub(r", tier \d+", "", plan.why)
         line = f"next: {member.describe(index + 1, keys)}, tier {member.tier}, by {why}"
         chosen = {"member": index + 1, "tier": member.tier, "why": why}
         return {"next": chosen, "wait": None, "next_line": line}

@@ -187,6 +187,15 @@ def test_an_embedding_model_in_a_chat_balancer_and_sticky_are_refused(user_path)
         "Error: sticky keeps a conversation on one member, and an embedding balancer has no "
         "conversations: remove sticky"
     )
+    affinity = ("--affinity", "60")
+    assert refused("lb", "save", "docs", "--embedding", *affinity, "3-small", "3-small") == (
+        "Error: affinity sends a long prompt prefix back to the member that cached it, and an "
+        "embedding balancer has no prompts: remove affinity"
+    )
+    assert invoke("lb", "save", "docs", "--embedding", "3-small", "3-small").exit_code == 0
+    assert refused("lb", "route", "docs", "some text") == (
+        "Error: lb:docs is an embedding balancer: route it without a prompt"
+    )
 
 
 def test_saving_it_again_with_another_model_is_refused(user_path, tmp_path, monkeypatch):

@@ -133,3 +133,10 @@ def test_route_with_a_prompt_counts_its_tokens_and_its_prefix(flags, tmp_path):
     assert plain == "lb:a: next: member 2 (echo, key: k2), tier 1, by rotation"
     missing = invoke("lb", "route", "a", "-f", str(tmp_path / "nope.txt"), "q")
     assert missing.exit_code == 1 and "not found" in missing.stderr
+
+
+def test_route_with_a_prompt_in_a_fresh_llm_folder(user_path):
+    save_lb("fresh", "echo", "echo")
+    result = invoke("lb", "route", "fresh", "-s", "be brief", "hello")
+    assert result.exit_code == 0, result.output
+    assert "the prompt: about" in result.stdout

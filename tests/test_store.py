@@ -506,6 +506,36 @@ def test_a_probe_that_fails_doubles_the_cooldown_and_one_that_dies_frees_the_mem
     assert again.plan.order[0] == 0 and again.ticket.probe
 
 
+def test_a_probe_by_failover_that_answers_clears_the_cooldown(backend):
+    balancer, st = backend.open("probe3", echo(), echo())
+    st.record(balancer, 1, failed(cooldown=30.0), now=NOW)
+    # a prompt chosen before member 2 cooled down fails over to it after: its probe
+    probe = st.claim(balancer, 1, now=NOW + 31)
+    assert probe.probe
+    st.record(balancer, 1, Outcome(cooled=False), ticket=probe, now=NOW + 32)
+    assert st.stats(balancer, now=NOW + 32)[1]["cooling_down_until"] is None
+    assert st.claim(balancer, 1, now=NOW + 33) is None  # in full use: nothing to probe
+
+
+def test_a_probe_that_ends_with_no_verdict_leaves_the_member_due_again_at_once(backend):
+    balancer, st = backend.open("probe4", echo(), echo(), policy="failover")
+    st.record(balancer, 0, failed(cooldown=30.0), now=NOW)
+    probe = st.choose(balancer, now=NOW + 31).ticket
+    st.record(balancer, 0, failed("400 bad request: x", cooldown=None), ticket=probe, now=NOW + 32)
+    again = st.choose(balancer, now=NOW + 33)  # the prompt's own fault: probe again
+    assert again.plan.order[0] == 0 and again.ticket.probe
+    st.finish(balancer, 0, again.ticket, now=NOW + 34)  # stopped before its answer
+    assert st.choose(balancer, now=NOW + 35).ticket.probe
+
+
+def test_with_nowhere_else_to_go_a_prompt_looks_again_shortly_while_a_probe_runs(backend):
+    balancer, st = backend.open("probe5", echo())
+    st.record(balancer, 0, failed(cooldown=30.0), now=NOW)
+    assert st.choose(balancer, now=NOW + 31).ticket.probe
+    waiting = st.choose(balancer, now=NOW + 31.5)
+    assert (waiting.plan.order, waiting.plan.wait) == ((), (NOW + 32.5, 0))
+
+
 # --- tiers -------------------------------------------------------------------------------------
 
 

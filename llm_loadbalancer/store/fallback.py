@@ -29,6 +29,10 @@ class Fallen(NamedTuple):
     def leased(self) -> bool:
         return self.ticket.leased
 
+    @property
+    def probe(self) -> bool:
+        return getattr(self.ticket, "probe", False)
+
 
 class WithFallback:
     "A store, and the one that answers whenever it cannot."

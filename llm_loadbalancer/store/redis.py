@@ -214,6 +214,7 @@ class RedisStore:
         want = self._want(balancer, asks_tie, now=now, prefix=digest)
         speculates = self._speculates(balancer, asks_tie or digest)
         raw = self.snapshots.get(prefix) if speculates else None
+        cached = raw is not None  # (a choice stored from it is checked; one that is not, read)
         overtaken = _Overtaken(self.url, "choice")
         while True:
             if raw is None:
@@ -239,6 +240,9 @@ class RedisStore:
             if by_affinity(plan):  # (a count, which no choice depends on: no version check)
                 self.call(self.client.hincrby, prefix + "stats", "affinity:routed", 1)
             if not moved and not counted and not snapshot.redated:
+                if cached:  # another process may have changed what it says since: read it
+                    raw, cached = None, False
+                    continue
                 return Choice(plan, None, snapshot.cooled, snapshot.now)  # the read was the choice
             need = need_of(snapshot, first, demand) if counted else None
             reply = self._commit(
@@ -254,7 +258,7 @@ class RedisStore:
                     self.snapshots[prefix] = (reply[2], time.monotonic())
                 ticket = snapshot.ticket(first, reply[1], need) if counted else None
                 return Choice(plan, ticket, snapshot.cooled, snapshot.now)
-            raw = overtaken.again(reply[1])
+            raw, cached = overtaken.again(reply[1]), False
 
     def route(
         self, balancer: Balancer, *, unavailable=frozenset(), now=None, demand=None, prefix=None
@@ -355,7 +359,9 @@ class RedisStore:
 
     def finish(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
         if ticket.leased:
-            self.call(self.finisher, args=self._held(balancer, member, ticket))
+            when = "" if now is None else f"{now:.6f}"
+            args = [*self._held(balancer, member, ticket), "", when, self._probed(member, ticket)]
+            self.call(self.finisher, args=args)
 
     def renew(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
         if ticket.leased:
@@ -388,6 +394,8 @@ class RedisStore:
         if ticket is not None and ticket.reserved is not None:
             fields["bucket"] = self.bucket(own)
             fields["reservation"] = ticket.id
+        if getattr(ticket, "probe", False):
+            fields["probe"] = True
         if outcome.error is not None:
             fields["error"] = outcome.error
         if outcome.conversation:

@@ -61,6 +61,8 @@ def read_cooldowns(rows, now: float):
         if until > latest + 0.001:
             until = redated[member] = latest
         if until > now:
+            if stated == PROBING:  # (when it ends is not known: looked at again shortly)
+                until = min(until, now + limits.POLL)
             (blocked if stated else cooling)[member] = until
     return cooling, blocked, frozenset(cooled), redated
 
@@ -82,6 +84,8 @@ def due(cooling: dict, blocked: dict, cooled) -> frozenset:
 
 def probe_reason(reason: str | None) -> str:
     "The reason a probe's cooldown is on record with: what it probes after."
+    if reason and reason.startswith(PROBE_REASON):  # (probed again: its lease ran out)
+        return reason
     return f"{PROBE_REASON}; {reason}" if reason else PROBE_REASON
 
 

@@ -224,9 +224,12 @@ class SQLiteStore:
         if not ticket.leased:  # (least-busy counts requests in flight; token limits, tokens)
             return
         with self.transaction() as db:
+            now = time.time() if now is None else now
             if ticket.at is not None:
-                _ended(db, _key(balancer), member, ticket, time.time() if now is None else now)
+                _ended(db, _key(balancer), member, ticket, now)
             _unreserve(db, balancer.members[member], ticket)
+            if ticket.probe:  # ended without an outcome: the next prompt probes again
+                _probe_ended(db, _key(balancer), member, now)
 
     def renew(self, balancer: Balancer, member: int, ticket, now: float | None = None) -> None:
         "A prompt in flight still runs: its lease lasts ``rules.LEASE`` from now."
@@ -300,8 +303,10 @@ class SQLiteStore:
                     "reason = excluded.reason, known = excluded.known, length = excluded.length",
                     [key, member, now + length, outcome.error, int(outcome.stated), length],
                 )
-            elif outcome.error is None and outcome.cooled:
+            elif outcome.error is None and (outcome.cooled or getattr(ticket, "probe", False)):
                 db.execute("delete from cooldowns where balancer = ? and member = ?", [key, member])
+            elif getattr(ticket, "probe", False):  # an error that calls for no cooldown
+                _probe_ended(db, key, member, now)
             if prune:  # ties unused for KEEP_DAYS are forgotten (indexed), a prefix's for affinity
                 db.execute(
                     "delete from affinity where updated < ?", [now - rules.KEEP_DAYS * rules.DAY]
@@ -757,10 +762,10 @@ class _FileSnapshot:
         number = random.getrandbits(62)
         if probe:  # the only prompt sent to it until it ends
             self.db.execute(
-                "update cooldowns set until = ?, known = ?, reason = ? || coalesce(reason, '') "
-                "where balancer = ? and member = ?",
-                [self.now + rules.LEASE, rules.PROBING, rules.probe_reason("") + "; ", self.key,
-                 member],
+                "update cooldowns set until = ?1, known = ?2, reason = case when reason like "
+                "?3 || '%' then reason else ?3 || '; ' || coalesce(reason, '') end "
+                "where balancer = ?4 and member = ?5",
+                [self.now + rules.LEASE, rules.PROBING, rules.PROBE_REASON, self.key, member],
             )
         if not counted:
             return Ticket(False, None, number, probe=True)
@@ -938,6 +943,14 @@ _SPENT = (
     f"coalesce({_LAST_TOKENS.format('n')}, 0) + 1, ?3, "
     f"coalesce({_LAST_TOKENS.format('cum')}, 0) + ?3, ?4, ?5)"
 )
+
+
+def _probe_ended(db, key: str, member: int, now: float) -> None:
+    "A probe that ended with no verdict: its member is due a probe again from now."
+    db.execute(
+        "update cooldowns set until = ? where balancer = ? and member = ? and known = ?",
+        [now, key, member, rules.PROBING],
+    )
 
 
 def _unreserve(db, member, ticket) -> None:

@@ -4,12 +4,12 @@
 -- ARGV[2]  its ticket
 -- ARGV[3]  seconds a balancer's keys are kept without use
 -- ARGV[4]  the prefix of its member's bucket when it holds a reservation there, else ''
--- ARGV[5]  absent to end it; else the seconds its lease lasts from now
--- ARGV[6]  with ARGV[5]: the time ('%.6f'), or absent or '': the server's
--- ARGV[7]  with ARGV[5]: the member whose probe it is (its cooldown's end is renewed), or ''
---          or absent
+-- ARGV[5]  absent or '' to end it; else the seconds its lease lasts from now
+-- ARGV[6]  the time ('%.6f'), or absent or '': the server's
+-- ARGV[7]  the member whose probe it is, or '' or absent: renewed with ARGV[5]; else it ended
+--          without an outcome, and the member is due a probe again from now
 local p, ticket, keep, bp = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-if ARGV[5] then
+if ARGV[5] and ARGV[5] ~= '' then
   local now = tonumber(ARGV[6] or '')
   if not now then
     local t = redis.call('TIME')
@@ -45,6 +45,21 @@ if ARGV[5] then
     end
   end
   return 1
+end
+if ARGV[7] and ARGV[7] ~= '' then
+  local row = redis.call('HGET', p .. 'cooldowns', ARGV[7])
+  if row then
+    local stated, rest = string.match(row, '^[^|]*|([^|]*)|(.*)$')
+    if stated == '2' then
+      local now = tonumber(ARGV[6] or '')
+      if not now then
+        local t = redis.call('TIME')
+        now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+      end
+      redis.call('HSET', p .. 'cooldowns', ARGV[7], string.format('%.6f', now) .. '|2|' .. rest)
+      bump(p, keep)
+    end
+  end
 end
 if redis.call('HDEL', p .. 'flight', ticket) == 1 then
   redis.call('ZREM', p .. 'flight_at', ticket)

@@ -21,6 +21,8 @@
 --   spent          the tokens to count against its bucket's limits (``rules.spent``)
 --   detail         with spent: ':estimate:output' of a report ('::' when not known)
 --   reservation    the ticket whose reservation in the bucket ends, or absent
+--   probe          true: the attempt was the member's probe (a success clears its cooldown;
+--                  an error that calls for none leaves it due a probe again from now)
 --   now            the time ('%.6f'), or absent: the server's
 --   keep           seconds a balancer's keys (and a conversation's tie) are kept without use
 --   timings_kept   how many timings are kept per member
@@ -93,8 +95,17 @@ if o.cooldown then
     .. '|' .. string.format('%.6f', o.cooldown) .. '|' .. (o.error or ''))
   redis.call('EXPIRE', cooldowns, keep)
   changed = true
-elseif ok and o.cooled then
+elseif ok and (o.cooled or o.probe) then
   if redis.call('HDEL', cooldowns, m) == 1 then changed = true end
+elseif o.probe then
+  local row = redis.call('HGET', cooldowns, m)
+  if row then
+    local stated, rest = string.match(row, '^[^|]*|([^|]*)|(.*)$')
+    if stated == '2' then
+      redis.call('HSET', cooldowns, m, at .. '|2|' .. rest)
+      changed = true
+    end
+  end
 end
 if ok and o.conversation then
   local ties = p .. 'ties'
