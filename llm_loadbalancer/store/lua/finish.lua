@@ -9,12 +9,13 @@
 -- ARGV[7]  the member whose probe it is, or '' or absent: renewed with ARGV[5]; else it ended
 --          without an outcome, and the member is due a probe again from now
 local p, ticket, keep, bp = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local probed = ARGV[7] or ''
+local now = tonumber(ARGV[6] or '')
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 if ARGV[5] and ARGV[5] ~= '' then
-  local now = tonumber(ARGV[6] or '')
-  if not now then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  end
   local lease = string.format('%.6f', now + tonumber(ARGV[5]))
   local entry = redis.call('HGET', p .. 'flight', ticket)
   if entry then
@@ -24,16 +25,7 @@ if ARGV[5] and ARGV[5] ~= '' then
       bump(p, keep)
     end
   end
-  if ARGV[7] and ARGV[7] ~= '' then
-    local row = redis.call('HGET', p .. 'cooldowns', ARGV[7])
-    if row then
-      local stated, rest = string.match(row, '^[^|]*|([^|]*)|(.*)$')
-      if stated == '2' then
-        redis.call('HSET', p .. 'cooldowns', ARGV[7], lease .. '|2|' .. rest)
-        bump(p, keep)
-      end
-    end
-  end
+  if probed ~= '' and probe_ends(p, probed, lease) then bump(p, keep) end
   if bp ~= '' then
     local held = redis.call('HGET', bp .. 'reserved', ticket)
     if held then
@@ -46,21 +38,7 @@ if ARGV[5] and ARGV[5] ~= '' then
   end
   return 1
 end
-if ARGV[7] and ARGV[7] ~= '' then
-  local row = redis.call('HGET', p .. 'cooldowns', ARGV[7])
-  if row then
-    local stated, rest = string.match(row, '^[^|]*|([^|]*)|(.*)$')
-    if stated == '2' then
-      local now = tonumber(ARGV[6] or '')
-      if not now then
-        local t = redis.call('TIME')
-        now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-      end
-      redis.call('HSET', p .. 'cooldowns', ARGV[7], string.format('%.6f', now) .. '|2|' .. rest)
-      bump(p, keep)
-    end
-  end
-end
+if probed ~= '' and probe_ends(p, probed, string.format('%.6f', now)) then bump(p, keep) end
 if redis.call('HDEL', p .. 'flight', ticket) == 1 then
   redis.call('ZREM', p .. 'flight_at', ticket)
   bump(p, keep)

@@ -26,3 +26,15 @@ local function put_dated(key, field, value, at, older, keep)
   redis.call('EXPIRE', key, keep)
   redis.call('EXPIRE', dates, keep)
 end
+
+-- probe_ends(p, m, ends): a member's probe (its cooldown of kind 2, rules.PROBING) ends at
+-- `ends` ('%.6f'): renewed, or ended without a verdict (due a probe again from then); any
+-- other cooldown is left as it is. True when it was a probe.
+local function probe_ends(p, m, ends)
+  local row = redis.call('HGET', p .. 'cooldowns', m)
+  if not row then return false end
+  local stated, rest = string.match(row, '^[^|]*|([^|]*)|(.*)$')
+  if stated ~= '2' then return false end
+  redis.call('HSET', p .. 'cooldowns', m, ends .. '|2|' .. rest)
+  return true
+end

@@ -98,14 +98,7 @@ if o.cooldown then
 elseif ok and (o.cooled or o.probe) then
   if redis.call('HDEL', cooldowns, m) == 1 then changed = true end
 elseif o.probe then
-  local row = redis.call('HGET', cooldowns, m)
-  if row then
-    local stated, rest = string.match(row, '^[^|]*|([^|]*)|(.*)$')
-    if stated == '2' then
-      redis.call('HSET', cooldowns, m, at .. '|2|' .. rest)
-      changed = true
-    end
-  end
+  if probe_ends(p, m, at) then changed = true end
 end
 if ok and o.conversation then
   local ties = p .. 'ties'
