@@ -257,14 +257,73 @@ def test_a_keys_limit_holds_across_a_save_force_and_a_second_balancer(local_open
     assert "stricter_limits" not in rows["one"]
 
 
-def test_tiers_spend_the_free_keys_first_and_come_back_to_them(local_openai, user_path):
-    # issue 22's check: ka and kb (tier 1, rpm=2), kc (tier 2): ten prompts in a minute
-    from conftest import set_keys
+class Places:
+    """Where a test's state lives: the llm folder's file, or a Redis server shared by two llm
+    folders (two machines: each prompt from the next folder in turn). ``ask`` prompts from the
+    next place; ``save`` and ``keys`` apply to every folder; ``end_cooldowns`` moves time on
+    through the state; ``envs``: an environment per folder, for processes."""
 
-    set_keys(user_path, ka="sk-ka", kb="sk-kb", kc="sk-kc")
-    save_lb("t", "local-a key=ka tier=1 rpm=2", "local-a key=kb rpm=2", "local-a key=kc tier=2")
+    def __init__(self, state, user_path, monkeypatch, redis_server=None):
+        import shutil
+
+        self.monkeypatch, self.server, self.turn = monkeypatch, redis_server, 0
+        self.folders = [user_path]
+        self.flags = ()
+        if state == "redis":
+            other = user_path.parent / "llm-user-b"
+            shutil.copytree(user_path, other)  # (the local server's models and keys)
+            self.folders.append(other)
+            self.flags = ("--state", redis_server.url)
+
+    def use(self, number):
+        self.monkeypatch.setenv("LLM_USER_PATH", str(self.folders[number]))
+
+    def save(self, name, *members, flags=()):
+        for number in range(len(self.folders)):
+            self.use(number)
+            save_lb(name, *members, flags=(*flags, *self.flags))
+
+    def keys(self, **keys):
+        from conftest import set_keys
+
+        for folder in self.folders:
+            set_keys(folder, **keys)
+
+    def ask(self, *args):
+        self.use(self.turn % len(self.folders))
+        self.turn += 1
+        return invoke(*args)
+
+    @property
+    def envs(self):
+        return [{"LLM_USER_PATH": str(folder)} for folder in self.folders]
+
+    def end_cooldowns(self):
+        "Every cooldown ends now (in the file, or each on record in the server)."
+        from conftest import end_cooldowns
+
+        if self.server is None:
+            return end_cooldowns()
+        client = self.server.client()
+        for key in client.scan_iter("*cooldowns"):
+            for member, row in client.hgetall(key).items():
+                client.hset(key, member, "0.000000|" + row.split("|", 1)[1])
+            client.incr(key[: -len("cooldowns")] + "version")  # (a change choices depend on)
+
+
+@pytest.fixture(params=["file", "redis"])
+def places(request, user_path, monkeypatch):
+    server = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    request.getfixturevalue("local_openai")  # (before the folders are copied)
+    return Places(request.param, user_path, monkeypatch, server)
+
+
+def test_tiers_spend_the_free_keys_first_and_come_back_to_them(local_openai, places):
+    # issue 22's check: ka and kb (tier 1, rpm=2), kc (tier 2): ten prompts in a minute
+    places.keys(ka="sk-ka", kb="sk-kb", kc="sk-kc")
+    places.save("t", "local-a key=ka tier=1 rpm=2", "local-a key=kb rpm=2", "local-a key=kc tier=2")
     for _ in range(10):
-        assert invoke("-m", "lb:t", "hi").exit_code == 0
+        assert places.ask("-m", "lb:t", "hi").exit_code == 0
     seen = local_openai.seen("key")
     assert (seen.count("sk-ka"), seen.count("sk-kb"), seen.count("sk-kc")) == (2, 2, 6)
     stats = json.loads(invoke("lb", "stats", "t", "--json").stdout)[0]
@@ -275,20 +334,18 @@ def test_tiers_spend_the_free_keys_first_and_come_back_to_them(local_openai, use
 
 
 def test_when_the_lower_tier_fails_the_higher_answers_until_its_cooldowns_end(
-    local_openai, user_path
+    local_openai, places
 ):
-    from conftest import end_cooldowns, set_keys
-
-    set_keys(user_path, ka="sk-ka", kb="sk-kb", kc="sk-kc")
-    save_lb("f", "local-a key=ka", "local-a key=kb", "local-a key=kc tier=2")
+    places.keys(ka="sk-ka", kb="sk-kb", kc="sk-kc")
+    places.save("f", "local-a key=ka", "local-a key=kb", "local-a key=kc tier=2")
     local_openai.fail("429:2", key="sk-ka")
     local_openai.fail("429:2", key="sk-kb")
-    first = invoke("-m", "lb:f", "hi")
+    first = places.ask("-m", "lb:f", "hi")
     assert first.exit_code == 0 and first.stdout.strip() == "answer from a with sk-kc"
-    assert invoke("-m", "lb:f", "hi").stdout.strip() == "answer from a with sk-kc"
+    assert places.ask("-m", "lb:f", "hi").stdout.strip() == "answer from a with sk-kc"
     local_openai.heal()
-    end_cooldowns()
-    assert invoke("-m", "lb:f", "hi").stdout.strip() == "answer from a with sk-ka"
+    places.end_cooldowns()
+    assert places.ask("-m", "lb:f", "hi").stdout.strip() == "answer from a with sk-ka"
     assert local_openai.seen("key") == ["sk-ka", "sk-kb", "sk-kc", "sk-kc", "sk-ka"]
 
 
@@ -304,31 +361,30 @@ def test_a_wait_names_the_tier_of_the_member_that_frees_up_first(user_path):
     assert "the first to free up is member 1 (echo, key: k1, rpm=1) of tier 1, in" in result.stderr
 
 
-def test_eight_processes_send_one_probe_to_a_member_whose_cooldown_just_ended(local_openai):
-    # issue 22's check: the probe's answer is held for a second; the others go elsewhere
-    from conftest import end_cooldowns
-
-    save_lb("pr", "local-a key=work", "local-a key=personal", flags=("--policy", "failover"))
+def test_eight_processes_send_one_probe_to_a_member_whose_cooldown_just_ended(
+    local_openai, places
+):
+    # issue 22's check: the probe's answer is held for a second; the others go elsewhere (with
+    # Redis, the processes prompt from two llm folders in turn)
+    places.save("pr", "local-a key=work", "local-a key=personal", flags=("--policy", "failover"))
     local_openai.fail("429", key="sk-work", times=1)
-    assert invoke("-m", "lb:pr", "hi").exit_code == 0  # work fails: personal answers
-    end_cooldowns()  # its cooldown has just ended
+    assert places.ask("-m", "lb:pr", "hi").exit_code == 0  # work fails: personal answers
+    places.end_cooldowns()  # its cooldown has just ended
     local_openai.fail("slow:1", key="sk-work")
-    assert run_workers("lb:pr", 8, 1) == [(1, 0)] * 8
+    assert run_workers("lb:pr", 8, 1, envs=places.envs) == [(1, 0)] * 8
     work = [r["time"] for r in local_openai.requests if r["key"] == "sk-work"][1:]
     # the probe first; another request to it only once its answer came (the server holds it
     # for a second before answering: every later one arrived after that, by its own clock)
     assert work and all(later >= work[0] + 1.0 for later in work[1:]), work
     local_openai.heal()
-    assert invoke("-m", "lb:pr", "hi").stdout.strip() == "answer from a with sk-work"  # back
+    assert places.ask("-m", "lb:pr", "hi").stdout.strip() == "answer from a with sk-work"  # back
 
 
-def test_a_probe_that_fails_again_cools_the_member_down_twice_as_long(local_openai):
-    from conftest import end_cooldowns
-
-    save_lb("pf", "local-a key=work", "local-a key=personal", flags=("--policy", "failover"))
+def test_a_probe_that_fails_again_cools_the_member_down_twice_as_long(local_openai, places):
+    places.save("pf", "local-a key=work", "local-a key=personal", flags=("--policy", "failover"))
     local_openai.fail("429", key="sk-work")
-    invoke("-m", "lb:pf", "hi")
-    end_cooldowns()
-    invoke("-m", "lb:pf", "hi")  # its probe fails
-    member = json.loads(invoke("lb", "stats", "pf", "--json").stdout)[0]["members"][0]
+    places.ask("-m", "lb:pf", "hi")
+    places.end_cooldowns()
+    places.ask("-m", "lb:pf", "hi")  # its probe fails
+    member = json.loads(places.ask("lb", "stats", "pf", "--json").stdout)[0]["members"][0]
     assert 55 <= member["cooling_down_until"] - time.time() <= 61  # 60 s, twice the 30
