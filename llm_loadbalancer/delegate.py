@@ -101,7 +101,12 @@ class Attempt:
                 model.key = self.secret = self.run.stored_key(self)
                 view.model = self.prompt.model = model
             generator = model.execute(self.prompt, stream, view, conversation)
-        chunks = drive.async_chunks if self.run.lb.is_async else drive.sync_chunks
+        if not self.run.lb.is_async:
+            chunks = drive.sync_chunks
+        elif isinstance(model, (llm.AsyncModel, llm.AsyncKeyModel)):
+            chunks = drive.async_chunks
+        else:  # a member whose plugin has no async model, in an async prompt
+            chunks = drive.threaded_chunks
         return chunks(
             generator,
             once=self.run.more_to_try(self.index),
@@ -280,14 +285,15 @@ class Run:
         if index in self.lb.missing:
             raise LoadBalancerError(f"{self.lb.model_id}: {self.lb.missing[index]}")
         model, async_model = self.lb.members[index]
-        chosen = async_model if self.lb.is_async else model
-        if chosen is None:
+        if self.lb.is_async:  # a sync-only member runs in a thread (drive.threaded_chunks)
+            return async_model or model
+        if model is None:
             label = self.balancer.members[index].describe(index + 1)
             raise LoadBalancerError(
-                f"{self.lb.model_id}: {label} has no async model: "
-                "run it without --async, or save the balancer without that member"
+                f"{self.lb.model_id}: {label} has only an async model: "
+                "run it with --async, or save the balancer without that member"
             )
-        return chosen
+        return model
 
     def merged_options(self, index: int, model) -> dict:
         """The member's model defaults, then its saved options, then those given at prompt time

@@ -3,7 +3,9 @@ answer, and the balancer's first-chunk timeout.
 
 Without a timeout the member runs inline, as it would alone. With one, a sync member runs in a
 daemon thread that hands its chunks over a queue (a blocking HTTP call cannot be interrupted),
-an async one under ``asyncio.wait_for`` (which cancels it). A member that misses the deadline
+an async one under ``asyncio.wait_for`` (which cancels it). In an async prompt, a member whose
+plugin has no async model runs its sync model in such a thread too (``threaded_chunks``), its
+chunks handed to the event loop as they come. A member that misses the deadline
 is abandoned: its view of the response is detached (nothing it wrote reaches the response),
 and its chunks are never read.
 Without streaming the deadline is for the whole answer, which is held back until it is
@@ -79,15 +81,20 @@ class _Raised:
 
 
 class _Worker(threading.Thread):
-    "Runs a sync member's generator, handing each chunk (then _DONE, or the error) over."
+    """Runs a sync member's generator, handing each chunk (then _DONE, or the error) over with
+    ``put`` (by default to ``items``, a queue). Once ``stop`` is set (the caller stopped
+    reading), the member's generator is closed at its next chunk and the thread ends."""
 
-    def __init__(self, generator, once):
+    def __init__(self, generator, once, put=None):
         super().__init__(name="llm-loadbalancer member", daemon=True)
         self.generator = generator
         self.once = once
-        from queue import SimpleQueue  # (see sync_chunks)
+        if put is None:
+            from queue import SimpleQueue  # (see sync_chunks)
 
-        self.items = SimpleQueue()
+            self.items = SimpleQueue()
+            put = self.items.put
+        self.put = put
         self.stop = threading.Event()
 
     def run(self):
@@ -96,13 +103,16 @@ class _Worker(threading.Thread):
         try:
             for chunk in self.generator:
                 if self.stop.is_set():
-                    self.generator.close()
-                    return
-                self.items.put(chunk)
+                    break
+                self.put(chunk)
+            else:
+                self.put(_DONE)
+                return
         except BaseException as ex:  # handed to the caller, who raises it
-            self.items.put(_Raised(ex))
+            if not self.stop.is_set():
+                self.put(_Raised(ex))
             return
-        self.items.put(_DONE)
+        self.generator.close()  # (stopped: the member's own clean-up runs, in this thread)
 
 
 async def async_chunks(generator, *, once, timeout, stream, view):
@@ -140,3 +150,38 @@ async def async_chunks(generator, *, once, timeout, stream, view):
             yield chunk
     finally:
         await generator.aclose()
+
+
+def threaded_chunks(generator, *, once, timeout, stream, view):
+    """A sync member's chunks in an async prompt (``async_chunks``'s): its generator runs in a
+    thread of its own (``_Worker``), each chunk handed to the event loop as it comes. When the
+    caller stops reading, is cancelled or times out, the member's generator is closed at its
+    next chunk and its thread ends; the event loop never waits for it."""
+    return async_chunks(
+        _handed_over(generator, once), once=False, timeout=timeout, stream=stream, view=view
+    )
+
+
+async def _handed_over(generator, once):
+    "A sync generator run by a _Worker thread, as an async generator of its chunks."
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+
+    def put(item):
+        try:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody reads any more
+            worker.stop.set()
+
+    worker = _Worker(generator, once, put)  # (it turns the member's retries off itself)
+    worker.start()
+    try:
+        while True:
+            item = await items.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Raised):
+                raise item.exception
+            yield item
+    finally:
+        worker.stop.set()

@@ -35,8 +35,11 @@ class _Shared:
             self.attachment_types = frozenset()
             return
         present = [pair for pair in members if pair is not None]
-        models = [pair[1] if self.is_async else pair[0] for pair in present]
-        models = [m for m in models if m is not None] or [pair[0] or pair[1] for pair in present]
+        if self.is_async:  # (a member with no async model runs its sync one in a thread)
+            models = [pair[1] or pair[0] for pair in present]
+        else:
+            models = [pair[0] for pair in present if pair[0] is not None]
+            models = models or [pair[1] for pair in present]
         self.can_stream = any(m.can_stream for m in models)
         self.supports_schema = all(m.supports_schema for m in models)
         self.supports_tools = all(m.supports_tools for m in models)

@@ -168,16 +168,19 @@ def folder_snapshot(user_path):
 
 @pytest.fixture
 def fake_models(monkeypatch):
-    """Registers plain-sync (sync only, no streaming), strict (validated options) and flaky
-    (fails as its options say) models."""
+    """Registers plain-sync (sync only, no streaming), sync-stream (sync only, streaming),
+    strict (validated options) and flaky (fails as its options say) models."""
     monkeypatch.setenv("LB_TEST_FLAKY_KEY", "sk-flaky-default")
-    from fake_models import CALLS, FakeModelsPlugin
+    from fake_models import CALLS, GATE, SYNC_EVENTS, FakeModelsPlugin
     from llm.plugins import load_plugins, pm
 
     CALLS.clear()
+    SYNC_EVENTS.clear()
+    GATE.clear()
     load_plugins()
     pm.register(FakeModelsPlugin(), name="lb-test-models")
     yield
+    GATE.set()  # (a sync-stream member still waiting ends)
     pm.unregister(name="lb-test-models")
 
 

@@ -1,6 +1,7 @@
 """Test-only models, registered in-process through llm's plugin manager."""
 
 import json
+import threading
 from types import SimpleNamespace
 from typing import Optional
 
@@ -34,6 +35,42 @@ class PlainSync(llm.Model):
 
     def execute(self, prompt, stream, response, conversation=None):
         yield _report(self, prompt, stream)
+
+
+# what sync-stream did, in order: the thread it ran in, "finished" (asked for more after its
+# last chunk), "closed" (its generator ended, or was closed)
+SYNC_EVENTS: list = []
+GATE = threading.Event()  # what sync-stream waits for, where its options say (the test sets it)
+
+
+class SyncStream(llm.Model):
+    """A sync-only model that streams, as many local-model plugins are (no async twin): "one ",
+    then "two"; usage 3 in, 5 out; a tool call with tool=true. wait=before / wait=after: it
+    waits for GATE before its first chunk / between its chunks."""
+
+    model_id = "sync-stream"
+    can_stream = True
+    supports_tools = True
+
+    class Options(llm.Options):
+        wait: Optional[str] = Field(default=None, description="before or after its first chunk")
+        tool: Optional[bool] = Field(default=None, description="Call a tool")
+
+    def execute(self, prompt, stream, response, conversation=None):
+        SYNC_EVENTS.append(threading.current_thread().name)
+        try:
+            if prompt.options.wait == "before":
+                GATE.wait(60)  # (a bound for a broken test; the test sets the gate)
+            yield "one "
+            if prompt.options.wait == "after":
+                GATE.wait(60)
+            yield "two"
+            response.set_usage(input=3, output=5)
+            if prompt.options.tool:
+                response.add_tool_call(llm.ToolCall(name="lookup", arguments={"q": "x"}))
+            SYNC_EVENTS.append("finished")
+        finally:
+            SYNC_EVENTS.append("closed")
 
 
 class _StrictShared:
@@ -128,5 +165,6 @@ class FakeModelsPlugin:
     @llm.hookimpl
     def register_models(self, register):
         register(PlainSync())
+        register(SyncStream())
         register(Strict(), StrictAsync())
         register(Flaky(), FlakyAsync())

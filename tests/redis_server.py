@@ -1,8 +1,11 @@
 """A real redis-server on 127.0.0.1 for the tests: a free port, no persistence, stopped
 afterwards; it can be stopped and started again on the same port mid-test."""
 
+import os
 import shutil
 import subprocess
+
+import pytest
 
 from local_server import free_port
 
@@ -10,10 +13,14 @@ from local_server import free_port
 class RedisServer:
     def __init__(self, password: str | None = None):
         if shutil.which("redis-server") is None:
-            raise RuntimeError(
-                "redis-server is not installed: apt-get install -y redis-server (see README, "
-                "Development)"
+            # skipped, visibly, where none installs (Windows); .ci/run sets LB_REQUIRE_REDIS,
+            # and there a missing server fails the tests
+            message = (
+                "redis-server is not installed: apt-get install redis-server, brew install redis"
             )
+            if os.environ.get("LB_REQUIRE_REDIS"):
+                raise RuntimeError(message)
+            pytest.skip(message)
         self.password = password
         self.port = free_port()
         self.process = None

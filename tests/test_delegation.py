@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 
 import llm
 import pytest
@@ -438,14 +439,77 @@ def test_broken_file_is_reported_when_prompted(user_path):
     assert line.startswith(f"Error: lb:bad: {folder / 'bad.yaml'}: not valid YAML")
 
 
-def test_async_with_a_member_without_async_model(run_llm, fake_models):
-    run_llm("lb", "save", "sy", "plain-sync", "strict")
-    result = run_llm("-m", "lb:sy", "--async", "hi")
-    assert result.exit_code == 1
-    assert result.stderr.strip() == (
-        "Error: lb:sy: member 1 (plain-sync) has no async model: run it without --async, "
-        "or save the balancer without that member"
-    )
+def test_async_over_a_sync_only_member_answers_every_prompt_half_from_each(run_llm, fake_models):
+    # issue 23's check (llm-markov by hand): a member whose plugin has no async model runs its
+    # sync model in a thread of its own
+    run_llm("lb", "save", "sy", "sync-stream", "echo")
+    answers = []
+    for _ in range(4):
+        result = run_llm("-m", "lb:sy", "--async", "hi")
+        assert result.exit_code == 0, result.output
+        answers.append("sync" if result.stdout.strip() == "one two" else "echo")
+    assert sorted(answers) == ["echo", "echo", "sync", "sync"]
+    from fake_models import SYNC_EVENTS
+
+    # in a thread of its own, never the event loop's
+    assert SYNC_EVENTS == ["llm-loadbalancer member", "finished", "closed"] * 2
+    logged = [row for row in last_logged(4) if row["resolved_model"] == "sync-stream"]
+    assert [(row["input_tokens"], row["output_tokens"]) for row in logged] == [(3, 5)] * 2
+    assert run_llm("lb", "show", "sy").exit_code == 0
+
+
+def test_a_sync_only_members_chunks_reach_an_async_caller_as_they_come(run_llm, fake_models):
+    from fake_models import GATE
+
+    member = "sync-stream wait=after tool=true"
+    assert run_llm("lb", "save", "st", member, member).exit_code == 0
+
+    async def go():
+        response = llm.get_async_model("lb:st").prompt("hi")
+        chunks = []
+        async for chunk in response:
+            chunks.append((chunk, GATE.is_set()))
+            GATE.set()  # the member waits for this after its first chunk
+        return chunks, await response.tool_calls(), await response.usage()
+
+    chunks, tool_calls, usage = asyncio.run(go())
+    # the first chunk came while the member was still at work on the second
+    assert chunks == [("one ", False), ("two", True)]
+    assert [(call.name, call.arguments) for call in tool_calls] == [("lookup", {"q": "x"})]
+    assert (usage.input, usage.output) == (3, 5)
+
+
+def test_an_async_caller_that_stops_reading_ends_the_sync_members_thread(run_llm, fake_models):
+    from fake_models import GATE, SYNC_EVENTS
+
+    member = "sync-stream wait=after"
+    assert run_llm("lb", "save", "cut", member, member).exit_code == 0
+
+    async def go():
+        async for chunk in llm.get_async_model("lb:cut").prompt("hi"):
+            return chunk  # the caller stops reading (as on Ctrl-C): the loop then ends
+
+    assert asyncio.run(go()) == "one "
+    workers = [t for t in threading.enumerate() if t.name == "llm-loadbalancer member"]
+    GATE.set()  # the member's next chunk is never handed over: its generator is closed
+    for worker in workers:
+        worker.join(30)
+    assert workers and not any(worker.is_alive() for worker in workers)
+    assert SYNC_EVENTS == ["llm-loadbalancer member", "closed"]  # closed, never finished
+
+
+def test_a_sync_only_member_that_misses_the_timeout_in_async_fails_over(run_llm, fake_models):
+    from fake_models import GATE, SYNC_EVENTS
+
+    flags = ("--timeout", "0.2", "--policy", "failover")
+    assert run_llm("lb", "save", "slow", "sync-stream wait=before", "echo", *flags).exit_code == 0
+    result = run_llm("-m", "lb:slow", "--async", "hi")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt"] == "hi"  # echo answered
+    GATE.set()
+    for worker in [t for t in threading.enumerate() if t.name == "llm-loadbalancer member"]:
+        worker.join(30)
+    assert SYNC_EVENTS == ["llm-loadbalancer member", "closed"]  # abandoned: closed, not finished
 
 
 def test_option_a_member_rejects(run_llm, fake_models):
