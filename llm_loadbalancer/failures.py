@@ -176,15 +176,28 @@ def _is_protocol_error(ex: BaseException) -> bool:
 def _refused_header(ex: BaseException) -> bool:
     """Whether the HTTP client refused to send a header's value, so sent no request: h11's
     LocalProtocolError (through httpx, in the SDK's APIConnectionError) for a line break, a
-    control character or a space at either end; httpx's UnicodeEncodeError, its reason naming
-    the header, for a character that is not ASCII. The value is nearly always the member's key."""
+    control character or a space at either end; httpx's UnicodeEncodeError for a character
+    that is not ASCII: its reason names the header, or (older httpx, as Python 3.10 gets) it was
+    raised encoding one. The value is nearly always the member's key."""
     for item in resets.causes(ex):
         names = {cls.__name__ for cls in type(item).__mro__}
         if "LocalProtocolError" in names and str(item).startswith("Illegal header value"):
             return True
-        if isinstance(item, UnicodeEncodeError) and "(header " in item.reason:
+        if isinstance(item, UnicodeEncodeError) and (
+            "(header " in item.reason or "header" in _raised_in(item)
+        ):
             return True
     return False
+
+
+def _raised_in(ex: BaseException) -> str:
+    "The name of the function that raised the exception (its innermost frame), or ''."
+    tb = ex.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_name
 
 
 def classify(

@@ -253,6 +253,12 @@ def test_system_fragments_and_attachments_reach_the_member(run_llm, tmp_path):
     assert data["attachments"][0]["type"] == "image/png"
 
 
+ECHO_VERSION = tuple(int(part) for part in importlib.metadata.version("llm-echo").split(".")[:2])
+
+
+@pytest.mark.skipif(
+    ECHO_VERSION < (0, 5), reason="echo's thinking option is llm-echo 0.5's (Python 3.11 and later)"
+)
 def test_streaming_reasoning_events_and_usage_through_the_python_api(run_llm):
     run_llm("lb", "save", "t", "echo thinking=true", "echo thinking=true")
     response = llm.get_model("lb:t").prompt("hi")
