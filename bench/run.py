@@ -716,7 +716,7 @@ class Bench:
                     "s",
                     data["failover"][case],
                     data["failover_base"],
-                    "measured, see README",
+                    "measured, see docs/failures-and-timeouts.md",
                 )
             )
         for case, label in (("429", "429, no Retry-After"), ("429:1", "429, Retry-After: 1")):
@@ -726,7 +726,7 @@ class Bench:
                     "s",
                     data["sdk_alone"][case],
                     data["failover_base"],
-                    "measured, see README",
+                    "measured, see docs/failures-and-timeouts.md",
                 )
             )
         for case, label in (
