@@ -455,13 +455,15 @@ def test_all_members_failing_keeps_the_last_error_as_the_cause(servers):
 # --- across processes ------------------------------------------------------------------------
 
 
-def test_family_balancer_from_separate_processes(servers):
+def test_family_balancer_takes_turns_between_gateway_and_anthropic(servers):
+    # (in this process: each prompt reads the rotation from the state file, as a new llm
+    # process does; test_delegation.py checks that separate processes take turns)
     gateway, anthropic = servers
     save_lb("family", "gw-claude", "claude-haiku-4.5")
     outputs = []
     for _ in range(3):
-        result = llm_process("-m", "lb:family", "hi")
-        assert result.returncode == 0, result.stderr
+        result = invoke("-m", "lb:family", "hi")
+        assert result.exit_code == 0, result.output
         outputs.append(result.stdout.strip())
     assert outputs == [
         "answer from gw with sk-gw",
