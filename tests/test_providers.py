@@ -13,7 +13,7 @@ import time
 import llm
 import pytest
 import yaml
-from conftest import invoke, last_logged, llm_process, save_lb, set_keys
+from conftest import invoke, last_logged, save_lb, set_keys
 
 CLAUDE = "anthropic/claude-haiku-4-5-20251001"  # what claude-haiku-4.5 resolves to
 
