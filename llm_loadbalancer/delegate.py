@@ -88,6 +88,13 @@ class Attempt:
         response.set_resolved_model(model.model_id)
         timeout = self.run.balancer.timeout
         view = MemberView(response, self.prompt, model, held=timeout is not None)
+        if not self.run.lb.is_async:
+            chunks = drive.sync_chunks
+        elif isinstance(model, (llm.AsyncModel, llm.AsyncKeyModel)):
+            chunks = drive.async_chunks
+        else:  # a member whose plugin has no async model, in an async prompt: in a thread
+            chunks = drive.threaded_chunks
+            conversation = sync_conversation(conversation)
         if isinstance(model, (llm.KeyModel, llm.AsyncKeyModel)):
             if self.member.key:
                 key = model.get_key(self.run.stored_key(self))
@@ -101,12 +108,6 @@ class Attempt:
                 model.key = self.secret = self.run.stored_key(self)
                 view.model = self.prompt.model = model
             generator = model.execute(self.prompt, stream, view, conversation)
-        if not self.run.lb.is_async:
-            chunks = drive.sync_chunks
-        elif isinstance(model, (llm.AsyncModel, llm.AsyncKeyModel)):
-            chunks = drive.async_chunks
-        else:  # a member whose plugin has no async model, in an async prompt
-            chunks = drive.threaded_chunks
         return chunks(
             generator,
             once=self.run.more_to_try(self.index),
@@ -114,6 +115,18 @@ class Attempt:
             stream=stream,
             view=view,
         )
+
+
+def sync_conversation(conversation):
+    """An async conversation as a sync member reads it: a sync ``llm.Conversation`` whose earlier
+    responses are sync responses (all of them done), so that ``text()``, ``tool_calls()`` and
+    ``usage()`` on them return values, not coroutines. None stays None."""
+    if conversation is None or not isinstance(conversation, llm.AsyncConversation):
+        return conversation
+    found = conversation.to_sync_conversation()
+    found.responses = [response._to_sync_response() for response in conversation.responses]
+    found.loaded_messages = conversation.loaded_messages
+    return found
 
 
 class Run:

@@ -98,9 +98,9 @@ class _Worker(threading.Thread):
         self.stop = threading.Event()
 
     def run(self):
-        if self.once:
-            retries.off()  # a new thread starts with a context of its own
         try:
+            if self.once:
+                retries.off()  # a new thread starts with a context of its own
             for chunk in self.generator:
                 if self.stop.is_set():
                     break
@@ -112,7 +112,10 @@ class _Worker(threading.Thread):
             if not self.stop.is_set():
                 self.put(_Raised(ex))
             return
-        self.generator.close()  # (stopped: the member's own clean-up runs, in this thread)
+        try:  # stopped: the member's own clean-up runs, in this thread
+            self.generator.close()
+        except BaseException:  # (nobody reads any more: nothing to show it to)
+            pass
 
 
 async def async_chunks(generator, *, once, timeout, stream, view):

@@ -184,20 +184,21 @@ def _refused_header(ex: BaseException) -> bool:
         if "LocalProtocolError" in names and str(item).startswith("Illegal header value"):
             return True
         if isinstance(item, UnicodeEncodeError) and (
-            "(header " in item.reason or "header" in _raised_in(item)
+            "(header " in item.reason or _raised_by_httpx_headers(item)
         ):
             return True
     return False
 
 
-def _raised_in(ex: BaseException) -> str:
-    "The name of the function that raised the exception (its innermost frame), or ''."
+def _raised_by_httpx_headers(ex: BaseException) -> bool:
+    "Whether the exception was raised by a header function of httpx (or httpx2): its last frame."
     tb = ex.__traceback__
     if tb is None:
-        return ""
+        return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return tb.tb_frame.f_code.co_name
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return module.startswith("httpx") and "header" in tb.tb_frame.f_code.co_name
 
 
 def classify(

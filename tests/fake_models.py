@@ -46,7 +46,9 @@ GATE = threading.Event()  # what sync-stream waits for, where its options say (t
 class SyncStream(llm.Model):
     """A sync-only model that streams, as many local-model plugins are (no async twin): "one ",
     then "two"; usage 3 in, 5 out; a tool call with tool=true. wait=before / wait=after: it
-    waits for GATE before its first chunk / between its chunks."""
+    waits for GATE before its first chunk / between its chunks. recall=true: first, the text
+    of each earlier response of the conversation, read as a sync plugin reads it
+    (``prev.text()``). broken_close=true: its clean-up fails when it is closed early."""
 
     model_id = "sync-stream"
     can_stream = True
@@ -55,10 +57,15 @@ class SyncStream(llm.Model):
     class Options(llm.Options):
         wait: Optional[str] = Field(default=None, description="before or after its first chunk")
         tool: Optional[bool] = Field(default=None, description="Call a tool")
+        recall: Optional[bool] = Field(default=None, description="Repeat the earlier answers")
+        broken_close: Optional[bool] = Field(default=None, description="Fail when closed")
 
     def execute(self, prompt, stream, response, conversation=None):
         SYNC_EVENTS.append(threading.current_thread().name)
         try:
+            if prompt.options.recall and conversation is not None:
+                for earlier in conversation.responses:
+                    yield f"[{earlier.text()}] "
             if prompt.options.wait == "before":
                 GATE.wait(60)  # (a bound for a broken test; the test sets the gate)
             yield "one "
@@ -69,6 +76,10 @@ class SyncStream(llm.Model):
             if prompt.options.tool:
                 response.add_tool_call(llm.ToolCall(name="lookup", arguments={"q": "x"}))
             SYNC_EVENTS.append("finished")
+        except GeneratorExit:
+            if prompt.options.broken_close:
+                raise RuntimeError("its clean-up failed")
+            raise
         finally:
             SYNC_EVENTS.append("closed")
 

@@ -504,6 +504,41 @@ def test_an_async_caller_that_stops_reading_ends_the_sync_members_thread(run_llm
     assert SYNC_EVENTS == ["llm-loadbalancer member", "closed"]  # closed, never finished
 
 
+def test_a_sync_only_member_reads_an_async_conversation_as_a_sync_one(run_llm, fake_models):
+    member = "sync-stream recall=true"
+    assert run_llm("lb", "save", "conv", member, member).exit_code == 0
+
+    async def go():
+        conversation = llm.get_async_model("lb:conv").conversation()
+        return [await conversation.prompt(text).text() for text in ("first", "second")]
+
+    # the second turn sees the first answer's text (not a coroutine: AsyncResponse.text)
+    assert asyncio.run(go()) == ["one two", "[one two] one two"]
+
+
+def test_a_sync_only_member_whose_clean_up_fails_when_stopped_shows_nothing(
+    run_llm, fake_models, monkeypatch
+):
+    from fake_models import GATE, SYNC_EVENTS
+
+    member = "sync-stream wait=after broken_close=true"
+    assert run_llm("lb", "save", "bc", member, member).exit_code == 0
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+
+    async def go():
+        async for chunk in llm.get_async_model("lb:bc").prompt("hi"):
+            return chunk
+
+    assert asyncio.run(go()) == "one "
+    workers = [t for t in threading.enumerate() if t.name == "llm-loadbalancer member"]
+    GATE.set()
+    for worker in workers:
+        worker.join(30)
+    # nothing printed ("Exception in thread ..."): nobody reads the member any more
+    assert SYNC_EVENTS == ["llm-loadbalancer member", "closed"] and uncaught == []
+
+
 def test_a_sync_only_member_that_misses_the_timeout_in_async_fails_over(run_llm, fake_models):
     from fake_models import GATE, SYNC_EVENTS
 

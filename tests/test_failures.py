@@ -205,6 +205,25 @@ def test_a_key_no_header_can_carry_is_a_bad_key_never_shown(sdk, key):
     assert "secret" not in one_line(error) and "secret" not in line
 
 
+def test_an_encoding_error_outside_httpx_headers_is_not_a_bad_key():
+    # another HTTP client's header (http.client, under requests), or a plugin's own helper
+    # named for headers: the error as it is, not a key to cool down for 10 minutes
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", 9)
+    connection.putrequest("POST", "/v1/chat")
+    with pytest.raises(UnicodeEncodeError) as other_client:
+        connection.putheader("X-Title", "résumé – naïve ✓")
+
+    def render_header_line(text):
+        return text.encode("ascii")
+
+    with pytest.raises(UnicodeEncodeError) as own_helper:
+        render_header_line("Überschrift")
+    for error in (other_client.value, own_helper.value):
+        assert classify(error, 30.0).reason == "error"
+
+
 def test_one_line_hides_a_secret_escaped_or_broken_over_lines():
     key = "sk-secret-123\nsk-secret-456"
     escaped = RuntimeError("Invalid header value b'Bearer sk-secret-123\\nsk-secret-456'")
