@@ -297,9 +297,7 @@ class Run:
     def member_model(self, index: int):
         if index in self.lb.missing:
             raise LoadBalancerError(f"{self.lb.model_id}: {self.lb.missing[index]}")
-        model, async_model = self.lb.members[index]
-        if self.lb.is_async:  # a sync-only member runs in a thread (drive.threaded_chunks)
-            return async_model or model
+        model = self.lb.chosen_model(self.lb.members[index])
         if model is None:
             label = self.balancer.members[index].describe(index + 1)
             raise LoadBalancerError(

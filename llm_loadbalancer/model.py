@@ -35,11 +35,8 @@ class _Shared:
             self.attachment_types = frozenset()
             return
         present = [pair for pair in members if pair is not None]
-        if self.is_async:  # (a member with no async model runs its sync one in a thread)
-            models = [pair[1] or pair[0] for pair in present]
-        else:
-            models = [pair[0] for pair in present if pair[0] is not None]
-            models = models or [pair[1] for pair in present]
+        models = [self.chosen_model(pair) for pair in present]
+        models = [m for m in models if m is not None] or [pair[1] for pair in present]
         self.can_stream = any(m.can_stream for m in models)
         self.supports_schema = all(m.supports_schema for m in models)
         self.supports_tools = all(m.supports_tools for m in models)
@@ -48,6 +45,12 @@ class _Shared:
         for m in models[1:]:
             types &= set(m.attachment_types)
         self.attachment_types = frozenset(types)
+
+    def chosen_model(self, pair):
+        """The model a member answers with, of its (model, async_model): in an async prompt its
+        async model, or its sync one, run in a thread (``drive.threaded_chunks``); None for a
+        member with only an async model in a sync prompt."""
+        return (pair[1] or pair[0]) if self.is_async else pair[0]
 
     @property
     def Options(self):
