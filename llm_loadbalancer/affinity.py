@@ -18,6 +18,7 @@ MIN_PREFIX_TOKENS = 1024  # the least a provider caches (OpenAI, Anthropic)
 BYTES_PER_TOKEN = 4  # of English text, as the providers' tokenizers count it
 MIN_PREFIX_BYTES = MIN_PREFIX_TOKENS * BYTES_PER_TOKEN
 TAG = "prefix:"  # how the store names a prefix's tie, beside conversations' ids
+REFRESH = 1.0  # seconds within which a tie its member served again is not stored again
 
 
 def prefix(prompt) -> str | None:
@@ -42,6 +43,15 @@ def prefix(prompt) -> str | None:
 
 def _bytes(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def refresh(home: tuple[int, float] | None, member: int, now: float) -> bool:
+    """Whether a prompt answered by ``member`` stores it as its prefix's member, from now:
+    unless the tie as its choice read it (``home``: member, when it last served the prefix)
+    names that member and was stored less than REFRESH seconds before the choice (a prefix
+    asked for many times a second costs one write a second, and is forgotten ``affinity``
+    seconds after its last use, to the second)."""
+    return home is None or home[0] != member or not 0 <= now - home[1] < REFRESH
 
 
 def why(digest: str, age: float) -> str:

@@ -158,6 +158,8 @@ class Run:
         self.demand = None if prompt is None else estimates.Demand(prompt, self.output_cap)
         # the digest of its long prefix, when the balancer keeps prefixes on their member
         self.prefix = None
+        self.home = None  # the prefix's member and when it last served it, as the choice read
+        self.chosen_at = None
         if prompt is not None and self.balancer.affinity and not prompt.tool_results:
             self.prefix = affinity.prefix(prompt)
         self.waited_for = None  # the member the last wait was said to be for
@@ -179,7 +181,7 @@ class Run:
         unavailable = frozenset(self.lb.missing)
         try:
             # the time is the backend's (a Redis server's clock, for every machine alike)
-            self.plan, self.ticket, self.cooled, now = self.store.choose(
+            choice = self.store.choose(
                 self.balancer,
                 conversation=self.conversation_id,
                 tool_turn=bool(self.prompt and self.prompt.tool_results),
@@ -189,6 +191,8 @@ class Run:
                 demand=self.demand,
                 prefix=self.prefix,
             )
+            self.plan, self.ticket, self.cooled, now, self.home = choice
+            self.chosen_at = now
         except StateUnavailable as ex:
             now = time.time()
             warn_unavailable(ex)
@@ -388,10 +392,13 @@ class Run:
             or self.balancer.affinity
             or getattr(response, "_tool_calls", True)
         )
+        prefix = self.prefix
+        if prefix and not affinity.refresh(self.home, attempt.index, self.chosen_at):
+            prefix = None  # (its member served it again within a second: kept as it is)
         self._record(
             attempt,
             conversation=self.conversation_id if tied else None,
-            prefix=self.prefix,
+            prefix=prefix,
             tokens_in=response.input_tokens or 0,
             tokens_out=response.output_tokens or 0,
             **attempt.timings(),

@@ -30,9 +30,10 @@ class Snapshot(Protocol):
         balancer) declared for its provider's bucket, the strictest of each
         (``rules.strictest``)."""
 
-    def totals(self, member: int) -> dict[float, tuple[int, int]]:
+    def totals(self, member: int, exact: bool = False) -> dict[float, tuple[int, int]]:
         """{window seconds: (requests, tokens)} of the member's bucket in each window of the
-        limits that apply to it, now."""
+        limits that apply to it, now: at least those (a backend may give a bound it knows
+        more cheaply), or, ``exact``, those."""
 
     def events(self, member: int, since: float) -> tuple[list, list]:
         "(time, 0) of each request and (time, tokens) of each report of the member since then."
@@ -117,6 +118,8 @@ def free_at(
     reserved = snapshot.reserved(member) if token_limited(member_limits) else limits.NOTHING
     if not limits.full(member_limits, snapshot.totals(member), reserved, need):
         return None
+    if not limits.full(member_limits, snapshot.totals(member, exact=True), reserved, need):
+        return None  # (the backend gave a bound of its windows, which left no room)
     since = now - max(limits.WINDOWS[name] for name in member_limits)
     requests, spent = snapshot.events(member, since)
     frees = [

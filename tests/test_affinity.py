@@ -46,11 +46,14 @@ def test_fragments_and_attachments_are_part_of_it_a_short_one_is_none(tmp_path):
 # --- the tie, in the store ---------------------------------------------------------------------
 
 
-def served(st, balancer, now, prefix=None):
-    "The first member of a prompt at ``now``, which then succeeds."
+def served(st, balancer, now, prefix=None, took=0.0):
+    """The first member of a prompt chosen at ``now``, which then succeeds ``took`` seconds
+    later, its prefix's tie stored as a prompt stores it (``affinity.refresh``)."""
     choice = st.choose(balancer, now=now, prefix=prefix)
     member = choice.plan.order[0]
-    st.record(balancer, member, Outcome(prefix=prefix), ticket=choice.ticket, now=now)
+    if prefix and not affinity.refresh(choice.home, member, choice.now):
+        prefix = None
+    st.record(balancer, member, Outcome(prefix=prefix), ticket=choice.ticket, now=now + took)
     return member, choice.plan.why
 
 
@@ -73,6 +76,26 @@ def test_a_prefix_is_forgotten_after_affinity_seconds_without_use(backend):  # n
     assert served(st, balancer, NOW + 121, "p")[0] == 1  # the rotation's turn: its new home
     assert served(st, balancer, NOW + 122, "p")[0] == 1
     assert st.affinity(balancer, now=NOW + 300)["prefixes"] == 0
+
+
+def test_a_prefix_asked_for_many_times_a_second_is_stored_once_a_second(backend):  # noqa: F811
+    balancer, st = backend.open("often", echo(), echo(), affinity=60)
+    assert served(st, balancer, NOW, "p")[0] == 0
+    # answered again within the second (5 s later each): the tie is not stored again ...
+    assert [served(st, balancer, NOW + 0.1 * i, "p", took=5)[0] for i in range(1, 10)] == [0] * 9
+    # ... so it is forgotten 60 s after it was stored, to the second of its last use
+    assert served(st, balancer, NOW + 60.5, "p")[0] == 1
+    # a second or more after it was stored, it is stored again
+    assert served(st, balancer, NOW + 62, "p", took=5)[0] == 1
+    assert served(st, balancer, NOW + 126, "p")[0] == 1  # (stored at NOW + 67)
+
+
+def test_the_refresh_rule():
+    assert affinity.refresh(None, 0, NOW)  # no tie yet
+    assert affinity.refresh((1, NOW), 0, NOW + 0.5)  # another member served it
+    assert not affinity.refresh((0, NOW), 0, NOW + 0.5)
+    assert affinity.refresh((0, NOW), 0, NOW + affinity.REFRESH)
+    assert affinity.refresh((0, NOW + 5), 0, NOW)  # stored ahead of this clock: again
 
 
 def test_when_its_member_is_at_its_limit_the_prefix_goes_elsewhere_and_moves(backend):  # noqa: F811

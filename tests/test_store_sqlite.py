@@ -82,6 +82,37 @@ def test_a_member_full_while_the_clock_ran_ahead_has_room_a_window_after_it_is_c
     assert full_store.choose(full, now=NOW + 120).plan.wait == (NOW + 180, 0)
 
 
+# --- windows counted from a bound --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_windows_read_as_a_bound_hold_every_limit_exactly(local, seed):
+    """A choice reads a window's count as a bound (the window's start as this process last read
+    it): whatever the times, a member gets exactly the requests and tokens its limits leave room
+    for, no more and no fewer, as a count of every window would say."""
+    rng = random.Random(seed)
+    balancer, st = local(
+        "bound", echo(rpm=3, rpd=20, tpm=100), echo(options={"example_bool": True}),
+        policy="failover",
+    )
+    requests, tokens, now = [], [], NOW
+    for _ in range(120):
+        now += rng.choice([0.5, 3, 11, 29, 40, 61, 300])
+        in_minute = [at for at in requests if at > now - 60]
+        in_day = [at for at in requests if at > now - 86400]
+        spent = sum(count for at, count in tokens if at > now - 60)
+        room = len(in_minute) < 3 and len(in_day) < 20 and spent + 1 <= 100
+        choice = st.choose(balancer, now=now)
+        assert choice.plan.order[0] == (0 if room else 1), (now - NOW, in_minute, spent)
+        if room:
+            requests.append(now)
+            used = rng.choice([0, 10, 45])
+            st.record(balancer, 0, Outcome(tokens_in=used), ticket=choice.ticket, now=now)
+            if used:
+                tokens.append((now, used))
+    assert len(requests) == 20  # the day's limit was reached, and held
+
+
 # --- folding old rows into totals ------------------------------------------------------------
 
 

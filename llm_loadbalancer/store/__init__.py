@@ -65,6 +65,7 @@ class Choice(NamedTuple):
     ticket: object
     cooled: frozenset[int]  # members with a cooldown on record (ended or not)
     now: float  # the time of the choice, by the store's clock (a Redis server's: its own)
+    home: tuple[int, float] | None = None  # the prompt prefix's (member, when) as read
 
 
 class Route(NamedTuple):

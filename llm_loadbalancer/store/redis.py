@@ -243,7 +243,8 @@ class RedisStore:
                 if cached:  # another process may have changed what it says since: read it
                     raw, cached = None, False
                     continue
-                return Choice(plan, None, snapshot.cooled, snapshot.now)  # the read was the choice
+                # (the read was the choice)
+                return Choice(plan, None, snapshot.cooled, snapshot.now, snapshot.home)
             need = need_of(snapshot, first, demand) if counted else None
             reply = self._commit(
                 balancer,
@@ -257,7 +258,7 @@ class RedisStore:
                 if speculates:
                     self.snapshots[prefix] = (reply[2], time.monotonic())
                 ticket = snapshot.ticket(first, reply[1], need) if counted else None
-                return Choice(plan, ticket, snapshot.cooled, snapshot.now)
+                return Choice(plan, ticket, snapshot.cooled, snapshot.now, snapshot.home)
             raw, cached = overtaken.again(reply[1]), False
 
     def route(
@@ -696,7 +697,7 @@ class _ServerSnapshot:
     def limits(self, member: int) -> dict:
         return self._limits[member]
 
-    def totals(self, member: int) -> dict[float, tuple[int, int]]:
+    def totals(self, member: int, exact: bool = False) -> dict[float, tuple[int, int]]:
         return self._totals[member]
 
     def reserved(self, member: int) -> limits.Reserved:

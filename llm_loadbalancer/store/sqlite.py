@@ -58,6 +58,10 @@ class SQLiteStore:
         self.wait = wait  # seconds to wait for the file's lock (None: ``timeout()``)
         self.db: sqlite3.Connection | None = None
         self.lock = threading.Lock()  # one transaction at a time on the shared connection
+        # {bucket: (when, requests before the minute, before the day, tokens before the
+        # minute, before the day)}: the running numbers at the start of each window, as this
+        # connection last read them (``_FileSnapshot._read``)
+        self.starts: dict[str, tuple] = {}
 
     # --- the file -----------------------------------------------------------------------------
 
@@ -85,6 +89,7 @@ class SQLiteStore:
                 db.close()
                 raise
             self.db = db
+            self.starts = {}
         return self.db
 
     def _wal(self, db) -> None:
@@ -141,7 +146,7 @@ class SQLiteStore:
             now = time.time() if now is None else now  # in the lock: rows in time order
             key = _key(balancer)
             position, cooldowns = _rotation_and_cooldowns(db, balancer, key, now)
-            snapshot = _FileSnapshot(db, balancer, key, now, cooldowns)
+            snapshot = _FileSnapshot(db, balancer, key, now, cooldowns, self.starts)
             snapshot.position = position
             if conversation and (tool_turn or balancer.sticky or balancer.affinity):
                 snapshot.tie = db.execute(
@@ -182,7 +187,7 @@ class SQLiteStore:
                 )
             _redate(db, key, snapshot.redated)
             ticket = snapshot.count(plan.order[0], demand) if plan.order else None
-            return Choice(plan, ticket, snapshot.cooled, now)
+            return Choice(plan, ticket, snapshot.cooled, now, snapshot.home)
 
     def route(
         self, balancer: Balancer, *, unavailable=frozenset(), now=None, demand=None, prefix=None
@@ -209,7 +214,7 @@ class SQLiteStore:
                 "where balancer = ? and member = ?",
                 [key, member],
             ).fetchall()
-            snapshot = _FileSnapshot(db, balancer, key, now, cooldowns)
+            snapshot = _FileSnapshot(db, balancer, key, now, cooldowns, self.starts)
             _redate(db, key, snapshot.redated)
             if (
                 member in snapshot.blocked
@@ -577,14 +582,22 @@ def _take_over(db, balancer: Balancer, key: str) -> bool:
             f"from outcomes where balancer = ? and member in ({places}) and tokens > 0",
             [bucket, key, *members],
         ).fetchall()
+        # (numbered on from the bucket's newest numbers: a running number never goes down, which
+        # the bounds of windows that processes keep rely on, ``_FileSnapshot._read``)
+        seq, n, cum = db.execute(
+            "select (select max(seq) from bucket_requests where bucket = ?1), "
+            "(select max(n) from bucket_tokens where bucket = ?1), "
+            "(select max(cum) from bucket_tokens where bucket = ?1)",
+            [bucket],
+        ).fetchone()
         for table in ("bucket_requests", "bucket_tokens"):
             db.execute(f"delete from {table} where bucket = ?", [bucket])
         db.executemany(
             "insert into bucket_requests (bucket, at, seq) values (?, ?, ?)",
-            [(bucket, at, seq) for seq, (at,) in enumerate(sorted(requests), 1)],
+            [(bucket, at, seq) for seq, (at,) in enumerate(sorted(requests), (seq or 0) + 1)],
         )
-        cum = 0
-        for n, (at, spent) in enumerate(sorted(tokens), 1):
+        cum = cum or 0
+        for n, (at, spent) in enumerate(sorted(tokens), (n or 0) + 1):
             cum += spent
             db.execute(
                 "insert into bucket_tokens (bucket, at, n, tokens, cum) values (?, ?, ?, ?, ?)",
@@ -658,8 +671,10 @@ class Ticket(NamedTuple):
 class _FileSnapshot:
     "What the file knows of a balancer (``selection.Snapshot``), read in one transaction."
 
-    def __init__(self, db, balancer: Balancer, key: str, now: float, cooldowns):
+    def __init__(self, db, balancer: Balancer, key: str, now: float, cooldowns, starts=None):
         self.db, self.balancer, self.key, self.now = db, balancer, key, now
+        self.starts = {} if starts is None else starts  # (SQLiteStore.starts)
+        self._bounds: set[int] = set()  # members whose totals are bounds, not exact
         self.cooling, self.blocked, self.cooled, self.redated = rules.read_cooldowns(
             cooldowns, now
         )
@@ -691,11 +706,30 @@ class _FileSnapshot:
             found = self._limits[member] = _strictest(own.limits, declared, self.now)
         return found
 
-    def _read(self, member: int, bucket: str) -> list:
+    def _read(self, member: int, bucket: str, exact: bool = False) -> list:
         """Read the bucket's windows (requests and tokens, in the last minute and day) and the
-        limits declared for it, in one statement; the declarations."""
+        limits declared for it, in one statement; the declarations.
+
+        A window's count is its newest running number less the one just before the window.
+        That one only grows as time passes, so the one this connection read at an earlier
+        time (``starts``) gives a count at least the window's: a bound, which spares the
+        statement four look-ups, and which ``totals(member, exact=True)`` replaces with the
+        count itself when the bound leaves no room. (Not once the clock went back.)"""
         now = self.now
         arguments = [bucket, now - 60, now - rules.DAY, now, rules.RECENT_REPORTS]
+        start = None if exact else self.starts.get(bucket)
+        if start is not None and start[0] <= now:
+            seq, cum, declared, reserved, reports = self.db.execute(_NEWEST, arguments).fetchone()
+            seq, cum = seq or 0, cum or 0
+            if seq >= start[2] and cum >= start[4]:  # (and none dated after now: not negative)
+                self._reserved[member], self._reports[member] = reserved, reports
+                self.last_requests[member] = seq
+                self._totals[member] = {
+                    60.0: (seq - start[1], cum - start[3]),
+                    rules.DAY: (seq - start[2], cum - start[4]),
+                }
+                self._bounds.add(member)
+                return _declarations(declared)
         row = self.db.execute(_BUCKET, arguments).fetchone()
         seq, cum = row[0], row[3]
         if (seq is not None and seq < 0) or (cum is not None and cum < 0):
@@ -705,25 +739,27 @@ class _FileSnapshot:
             row = self.db.execute(_BUCKET, arguments).fetchone()
         seq, seq_minute, seq_day, cum, cum_minute, cum_day, declared, reserved, reports = row
         self._reserved[member], self._reports[member] = reserved, reports
-        self.last_requests[member] = seq or 0
-        # a window's count: the newest running number less the one before the window (none
-        # before it: the window is empty)
+        self.last_requests[member] = seq = seq or 0
+        cum = cum or 0
+        # the running number just before each window (the newest when the window is empty)
+        before = (
+            seq if seq_minute is None else seq_minute,
+            seq if seq_day is None else seq_day,
+            cum if cum_minute is None else cum_minute,
+            cum if cum_day is None else cum_day,
+        )
+        self.starts[bucket] = (now, *before)
         self._totals[member] = {
-            60.0: (
-                0 if seq_minute is None else seq - seq_minute,
-                0 if cum_minute is None else cum - cum_minute,
-            ),
-            rules.DAY: (
-                0 if seq_day is None else seq - seq_day,
-                0 if cum_day is None else cum - cum_day,
-            ),
+            60.0: (seq - before[0], cum - before[2]),
+            rules.DAY: (seq - before[1], cum - before[3]),
         }
+        self._bounds.discard(member)
         return _declarations(declared)
 
-    def totals(self, member: int) -> dict[float, tuple[int, int]]:
+    def totals(self, member: int, exact: bool = False) -> dict[float, tuple[int, int]]:
         found = self._totals.get(member)
-        if found is None:  # limits declared by others only
-            self._read(member, rules.bucket(self.balancer.members[member]))
+        if found is None or (exact and member in self._bounds):  # (None: declared by others)
+            self._read(member, rules.bucket(self.balancer.members[member]), exact)
             found = self._totals[member]
         return found
 
@@ -824,20 +860,30 @@ _REPORTS = (
 # newest row's running number (negative when it is dated after now, ?4: the clock went back)
 # and the running number just before the last minute (?2) and the last day (?3) (a window's
 # count is two index look-ups, not a scan); _DECLARED, _RESERVED and _REPORTS.
-_BUCKET = "select " + ", ".join(
-    [
-        f"(select case when at > ?4 then -{running} else {running} end from {table} "
-        f"where bucket = ?1 order by at desc, {tie} desc limit 1)"
-        if window is None
-        else f"(select {running} - {added} from {table} where bucket = ?1 and at > {window} "
-        f"order by at, {tie} limit 1)"
-        for table, running, added, tie in (
-            ("bucket_requests", "seq", "1", "seq"),
-            ("bucket_tokens", "cum", "tokens", "n"),
+_TABLES = (("bucket_requests", "seq", "1", "seq"), ("bucket_tokens", "cum", "tokens", "n"))
+
+
+def _running(table: str, running: str, added: str, tie: str, window: str | None) -> str:
+    "The newest running number of a bucket's table (window None), or the one before a window."
+    if window is None:
+        return (
+            f"(select case when at > ?4 then -{running} else {running} end from {table} "
+            f"where bucket = ?1 order by at desc, {tie} desc limit 1)"
         )
-        for window in (None, "?2", "?3")
-    ]
+    return (
+        f"(select {running} - {added} from {table} where bucket = ?1 and at > {window} "
+        f"order by at, {tie} limit 1)"
+    )
+
+
+_BUCKET = "select " + ", ".join(
+    [_running(*table, window) for table in _TABLES for window in (None, "?2", "?3")]
     + [_DECLARED, _RESERVED, _REPORTS]
+)
+# The same without the windows' starts (?2 unused), for a choice that knows a bound of them
+# (``_FileSnapshot._read``)
+_NEWEST = "select " + ", ".join(
+    [_running(*table, None) for table in _TABLES] + [_DECLARED, _RESERVED, _REPORTS]
 )
 
 
