@@ -146,6 +146,12 @@ class Run:
         self.outer_key = key
         self.stream = stream
         self.conversation_id = getattr(conversation, "id", None)
+        # whether it continues a conversation (earlier turns, live or read back from llm's
+        # logs): only then can the state hold a tie for it, which the choice then reads
+        self.continues = bool(
+            getattr(conversation, "responses", None)
+            or getattr(conversation, "loaded_messages", None)
+        )
         self.errors: list[str] = []
         self.last_error: Exception | None = None
         self.keys = load_stored_keys() if any(m.key for m in self.balancer.members) else {}
@@ -183,7 +189,7 @@ class Run:
             # the time is the backend's (a Redis server's clock, for every machine alike)
             choice = self.store.choose(
                 self.balancer,
-                conversation=self.conversation_id,
+                conversation=self.conversation_id if self.continues else None,
                 tool_turn=bool(self.prompt and self.prompt.tool_results),
                 unavailable=unavailable,
                 stream=self.stream,
