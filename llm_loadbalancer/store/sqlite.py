@@ -721,7 +721,7 @@ class _FileSnapshot:
         if start is not None and start[0] <= now:
             seq, cum, declared, reserved, reports = self.db.execute(_NEWEST, arguments).fetchone()
             seq, cum = seq or 0, cum or 0
-            if seq >= start[2] and cum >= start[4]:  # (and none dated after now: not negative)
+            if seq >= start[1] and cum >= start[3]:  # (no count below 0: none dated after now)
                 self._reserved[member], self._reports[member] = reserved, reports
                 self.last_requests[member] = seq
                 self._totals[member] = {
