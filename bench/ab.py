@@ -27,8 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-LIMITS = "rpm=1000000000 rpd=1000000000 tpm=1000000000 tpd=1000000000"  # (as bench/run.py's)
-SYSTEMS = [f"System prompt {n}: " + "You are a careful assistant. " * 170 for n in range(4)]
+from run import LIMITS, SYSTEMS  # (bench/run.py's balancers and step 3c's system prompts)
 
 
 def llm_folder(path: Path) -> None:

@@ -29,6 +29,10 @@ HERE = Path(__file__).resolve().parent
 # the in-process steps (3, 3b, 3c) time each side in this many blocks, taken in turns, and what
 # lb: adds is the median of the differences between a block and its pair (``comparison``)
 BLOCKS = 40
+# every limit on each member of lb:limited and lb:cached, never reached
+LIMITS = "rpm=1000000000 rpd=1000000000 tpm=1000000000 tpd=1000000000"
+# step 3c's system prompts: four of 5 KB, long enough to be a prefix (affinity)
+SYSTEMS = [f"System prompt {n}: " + "You are a careful assistant. " * 170 for n in range(4)]
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 
@@ -129,7 +133,7 @@ class Bench:
         self.llm(
             "lb", "save", "weighted", "echo-needs-key key=k1 weight=3", "echo-needs-key key=k2"
         )
-        limited = "rpm=1000000000 rpd=1000000000 tpm=1000000000 tpd=1000000000"
+        limited = LIMITS
         # (through an alias of echo: a limit belongs to the model and key, and echo with no key
         # is lb:bench's members' too, which these limits would then apply to; a key of their
         # own would measure llm's key look-up as well)
@@ -282,11 +286,11 @@ class Bench:
         prompts = 200 if self.quick else 4000
         script = textwrap.dedent(
             f"""
-            import json, time, llm
+            import json, sys, time, llm
+            sys.path.insert(0, {str(HERE)!r})
+            from run import SYSTEMS as systems
             lb = llm.get_model("lb:cached")
             echo = llm.get_model("echo")
-            systems = [f"System prompt {{n}}: " + "You are a careful assistant. " * 170
-                       for n in range(4)]
             def ask(model, i):
                 system = systems[(i // 2) % 4] if i % 2 == 0 else None
                 model.conversation().prompt("hi", system=system).text()

@@ -671,9 +671,9 @@ class Ticket(NamedTuple):
 class _FileSnapshot:
     "What the file knows of a balancer (``selection.Snapshot``), read in one transaction."
 
-    def __init__(self, db, balancer: Balancer, key: str, now: float, cooldowns, starts=None):
+    def __init__(self, db, balancer: Balancer, key: str, now: float, cooldowns, starts: dict):
         self.db, self.balancer, self.key, self.now = db, balancer, key, now
-        self.starts = {} if starts is None else starts  # (SQLiteStore.starts)
+        self.starts = starts  # (SQLiteStore.starts: kept from choice to choice)
         self._bounds: set[int] = set()  # members whose totals are bounds, not exact
         self.cooling, self.blocked, self.cooled, self.redated = rules.read_cooldowns(
             cooldowns, now
@@ -856,11 +856,11 @@ _REPORTS = (
     "estimate, output from bucket_tokens where bucket = ?1 order by at desc, n desc limit ?5) "
     "where estimate is not null and output is not null and at > ?3)"
 )
-# What a choice needs of a bucket ?1, in one statement: for its requests, then its tokens, the
-# newest row's running number (negative when it is dated after now, ?4: the clock went back)
-# and the running number just before the last minute (?2) and the last day (?3) (a window's
-# count is two index look-ups, not a scan); _DECLARED, _RESERVED and _REPORTS.
-_TABLES = (("bucket_requests", "seq", "1", "seq"), ("bucket_tokens", "cum", "tokens", "n"))
+# A bucket's windows: (table, running number, what its row added to it, tie-break column)
+_WINDOW_TABLES = (
+    ("bucket_requests", "seq", "1", "seq"),
+    ("bucket_tokens", "cum", "tokens", "n"),
+)
 
 
 def _running(table: str, running: str, added: str, tie: str, window: str | None) -> str:
@@ -876,14 +876,18 @@ def _running(table: str, running: str, added: str, tie: str, window: str | None)
     )
 
 
+# What a choice needs of a bucket ?1, in one statement: for its requests, then its tokens, the
+# newest row's running number (negative when it is dated after now, ?4: the clock went back)
+# and the running number just before the last minute (?2) and the last day (?3) (a window's
+# count is two index look-ups, not a scan); _DECLARED, _RESERVED and _REPORTS.
 _BUCKET = "select " + ", ".join(
-    [_running(*table, window) for table in _TABLES for window in (None, "?2", "?3")]
+    [_running(*table, window) for table in _WINDOW_TABLES for window in (None, "?2", "?3")]
     + [_DECLARED, _RESERVED, _REPORTS]
 )
 # The same without the windows' starts (?2 unused), for a choice that knows a bound of them
 # (``_FileSnapshot._read``)
 _NEWEST = "select " + ", ".join(
-    [_running(*table, None) for table in _TABLES] + [_DECLARED, _RESERVED, _REPORTS]
+    [_running(*table, None) for table in _WINDOW_TABLES] + [_DECLARED, _RESERVED, _REPORTS]
 )
 
 
