@@ -32,13 +32,34 @@ def prefix(prompt) -> str | None:
     size += len(attachments) * ATTACHMENT_TOKENS * BYTES_PER_TOKEN
     if size < MIN_PREFIX_BYTES:
         return None
+    texts = (system, *fragments)
+    kept = not attachments and size <= KEEP_BYTES
+    if kept:  # (the same texts as a prompt before: their digest, kept)
+        found = _DIGESTS.get(texts)
+        if found is not None:
+            return found
     digest = hashlib.sha256()
-    for part in (system, *fragments):
-        digest.update(b"t%d:" % len(part.encode("utf-8", "surrogatepass")))
-        digest.update(part.encode("utf-8", "surrogatepass"))
+    for part in texts:
+        data = part.encode("utf-8", "surrogatepass")
+        digest.update(b"t%d:" % len(data))
+        digest.update(data)
     for attachment in attachments:
         digest.update(b"a:" + attachment.id().encode())
-    return digest.hexdigest()
+    found = digest.hexdigest()
+    if kept:
+        if len(_DIGESTS) >= KEEP_DIGESTS:
+            _DIGESTS.clear()
+        _DIGESTS[texts] = found
+    return found
+
+
+# The digests of the last prefixes of texts alone, by their texts: a process that sends the same
+# system prompt or fragments again reads their digest here (a dictionary look-up, which compares
+# texts only when they are not the same objects) instead of hashing them again, 6 us for 5 KB.
+# (At most KEEP_DIGESTS prefixes of KEEP_BYTES each are held.)
+KEEP_DIGESTS = 16
+KEEP_BYTES = 256 * 1024
+_DIGESTS: dict[tuple, str] = {}
 
 
 def _bytes(text: str) -> int:

@@ -255,6 +255,11 @@ class Balancer(Frozen):
         return weights if any(weight != 1 for weight in weights) else None
 
     @functools.cached_property
+    def keyed(self) -> bool:
+        "Whether a member names a stored key (a prompt then reads llm's keys)."
+        return any(member.key for member in self.members)
+
+    @functools.cached_property
     def signature(self) -> str:
         "Identifies the member list: the rotation starts again when it changes."
         return repr([member.to_dict() for member in self.members])

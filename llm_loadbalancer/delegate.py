@@ -20,7 +20,7 @@ from . import affinity, drive, estimates, failures, model_options
 from .config import Balancer, ConfigError, Member
 from .members import build_options, load_stored_keys
 from .policy import plan
-from .speed import shallow_copy
+from .speed import key_model, shallow_copy
 from .store import Outcome, StateUnavailable, open_store, process_leases, warn_unavailable
 from .view import MemberView
 
@@ -95,7 +95,7 @@ class Attempt:
         else:  # a member whose plugin has no async model, in an async prompt: in a thread
             chunks = drive.threaded_chunks
             conversation = sync_conversation(conversation)
-        if isinstance(model, (llm.KeyModel, llm.AsyncKeyModel)):
+        if key_model(model):
             if self.member.key:
                 key = model.get_key(self.run.stored_key(self))
             else:
@@ -154,7 +154,7 @@ class Run:
         )
         self.errors: list[str] = []
         self.last_error: Exception | None = None
-        self.keys = load_stored_keys() if any(m.key for m in self.balancer.members) else {}
+        self.keys = load_stored_keys() if self.balancer.keyed else {}
         self.debug = _debug_enabled()
         self.use_state = True
         self.store = open_store(self.balancer)

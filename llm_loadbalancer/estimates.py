@@ -26,6 +26,8 @@ import math
 import os
 from typing import NamedTuple
 
+from .speed import prompt_messages
+
 BYTES_PER_TOKEN = 3
 MESSAGE_TOKENS = 4  # a message's role and separators
 ATTACHMENT_TOKENS = 1600  # an image (about 1,000 x 1,000 pixels for OpenAI and Anthropic)
@@ -87,7 +89,7 @@ def prompt_tokens(prompt) -> int:
     """The input of an llm ``Prompt``, estimated: its messages (the whole chain, in llm 0.36),
     its tools' definitions and its schema."""
     total = 0
-    for message in prompt.messages:
+    for message in prompt_messages(prompt):
         total += MESSAGE_TOKENS
         for part in message.parts:
             if type(part).__name__ == "TextPart":  # (most of them: the rest reads every field)

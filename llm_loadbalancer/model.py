@@ -82,11 +82,7 @@ class _Shared:
 
 class LoadBalancerModel(_Shared, llm.KeyModel):
     def execute(self, prompt, stream, response, conversation=None, key=None):
-        # imported on the first prompt, not with this module, which every model lookup imports
-        # (after the first prompt the import statement costs about 2 us)
-        from .delegate import Run
-
-        run = Run(self, prompt, conversation, key, stream)
+        run = _run(self, prompt, conversation, key, stream)
         while (delay := run.wait()) is not None:
             time.sleep(delay)
         for attempt in run.attempts():
@@ -107,9 +103,7 @@ class AsyncLoadBalancerModel(_Shared, llm.AsyncKeyModel):
     is_async = True
 
     async def execute(self, prompt, stream, response, conversation=None, key=None):
-        from .delegate import Run  # (as in LoadBalancerModel.execute)
-
-        run = Run(self, prompt, conversation, key, stream)
+        run = _run(self, prompt, conversation, key, stream)
         while (delay := run.wait()) is not None:
             await asyncio.sleep(delay)
         for attempt in run.attempts():
@@ -124,3 +118,18 @@ class AsyncLoadBalancerModel(_Shared, llm.AsyncKeyModel):
                 return
             finally:
                 run.close(attempt)
+
+
+_Run = None
+
+
+def _run(lb, prompt, conversation, key, stream):
+    """A prompt's ``delegate.Run``. delegate.py is imported on the first prompt, not with this
+    module, which every model lookup imports; after that, a global's look-up (an import
+    statement cost every prompt about 1 us)."""
+    global _Run
+    if _Run is None:
+        from .delegate import Run
+
+        _Run = Run
+    return _Run(lb, prompt, conversation, key, stream)

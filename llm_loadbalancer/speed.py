@@ -43,6 +43,29 @@ def shallow_copy(obj):
     return new
 
 
+def prompt_messages(prompt):
+    """``prompt.messages``. llm 0.36 gives a prompt of a conversation its whole chain
+    (``_explicit_messages``), which the property copies, after an import statement, on every
+    read: read here as it is given (the estimate only reads it). Saves about 2 us a prompt."""
+    given = getattr(prompt, "_explicit_messages", None)
+    return prompt.messages if given is None else given
+
+
+_keyed: dict[type, bool] = {}  # class: whether it is an llm.KeyModel or llm.AsyncKeyModel
+
+
+def key_model(model) -> bool:
+    """``isinstance(model, (llm.KeyModel, llm.AsyncKeyModel))``, looked at once per class (an
+    isinstance of llm's abstract classes costs 0.4 us)."""
+    cls = type(model)
+    found = _keyed.get(cls)
+    if found is None:
+        import llm
+
+        found = _keyed[cls] = isinstance(model, (llm.KeyModel, llm.AsyncKeyModel))
+    return found
+
+
 # --- Member and Balancer (config.py): frozen dataclasses without dataclass's exec ------------
 
 

@@ -145,21 +145,15 @@ class SQLiteStore:
         with self.transaction() as db:
             now = time.time() if now is None else now  # in the lock: rows in time order
             key = _key(balancer)
-            position, cooldowns = _rotation_and_cooldowns(db, balancer, key, now)
+            tied = conversation if tool_turn or balancer.sticky or balancer.affinity else None
+            home = affinity.TAG + prefix if prefix and balancer.affinity else None
+            position, cooldowns, ties = _rotation_and_cooldowns(db, balancer, key, now, tied, home)
             snapshot = _FileSnapshot(db, balancer, key, now, cooldowns, self.starts)
             snapshot.position = position
-            if conversation and (tool_turn or balancer.sticky or balancer.affinity):
-                snapshot.tie = db.execute(
-                    "select first_member, last_member from affinity "
-                    "where balancer = ? and conversation = ?",
-                    [key, conversation],
-                ).fetchone()
-            if prefix and balancer.affinity:
-                snapshot.home = db.execute(
-                    "select last_member, updated from affinity "
-                    "where balancer = ? and conversation = ?",
-                    [key, affinity.TAG + prefix],
-                ).fetchone()
+            if tied and tied in ties:
+                snapshot.tie = ties[tied][:2]
+            if home and home in ties:
+                snapshot.home = ties[home][1:]
             if balancer.policy == "least-busy":
                 snapshot.busy = _in_flight(db, key, now)
             elif balancer.policy == "lowest-latency":
@@ -529,29 +523,45 @@ def _key(balancer: Balancer) -> str:
 _KEYS: dict[str, dict[str, str]] = {}
 
 
-def _rotation_and_cooldowns(db, balancer: Balancer, key: str, now: float) -> tuple[int, list]:
-    """The stored rotation position and the cooldowns on record (member, until, stated,
-    length), read at once; a definition met for the first time starts at 0 (or takes over what
-    version 5 of the file kept under its name, when that was this definition)."""
-    rotation, cooldowns = None, []
-    for row in db.execute(
-        "select -1, position, 0, 0 from rotation where balancer = ?1 "
-        "union all select member, until, known, length from cooldowns where balancer = ?1",
-        [key],
-    ).fetchall():
+def _rotation_and_cooldowns(
+    db, balancer: Balancer, key: str, now: float, *tied: str | None
+) -> tuple[int, list, dict]:
+    """The stored rotation position, the cooldowns on record (member, until, stated, length),
+    and {conversation: (first member, last member, updated)} of the ties asked for (a
+    conversation's, a prefix's: ``tied``, None for none), read in one statement; a definition
+    met for the first time starts at 0 (or takes over what version 5 of the file kept under its
+    name, when that was this definition)."""
+    tied = tuple(name for name in tied if name)
+    rotation, cooldowns, ties = None, [], {}
+    for row in db.execute(_ROTATION_AND_COOLDOWNS[len(tied)], [key, *tied]).fetchall():
         if row[0] == -1:
             rotation = row[1]
+        elif row[0] == -2:
+            ties[row[4]] = row[1:4]
         else:
-            cooldowns.append(row)
+            cooldowns.append(row[:4])
     if rotation is not None:
-        return rotation, cooldowns
+        return rotation, cooldowns, ties
     if _take_over(db, balancer, key):
-        return _rotation_and_cooldowns(db, balancer, key, now)
+        return _rotation_and_cooldowns(db, balancer, key, now, *tied)
     db.execute(
         "insert into rotation (balancer, signature, position) values (?, ?, 0)",
         [key, balancer.signature],
     )
-    return 0, cooldowns
+    return 0, cooldowns, ties
+
+
+# _rotation_and_cooldowns's statement, reading 0, 1 or 2 ties (?2, ?3) besides
+_ROTATION_AND_COOLDOWNS = [
+    "select -1, position, 0, 0, null from rotation where balancer = ?1 "
+    "union all select member, until, known, length, null from cooldowns where balancer = ?1"
+    + "".join(
+        " union all select -2, first_member, last_member, updated, conversation from affinity "
+        f"where balancer = ?1 and conversation = ?{2 + n}"
+        for n in range(ties)
+    )
+    for ties in range(3)
+]
 
 
 def _take_over(db, balancer: Balancer, key: str) -> bool:
@@ -778,13 +788,8 @@ class _FileSnapshot:
         return rules.reserved(entries, self.now)
 
     def history(self, member: int) -> History:
-        self.totals(member)
         self.totals(member)  # (read with them)
-        found = self._reports[member]
-        if not found:
-            return History()
-        output, missed = found.split("|")
-        return History(int(output), max(int(missed), 0))
+        return _history(self._reports[member])
 
     def count(self, member: int, demand=None) -> Ticket | None:
         """Count a request of the member, chosen now: against its bucket's windows when limits
@@ -903,6 +908,24 @@ def _reservations(text: str | None) -> list[tuple]:
 
 
 
+
+
+def _history(text: str | None) -> History:
+    """The History that _REPORTS gave. (Kept per text: the same from prompt to prompt while the
+    reports say the same.)"""
+    if not text:
+        return _NO_HISTORY
+    found = _HISTORIES.get(text)
+    if found is None:
+        if len(_HISTORIES) > 64:
+            _HISTORIES.clear()
+        output, missed = text.split("|")
+        found = _HISTORIES[text] = History(int(output), max(int(missed), 0))
+    return found
+
+
+_NO_HISTORY = History()
+_HISTORIES: dict[str, History] = {}
 
 
 def _declarations(text: str | None) -> list[tuple]:
