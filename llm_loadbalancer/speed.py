@@ -46,7 +46,8 @@ def shallow_copy(obj):
 def prompt_messages(prompt):
     """``prompt.messages``. llm 0.36 gives a prompt of a conversation its whole chain
     (``_explicit_messages``), which the property copies, after an import statement, on every
-    read: read here as it is given (the estimate only reads it). Saves about 2 us a prompt."""
+    read: read here as it is given, the prompt's own list, which callers only read. Saves about
+    2 us a prompt."""
     given = getattr(prompt, "_explicit_messages", None)
     return prompt.messages if given is None else given
 
@@ -56,13 +57,16 @@ _keyed: dict[type, bool] = {}  # class: whether it is an llm.KeyModel or llm.Asy
 
 def key_model(model) -> bool:
     """``isinstance(model, (llm.KeyModel, llm.AsyncKeyModel))``, looked at once per class (an
-    isinstance of llm's abstract classes costs 0.4 us)."""
+    isinstance of llm's abstract classes costs 0.4 us). Not kept for an object whose
+    ``__class__`` is not its type (a proxy: isinstance reads both), nor past 256 classes."""
     cls = type(model)
     found = _keyed.get(cls)
     if found is None:
         import llm
 
-        found = _keyed[cls] = isinstance(model, (llm.KeyModel, llm.AsyncKeyModel))
+        found = isinstance(model, (llm.KeyModel, llm.AsyncKeyModel))
+        if model.__class__ is cls and len(_keyed) < 256:
+            _keyed[cls] = found
     return found
 
 

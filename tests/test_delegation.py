@@ -196,6 +196,28 @@ def test_a_members_prompt_is_a_copy_as_copy_copy_makes_it(user_path):
     assert shallow_copy(Items(a=1)) == {"a": 1}
 
 
+def test_a_key_model_is_told_as_isinstance_tells_it(user_path):
+    from llm_loadbalancer.speed import key_model
+
+    class Keyed(llm.KeyModel):
+        model_id = "keyed"
+
+        def execute(self, prompt, stream, response, conversation=None, key=None):
+            yield "x"
+
+    class Proxy:  # its __class__ is the wrapped model's, which isinstance reads too
+        def __init__(self, inner):
+            self.inner = inner
+
+        @property
+        def __class__(self):
+            return self.inner.__class__
+
+    echo = llm.get_model("echo")
+    for model in (Keyed(), echo, Keyed(), Proxy(Keyed()), Proxy(echo), Proxy(Keyed())):
+        assert key_model(model) is isinstance(model, (llm.KeyModel, llm.AsyncKeyModel))
+
+
 def test_lb_options_are_those_the_members_share(run_llm, fake_models):
     run_llm("lb", "save", "shared", "plain-sync", "strict")
     result = run_llm("models", "--options", "-m", "lb:shared")

@@ -9,7 +9,7 @@ import llm
 import pytest
 from conftest import NOW
 
-from llm_loadbalancer import estimates, limits
+from llm_loadbalancer import estimates, limits, speed
 from llm_loadbalancer.estimates import History, Need
 from llm_loadbalancer.limits import Reserved
 from llm_loadbalancer.store import Outcome, rules
@@ -47,6 +47,9 @@ def test_a_conversation_counts_its_earlier_turns(user_path):
     later = conversation.prompt("second")
     alone = estimates.prompt_tokens(llm.Prompt("second", model))
     assert estimates.prompt_tokens(later.prompt) > alone + 200  # the first turn, and its answer
+    # (the estimate reads the chain llm gave the prompt as it is given: what its property says)
+    assert speed.prompt_messages(later.prompt) == later.prompt.messages
+    assert len(later.prompt.messages) == 3
 
 
 def test_attachments_images_and_other_files(tmp_path):
