@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 
 from .estimates import ATTACHMENT_TOKENS
+from .speed import kept
 
 MIN_PREFIX_TOKENS = 1024  # the least a provider caches (OpenAI, Anthropic)
 BYTES_PER_TOKEN = 4  # of English text, as the providers' tokenizers count it
@@ -34,11 +35,12 @@ def prefix(prompt) -> str | None:
     if size < MIN_PREFIX_BYTES:
         return None
     texts = (system, *fragments)
-    kept = not attachments and size <= KEEP_BYTES
-    if kept:  # (the same texts as a prompt before: their digest, kept)
-        found = _DIGESTS.get(texts)
-        if found is not None:
-            return found
+    if attachments or size > KEEP_BYTES:
+        return _digest(texts, attachments)
+    return kept(_DIGESTS, texts, _digest, KEEP_DIGESTS)
+
+
+def _digest(texts: tuple[str, ...], attachments=()) -> str:
     digest = hashlib.sha256()
     for part in texts:
         data = part.encode("utf-8", "surrogatepass")
@@ -46,12 +48,7 @@ def prefix(prompt) -> str | None:
         digest.update(data)
     for attachment in attachments:
         digest.update(b"a:" + attachment.id().encode())
-    found = digest.hexdigest()
-    if kept:
-        if len(_DIGESTS) >= KEEP_DIGESTS:
-            _DIGESTS.clear()
-        _DIGESTS[texts] = found
-    return found
+    return digest.hexdigest()
 
 
 # The digests of the last prefixes of texts alone, by their texts: a process that sends the same

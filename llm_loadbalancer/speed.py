@@ -52,6 +52,17 @@ def prompt_messages(prompt):
     return prompt.messages if given is None else given
 
 
+def kept(cache: dict, key, make, most: int = 64):
+    """``make(key)``, kept in ``cache`` (emptied once it holds ``most``): for what is made again
+    and again from the same few keys, as what a statement's text says from prompt to prompt."""
+    found = cache.get(key)
+    if found is None:
+        if len(cache) >= most:
+            cache.clear()
+        found = cache[key] = make(key)
+    return found
+
+
 _keyed: dict[type, bool] = {}  # class: whether it is an llm.KeyModel or llm.AsyncKeyModel
 
 

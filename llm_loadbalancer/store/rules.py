@@ -77,13 +77,10 @@ PROBING = 2
 PROBE_REASON = "being probed"
 
 
-NONE_DUE: frozenset = frozenset()
-
-
 def due(cooling: dict, blocked: dict, cooled) -> frozenset:
     "The members due a probe: a cooldown on record that has ended (``read_cooldowns``)."
     if not cooled:
-        return NONE_DUE
+        return frozenset()
     return frozenset(member for member in cooled if member not in cooling and member not in blocked)
 
 

@@ -41,6 +41,7 @@ from ..estimates import History
 from .. import affinity
 from ..selection import by_affinity, choose, counted_ahead, free_at, limited, need_of
 from . import Choice, Outcome, Route, StateUnavailable, rules, timeout
+from ..speed import kept
 from .migrations import TooNew, upgrade
 
 FILENAME = "loadbalancers.db"
@@ -147,7 +148,7 @@ class SQLiteStore:
             key = _key(balancer)
             tied = conversation if tool_turn or balancer.sticky or balancer.affinity else None
             home = affinity.TAG + prefix if prefix and balancer.affinity else None
-            position, cooldowns, ties = _rotation_and_cooldowns(db, balancer, key, now, tied, home)
+            position, cooldowns, ties = _rotation_and_cooldowns(db, balancer, key, tied, home)
             snapshot = _FileSnapshot(db, balancer, key, now, cooldowns, self.starts)
             snapshot.position = position
             if tied and tied in ties:
@@ -524,7 +525,7 @@ _KEYS: dict[str, dict[str, str]] = {}
 
 
 def _rotation_and_cooldowns(
-    db, balancer: Balancer, key: str, now: float, *tied: str | None
+    db, balancer: Balancer, key: str, *tied: str | None
 ) -> tuple[int, list, dict]:
     """The stored rotation position, the cooldowns on record (member, until, stated, length),
     and {conversation: (first member, last member, updated)} of the ties asked for (a
@@ -543,7 +544,7 @@ def _rotation_and_cooldowns(
     if rotation is not None:
         return rotation, cooldowns, ties
     if _take_over(db, balancer, key):
-        return _rotation_and_cooldowns(db, balancer, key, now, *tied)
+        return _rotation_and_cooldowns(db, balancer, key, *tied)
     db.execute(
         "insert into rotation (balancer, signature, position) values (?, ?, 0)",
         [key, balancer.signature],
@@ -911,17 +912,14 @@ def _reservations(text: str | None) -> list[tuple]:
 
 
 def _history(text: str | None) -> History:
-    """The History that _REPORTS gave. (Kept per text: the same from prompt to prompt while the
-    reports say the same.)"""
-    if not text:
-        return _NO_HISTORY
-    found = _HISTORIES.get(text)
-    if found is None:
-        if len(_HISTORIES) > 64:
-            _HISTORIES.clear()
-        output, missed = text.split("|")
-        found = _HISTORIES[text] = History(int(output), max(int(missed), 0))
-    return found
+    """The History that _REPORTS gave (kept per text: the same from prompt to prompt while the
+    reports say the same)."""
+    return kept(_HISTORIES, text, _parse_history) if text else _NO_HISTORY
+
+
+def _parse_history(text: str) -> History:
+    output, missed = text.split("|")
+    return History(int(output), max(int(missed), 0))
 
 
 _NO_HISTORY = History()
@@ -929,18 +927,16 @@ _HISTORIES: dict[str, History] = {}
 
 
 def _declarations(text: str | None) -> list[tuple]:
-    """(rpm, rpd, tpm, tpd, at, source) of each declaration that _DECLARED gave. (Kept per text:
-    the same from prompt to prompt until a declaration is renewed, an hour later.)"""
-    if not text:
-        return []
-    found = _PARSED.get(text)
-    if found is None:
-        if len(_PARSED) > 64:
-            _PARSED.clear()
-        found = _PARSED[text] = []
-        for entry in text.split(";"):
-            *numbers, at, source = entry.split("|")
-            found.append((*(int(n) if n else None for n in numbers), float(at), source))
+    """(rpm, rpd, tpm, tpd, at, source) of each declaration that _DECLARED gave (kept per text:
+    the same from prompt to prompt until a declaration is renewed, an hour later)."""
+    return kept(_PARSED, text, _parse_declarations) if text else []
+
+
+def _parse_declarations(text: str) -> list[tuple]:
+    found = []
+    for entry in text.split(";"):
+        *numbers, at, source = entry.split("|")
+        found.append((*(int(n) if n else None for n in numbers), float(at), source))
     return found
 
 
