@@ -577,7 +577,7 @@ def lb_remove(name):
         balancer = config.load(name)
     except ConfigError:
         balancer = None
-    path.unlink()
+    config.retry_while_in_use(os.unlink, path)
     try:
         store.remove(name, balancer)
     except store.StateUnavailable as ex:
@@ -642,7 +642,8 @@ def _edit_in_editor(name: str, text: str) -> str | None:
     valid. Returns None when nothing changed. When it cannot be saved, the temporary file is
     kept, and the error says where, so that no edit is lost."""
     fd, edit_path = tempfile.mkstemp(prefix="llm-lb-edit-", suffix=".yaml")
-    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
+    # (newline="": the text as it is, not Windows' "\r\n" for each "\n")
+    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
         handle.write(text)
     keep = True
     try:
@@ -1004,6 +1005,16 @@ def _when(timestamp) -> str:
 BAR = 20
 
 
+def _bar_marks() -> tuple[str, str]:
+    """The bar's marks: "█" and "·", or "#" and "." where the output cannot carry them (on
+    Windows, output to a file or a pipe is in the system's code page, which has no "█")."""
+    try:
+        "█·".encode(getattr(sys.stdout, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "#", "."
+    return "█", "·"
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -1012,6 +1023,7 @@ def _stats_line(member: dict, kind: str = CHAT) -> str:
     """A member's statistics: a line with its share of traffic as a bar, then its details. An
     embedding balancer's requests are batches, and its members report no tokens."""
     filled = round(member["share"] * BAR)
+    full, empty = _bar_marks()
     counts = f"{member['successes']} ok, {member['failures']} failed"
     if kind == EMBEDDING:
         counts = (
@@ -1023,7 +1035,7 @@ def _stats_line(member: dict, kind: str = CHAT) -> str:
             f"{member['input_tokens']:,} in, {member['output_tokens']:,} out"
         )
     lines = [
-        f"  {member['member']}. {member['label']}  {'█' * filled}{'·' * (BAR - filled)} "
+        f"  {member['member']}. {member['label']}  {full * filled}{empty * (BAR - filled)} "
         f"{member['share']:.0%} of traffic",
         f"{counts}; last used {_when(member['last_used'])}",
     ]

@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 from dataclasses import field
 from pathlib import Path
 
@@ -293,6 +294,13 @@ def kind(value) -> str:
     return _KINDS.get(type(value), type(value).__name__)
 
 
+# Names Windows keeps for devices, with or without an extension: aux.yaml is no file there
+_DEVICE = re.compile(
+    r"(con|prn|aux|nul|com[0-9\u00b9\u00b2\u00b3]|lpt[0-9\u00b9\u00b2\u00b3])(\..*)?", re.I
+)
+WINDOWS = os.name == "nt"
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not name:
         raise ConfigError("the load balancer name is empty: give one, e.g. llm lb save fast ...")
@@ -300,6 +308,11 @@ def check_name(name: str) -> str:
         raise ConfigError(
             f"invalid load balancer name {shown(name)}: use 1-64 letters, digits, '-', '_' or "
             "'.', starting with a letter or digit (for lb:fast, the name is fast)"
+        )
+    if WINDOWS and _DEVICE.fullmatch(name):
+        raise ConfigError(
+            f"invalid load balancer name {shown(name)}: Windows keeps it for a device (CON, "
+            "PRN, AUX, NUL, COM1-COM9, LPT1-LPT9), so it cannot name a file: choose another"
         )
     return name
 
@@ -392,7 +405,11 @@ def parse_member_spec(spec: str) -> Member:
 
     shown = _KEY_VALUE.sub("key=...", spec)  # errors never repeat a key: it may be a secret
     try:
-        words = shlex.split(spec)
+        # quotes group words (system='be brief'); a backslash is kept as written (a Windows
+        # path), not taken as an escape as shlex.split would
+        lexer = shlex.shlex(spec, posix=True)
+        lexer.whitespace_split, lexer.escape, lexer.commenters = True, "", ""
+        words = list(lexer)
     except ValueError as ex:
         raise ConfigError(f"member {shown!r}: {ex}")
     if not words:
@@ -753,8 +770,11 @@ def load(name: str, path: Path | None = None) -> Balancer:
     "Read a saved balancer; a problem is reported with the file's path."
     path = path or path_for(name)
     try:
-        # O_NONBLOCK: a FIFO put where a file should be must not hang the reader
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        # O_NONBLOCK: a FIFO put where a file should be must not hang the reader; O_BINARY:
+        # Windows' text mode would end the file at a Ctrl-Z byte
+        fd = os.open(
+            path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        )
         with open(fd, "rb") as handle:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ConfigError(f"{path}: not a regular file")
@@ -789,15 +809,17 @@ def write(balancer: Balancer) -> Path:
 
 
 def write_text(name: str, text: str) -> Path:
-    "Write atomically: a temporary file in the same folder, then os.replace."
+    """Write atomically: a temporary file in the same folder, then os.replace. UTF-8 with the
+    text's own line ends, on every system (Windows' text mode would write each "\n" as
+    "\r\n", and in its code page)."""
     path = path_for(name)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        retry_while_in_use(os.replace, tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -805,3 +827,18 @@ def write_text(name: str, text: str) -> Path:
             pass
         raise
     return path
+
+
+def retry_while_in_use(operation, *paths, tries: int = 8, pause=time.sleep):
+    """``operation(*paths)`` (os.replace, os.unlink). On Windows a file another process has
+    open (an llm reading its balancers, a virus scanner) cannot be replaced or removed
+    (PermissionError) for that moment: tried again, 10 ms later and doubling, about 1.3 s in
+    all. Elsewhere once."""
+    delay = 0.01
+    for _ in range(tries - 1 if WINDOWS else 0):
+        try:
+            return operation(*paths)
+        except PermissionError:
+            pause(delay)
+            delay *= 2
+    return operation(*paths)

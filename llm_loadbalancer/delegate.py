@@ -58,8 +58,10 @@ class Attempt:
         self.recorded = False
         self.streamed = True
         self.prepare()
-        self.started = time.monotonic()
-        self.first_chunk: float | None = None  # when its first chunk came
+        # (perf_counter, as where the first chunk is noted: time.monotonic is 15.6 ms steps on
+        # Windows before Python 3.13, which would time every fast answer as 0)
+        self.started = time.perf_counter()
+        self.first_chunk: float | None = None  # when its first chunk came (perf_counter)
 
     @functools.cached_property
     def label(self) -> str:
@@ -77,7 +79,7 @@ class Attempt:
         first = self.first_chunk
         return {
             "first_chunk": None if first is None else first - self.started,
-            "total": time.monotonic() - self.started,
+            "total": time.perf_counter() - self.started,
         }
 
     def start(self, stream, response, conversation):

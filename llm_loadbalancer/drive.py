@@ -22,6 +22,7 @@ from . import retries
 from .failures import FirstChunkTimeout
 
 _DONE = object()
+SLICE = 0.25  # seconds: the longest a wait for a member's next chunk goes without Ctrl-C seen
 
 
 def sync_chunks(generator, *, once, timeout, stream, view):
@@ -49,12 +50,16 @@ def sync_chunks(generator, *, once, timeout, stream, view):
     held = []
     try:
         while True:
+            # waited for in slices: on Windows before Python 3.14 a wait on a lock is not
+            # interrupted by Ctrl-C, which is only seen between them
             try:
                 if deadline is None:
-                    item = worker.items.get()
+                    item = worker.items.get(timeout=SLICE)
                 else:
-                    item = worker.items.get(timeout=max(deadline - time.monotonic(), 0))
+                    item = worker.items.get(timeout=min(max(deadline - time.monotonic(), 0), SLICE))
             except queue.Empty:
+                if deadline is None or time.monotonic() < deadline:
+                    continue
                 view.detach()
                 raise FirstChunkTimeout(timeout, stream) from None
             if item is _DONE:

@@ -88,7 +88,7 @@ class LoadBalancerModel(_Shared, llm.KeyModel):
         for attempt in run.attempts():
             try:
                 for chunk in attempt.start(stream, response, conversation):
-                    attempt.first_chunk = attempt.first_chunk or time.monotonic()
+                    attempt.first_chunk = attempt.first_chunk or time.perf_counter()
                     yield chunk
             except Exception as ex:
                 run.failed(attempt, ex, started=attempt.first_chunk is not None)
@@ -109,7 +109,7 @@ class AsyncLoadBalancerModel(_Shared, llm.AsyncKeyModel):
         for attempt in run.attempts():
             try:
                 async for chunk in attempt.start(stream, response, conversation):
-                    attempt.first_chunk = attempt.first_chunk or time.monotonic()
+                    attempt.first_chunk = attempt.first_chunk or time.perf_counter()
                     yield chunk
             except Exception as ex:
                 run.failed(attempt, ex, started=attempt.first_chunk is not None)

@@ -193,16 +193,21 @@ def test_path(run_llm, user_path):
 
 @pytest.fixture
 def editor(tmp_path, monkeypatch):
-    "An EDITOR that replaces the file with the text the test gives it."
+    """An EDITOR that replaces the file with the text the test gives it. The edit's temporary
+    files go to the test's own folder."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     def use(text):
         replacement = tmp_path / "replacement.yaml"
-        replacement.write_text(text)
+        replacement.write_bytes(text.encode("utf-8"))
         script = tmp_path / "editor.py"
         script.write_text(
             f"import shutil, sys\nshutil.copyfile({str(replacement)!r}, sys.argv[-1])\n"
         )
-        monkeypatch.setenv("EDITOR", f"{sys.executable} {script}")
+        # quoted: click splits EDITOR as a POSIX shell would (a Windows path has backslashes)
+        monkeypatch.setenv("EDITOR", f'"{sys.executable}" "{script}"')
         monkeypatch.delenv("VISUAL", raising=False)
 
     return use

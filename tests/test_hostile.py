@@ -191,7 +191,7 @@ def test_a_folder_that_cannot_be_written_gives_one_line(user_path, monkeypatch):
         raise refused
 
     monkeypatch.setattr(config.tempfile, "mkstemp", refuse)
-    monkeypatch.setattr("pathlib.Path.unlink", refuse)
+    monkeypatch.setattr("os.unlink", refuse)
     one_line_error(invoke("lb", "save", "y", "echo", "echo"), "Permission denied", "write to")
     one_line_error(invoke("lb", "remove", "x"), "Permission denied")
     assert folder_snapshot(user_path) == before
@@ -208,7 +208,7 @@ def editor(tmp_path, monkeypatch):
     def use(code):
         script = tmp_path / "editor.py"
         script.write_text(f"import sys\npath = sys.argv[-1]\n{code}\n")
-        monkeypatch.setenv("EDITOR", f"{sys.executable} {script}")
+        monkeypatch.setenv("EDITOR", f'"{sys.executable}" "{script}"')  # (see test_commands)
         monkeypatch.delenv("VISUAL", raising=False)
 
     return use

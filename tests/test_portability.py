@@ -1,0 +1,128 @@
+"""What must hold on Windows and macOS as on Linux: files written byte for byte as UTF-8, output
+that a code page can carry, names that can be files, Windows paths in member settings, and a
+wait for a member that still sees Ctrl-C. (This suite runs on Linux: where Windows behaves
+otherwise, the test puts the machine in Windows' place as far as Python lets it.)"""
+
+import json
+import threading
+
+import pytest
+from conftest import invoke, llm_process, save_lb
+from test_commands import editor  # noqa: F401 (the fixture)
+
+from llm_loadbalancer import config, drive
+
+
+def test_an_edit_is_saved_byte_for_byte_as_utf8_and_an_unchanged_one_is_no_change(
+    user_path,
+    fake_models,
+    editor,  # noqa: F811
+):
+    save_lb("ed", "echo", "echo")
+    edited = (  # (sync-stream's option "wait" is text: a block of two lines here)
+        "# résumé 文字 ✓\nmembers:\n  - model: sync-stream\n    options:\n      wait: |\n"
+        "        line one\n        line two\n  - model: echo\n"
+    )
+    editor(edited)
+    result = invoke("lb", "edit", "ed")
+    assert result.exit_code == 0, result.output
+    path = user_path / "loadbalancers" / "ed.yaml"
+    assert path.read_bytes() == edited.encode("utf-8")  # no "\r" added, not a code page
+    assert config.load("ed").members[0].options["wait"] == "line one\nline two\n"
+    editor(edited)  # the same text again
+    result = invoke("lb", "edit", "ed")
+    assert (result.exit_code, result.stderr) == (0, "No changes to lb:ed\n")
+    assert path.read_bytes() == edited.encode("utf-8")
+
+
+def test_stats_written_to_a_file_in_a_code_page_without_the_bar_use_plain_marks(user_path):
+    save_lb("x", "echo", "echo")
+    assert invoke("-m", "lb:x", "hi").exit_code == 0
+    # (on Windows, output to a file or a pipe is in the system's code page: cp1252 here)
+    result = llm_process("lb", "stats", "x", env={"PYTHONIOENCODING": "cp1252"})
+    assert result.returncode == 0, result.stderr
+    assert "  1. echo  ####################" + " 100% of traffic" in result.stdout
+    assert "  2. echo  ...................." + " 0% of traffic" in result.stdout
+    # where the output carries it, the bar is as before
+    assert "  1. echo  " + "█" * 20 + " 100% of traffic" in invoke("lb", "stats", "x").stdout
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_a_file_another_process_holds_is_replaced_once_it_lets_go_on_windows(windows, monkeypatch):
+    """On Windows a balancer file that another process has open (an llm reading it, a virus
+    scanner) cannot be replaced or removed for that moment: the change is tried again."""
+    monkeypatch.setattr(config, "WINDOWS", windows)
+    pauses, tries = [], []
+
+    def held_twice(path):
+        tries.append(path)
+        if len(tries) <= 2:
+            raise PermissionError(13, "The process cannot access the file", path)
+        return "done"
+
+    if windows:
+        assert config.retry_while_in_use(held_twice, "a.yaml", pause=pauses.append) == "done"
+        assert (len(tries), pauses) == (3, [0.01, 0.02])
+    else:  # elsewhere a refusal is the folder's permissions: said at once
+        with pytest.raises(PermissionError):
+            config.retry_while_in_use(held_twice, "a.yaml", pause=pauses.append)
+        assert (len(tries), pauses) == (1, [])
+    tries.clear()
+
+    def held(path):
+        tries.append(path)
+        raise PermissionError(13, "Access is denied", path)
+
+    with pytest.raises(PermissionError):  # held for good: said after about 1.3 s
+        config.retry_while_in_use(held, "a.yaml", pause=pauses.append)
+    assert len(tries) == (8 if windows else 1)
+
+
+@pytest.mark.parametrize("name", ["aux", "NUL", "con.fast", "com1", "lpt9"])
+def test_a_name_windows_keeps_for_a_device_is_refused_there_and_kept_elsewhere(
+    name, user_path, monkeypatch
+):
+    monkeypatch.setattr(config, "WINDOWS", True)
+    result = invoke("lb", "save", name, "echo", "echo")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: invalid load balancer name '{name}': Windows keeps it for a device (CON, PRN, "
+        "AUX, NUL, COM1-COM9, LPT1-LPT9), so it cannot name a file: choose another\n"
+    )
+    assert not (user_path / "loadbalancers" / f"{name}.yaml").exists()
+    monkeypatch.setattr(config, "WINDOWS", False)  # a file like any other: a saved one stays
+    assert invoke("lb", "save", name, "echo", "echo").exit_code == 0
+    assert (user_path / "loadbalancers" / f"{name}.yaml").exists()
+
+
+def test_a_backslash_in_a_member_setting_is_kept_and_quotes_still_group_words(fake_models):
+    # (sync-stream's option "wait" takes any text)
+    save_lb("w", r"sync-stream wait=C:\Models\x.gguf weight=2", "sync-stream wait='be brief'")
+    result = invoke("lb", "show", "w", "--json")
+    assert result.exit_code == 0, result.output
+    first, second = json.loads(result.stdout)["members"]
+    assert (first["options"], first["weight"]) == ({"wait": r"C:\Models\x.gguf"}, 2)
+    assert second["options"] == {"wait": "be brief"}
+    result = invoke("lb", "save", "bad", "sync-stream wait='unclosed", "echo")
+    assert result.exit_code == 1
+    assert result.stderr == 'Error: member "sync-stream wait=\'unclosed": No closing quotation\n'
+
+
+@pytest.mark.parametrize("wait", ["before", "after"])
+def test_a_wait_for_a_members_chunk_goes_on_across_slices_until_the_timeout(
+    fake_models, monkeypatch, wait
+):
+    """The wait for a member's next chunk is cut into slices (so that Ctrl-C is seen on Windows
+    between them): a member that answers after several slices, within the timeout, answers."""
+    from fake_models import GATE
+
+    monkeypatch.setattr(drive, "SLICE", 0.001)
+    save_lb("s", f"sync-stream wait={wait}", "echo", flags=("--timeout", "60"))
+    opened = threading.Timer(0.05, GATE.set)  # some 50 slices later, whatever the machine
+    opened.start()
+    try:
+        result = invoke("-m", "lb:s", "hi")
+    finally:
+        opened.cancel()
+        GATE.set()
+    assert (result.exit_code, result.stdout) == (0, "one two\n"), result.output
