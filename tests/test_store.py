@@ -129,9 +129,9 @@ def test_the_rotation_and_statistics_are_shared_by_every_process(backend):
 
 
 def test_the_weighted_rotation_is_exact_across_processes(backend):
-    # 8 processes at once (Redis: on two machines), 50 prompts each, weights 3 and 1
+    # 4 processes at once (Redis: on two machines), 100 prompts each, weights 3 and 1
     backend.save("w", "echo weight=3", "echo")
-    assert run_workers("lb:w", 8, 50, backend.worker_envs()) == [(50, 0)] * 8
+    assert run_workers("lb:w", 4, 100, backend.worker_envs()) == [(100, 0)] * 4
     assert [m["requests"] for m in backend.stats("w")] == [300, 100]  # 3 to 1, exactly
 
 
@@ -252,11 +252,11 @@ def test_a_claim_is_refused_inside_a_stated_cooldown_not_a_guessed_one(backend):
 
 
 def test_the_request_limit_is_exact_when_many_processes_reach_it_at_once(backend):
-    # 8 processes at once (Redis: on two machines), 40 prompts each, 100 a day per member
+    # 4 processes at once (Redis: on two machines), 80 prompts each, 100 a day per member
     for folder in (backend.user_path, backend.machine_b()):
         set_keys(pathlib.Path(folder), a="key-a", b="key-b")
     backend.save("race", "echo key=a rpd=100", "echo key=b rpd=100")
-    counts = run_workers("lb:race", 8, 40, backend.worker_envs())
+    counts = run_workers("lb:race", 4, 80, backend.worker_envs())
     assert sum(done for done, _ in counts) == 200  # 2 members x 100, never a 101st
     limits_now = [member["limits"]["rpd"] for member in backend.stats("race")]
     assert limits_now == [{"used": 100, "limit": 100}] * 2
