@@ -72,6 +72,11 @@ class ConfigError(ValueError):
         self.kind = kind
 
 
+class Unreadable(ConfigError):
+    """A balancer file the system would not let this process read at that moment (on Windows,
+    while another process replaces it): not a fault of its text, so nothing remembers it."""
+
+
 @frozen_record
 class Member(Frozen):
     "One member of a balancer: a model (id or alias), a stored key's name, settings, options."
@@ -782,7 +787,7 @@ def load(name: str, path: Path | None = None) -> Balancer:
     except FileNotFoundError:
         raise ConfigError(f"no load balancer named {name!r}: 'llm lb list' shows the saved ones")
     except OSError as ex:
-        raise ConfigError(f"{path}: cannot be read: {ex.strerror or ex}")
+        raise Unreadable(f"{path}: cannot be read: {ex.strerror or ex}")
     try:
         if len(data) > MAX_FILE_BYTES:
             raise ConfigError(_too_big(os.path.getsize(path)))

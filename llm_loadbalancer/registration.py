@@ -44,6 +44,8 @@ def _load_cached(name: str, entry: os.DirEntry):
         return cached[1]
     try:
         result = config.load(name, path)
+    except config.Unreadable as ex:  # (tried again at the next look-up, the file unchanged)
+        return ex
     except ConfigError as ex:
         result = ex
     except Exception as ex:  # whatever a file holds, llm itself keeps working

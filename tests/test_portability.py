@@ -4,6 +4,7 @@ wait for a member that still sees Ctrl-C. (This suite runs on Linux: where Windo
 otherwise, the test puts the machine in Windows' place as far as Python lets it.)"""
 
 import json
+import os
 import threading
 
 import pytest
@@ -126,3 +127,26 @@ def test_a_wait_for_a_members_chunk_goes_on_across_slices_until_the_timeout(
         opened.cancel()
         GATE.set()
     assert (result.exit_code, result.stdout) == (0, "one two\n"), result.output
+
+
+def test_a_file_that_could_not_be_read_for_a_moment_is_read_again_at_the_next_look_up(
+    user_path, monkeypatch
+):
+    """On Windows a file that another process is replacing cannot be opened for that moment:
+    the next model look-up of the same process (llm chat, a Python program) reads it again,
+    though it has not changed since."""
+    save_lb("x", "echo", "echo")
+    real_open, refused = os.open, []
+
+    def open_busy_once(path, flags, *args, **kwargs):
+        if str(path).endswith("x.yaml") and not refused:
+            refused.append(path)
+            raise PermissionError(13, "The process cannot access the file", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_busy_once)
+    result = invoke("-m", "lb:x", "hi")
+    assert result.exit_code == 1
+    assert "x.yaml: cannot be read: The process cannot access the file" in result.stderr
+    result = invoke("-m", "lb:x", "hi")
+    assert (result.exit_code, json.loads(result.stdout)["prompt"]) == (0, "hi")
