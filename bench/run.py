@@ -284,36 +284,11 @@ class Bench:
         last served their prefix (where its cache is warm), with and without affinity: 400
         choices over 4 members through the state file, a second apart, in a random order."""
         prompts = 200 if self.quick else 4000
-        script = textwrap.dedent(
-            f"""
-            import json, sys, time, llm
-            sys.path.insert(0, {str(HERE)!r})
-            from run import SYSTEMS as systems
-            lb = llm.get_model("lb:cached")
-            echo = llm.get_model("echo")
-            def ask(model, i):
-                system = systems[(i // 2) % 4] if i % 2 == 0 else None
-                model.conversation().prompt("hi", system=system).text()
-            for model in (lb, echo):
-                for i in range(40):
-                    ask(model, i)
-            blocks = {BLOCKS}
-            per_block = {prompts} // blocks
-            times = {{"lb": [], "echo": []}}
-            for block in range(blocks):
-                order = (("lb", lb), ("echo", echo)) if block % 2 == 0 else (("echo", echo), ("lb", lb))
-                for name, model in order:
-                    start = time.perf_counter()
-                    for i in range(per_block):
-                        ask(model, i)
-                    times[name].append((time.perf_counter() - start) / per_block)
-            print(json.dumps(times))
-            """
+        ask = (  # four 5 KB system prompts in turn, each followed by a short prompt
+            "system = SYSTEMS[(i // 2) % 4] if i % 2 == 0 else None\n"
+            'model.conversation().prompt("hi", system=system).text()'
         )
-        out = subprocess.run(
-            [sys.executable, "-c", script], env=self.env, check=True, capture_output=True, text=True
-        ).stdout
-        times = json.loads(out)
+        times = self._in_process_times("cached", prompts, ask, warm=40)
         self.results.append(
             comparison(
                 f"3c. in-process, {prompts} prompts: lb:cached vs echo, limits and affinity on, "
@@ -369,7 +344,8 @@ class Bench:
     def _in_process_row(self, step, label, balancer, target, conversation=False, baseline="echo"):
         "One row: prompts through lb:BALANCER against ``baseline`` in one process, per prompt."
         prompts = 200 if self.quick else 5000
-        times = self._in_process_times(balancer, prompts, conversation, baseline)
+        ask = f'model.{"conversation()." if conversation else ""}prompt("hi").text()'
+        times = self._in_process_times(balancer, prompts, ask, baseline=baseline)
         self.results.append(
             comparison(
                 f"{step}. in-process, {prompts} prompts: {label}, per prompt",
@@ -383,19 +359,23 @@ class Bench:
         )
 
     def _in_process_times(
-        self, balancer: str, prompts: int, conversation: bool, baseline: str = "echo"
+        self, balancer: str, prompts: int, ask: str, baseline: str = "echo", warm: int = 20
     ) -> dict:
-        ask = "model.conversation().prompt" if conversation else "model.prompt"
+        """Seconds per prompt through lb:BALANCER and through ``baseline``, in one process:
+        BLOCKS blocks of each, taking turns (which side goes first alternates). ``ask``: the
+        code of one prompt to ``model``, the i-th (SYSTEMS at hand)."""
         script = textwrap.dedent(
             f"""
-            import json, time, llm
+            import json, sys, time, llm
+            sys.path.insert(0, {str(HERE)!r})
+            from run import SYSTEMS
             lb = llm.get_model("lb:{balancer}")
             echo = llm.get_model("{baseline}")
-            def ask(model):
-                {ask}("hi").text()
+            def ask(model, i):
+                ASK
             for model in (lb, echo):  # warm up: imports, state file, caches
-                for _ in range(20):
-                    ask(model)
+                for i in range({warm}):
+                    ask(model, i)
             blocks = {BLOCKS}
             per_block = {prompts} // blocks
             times = {{"lb": [], "echo": []}}
@@ -403,12 +383,12 @@ class Bench:
                 order = (("lb", lb), ("echo", echo)) if block % 2 == 0 else (("echo", echo), ("lb", lb))
                 for name, model in order:
                     start = time.perf_counter()
-                    for _ in range(per_block):
-                        ask(model)
+                    for i in range(per_block):
+                        ask(model, i)
                     times[name].append((time.perf_counter() - start) / per_block)
             print(json.dumps(times))
             """
-        )
+        ).replace("    ASK", textwrap.indent(ask, "    "))
         out = subprocess.run(
             [sys.executable, "-c", script], env=self.env, check=True, capture_output=True, text=True
         ).stdout
