@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import errno
 import importlib.util
 import json
 import os
@@ -73,6 +74,9 @@ class _Group(DefaultGroup):
         except BrokenPipeError:
             raise  # the reader stopped (llm lb stats | head): click ends quietly
         except OSError as ex:
+            if config.WINDOWS and ex.errno == errno.EINVAL and ex.filename is None:
+                # how Windows says the reader of our output stopped (a file's fault names it)
+                raise BrokenPipeError(errno.EPIPE, "the reader stopped") from None
             raise click.ClickException(_os_problem(ex)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise

@@ -69,7 +69,7 @@ class Handler(BaseHTTPRequestHandler):
         route = urlsplit(self.path).path.strip("/").split("/")
         endpoint, key = route[0], self.key()
         owner._record(
-            Recorded(path=self.path, endpoint=endpoint, key=key, body=body, time=time.monotonic())
+            Recorded(path=self.path, endpoint=endpoint, key=key, body=body, time=time.perf_counter())
         )
         behaviour = owner._behaviour(endpoint, key)
         self.released = False  # held by hang or stall, and then released
@@ -82,7 +82,7 @@ class Handler(BaseHTTPRequestHandler):
             behaviour = "ok"
         try:
             self.respond(route[1:], body, endpoint, key, behaviour)
-        except (BrokenPipeError, ConnectionResetError):
+        except ConnectionError:  # (broken pipe, reset, or on Windows aborted: the client left)
             if self.released:
                 owner._released_done(answered=False)
             raise
@@ -175,7 +175,7 @@ class LocalServer:
 
         def handle_error(self, request, client_address):
             # A client that stops reading a stream (or a cut we made) is not an error here.
-            if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            if not isinstance(sys.exc_info()[1], ConnectionError):
                 super().handle_error(request, client_address)
 
     def __init__(self, port: int = 0, chunk_delay: float = 0.0, no_sdk_retries: bool = True):

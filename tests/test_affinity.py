@@ -140,8 +140,9 @@ def test_long_prefixes_from_many_processes_stay_on_their_key(local_openai):
         )
         for number in range(4)
     ]
-    for proc in procs:
-        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    for proc in procs:  # (communicate: a worker's stderr is read as it writes, never blocking it)
+        _, errors = proc.communicate(timeout=120)
+        assert proc.returncode == 0, errors
     served = {}  # system prompt: the members that answered it
     shorts = []
     for request in local_openai.requests:

@@ -11,6 +11,7 @@ processes are the point."""
 import json
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from typing import ClassVar
 
@@ -213,7 +214,8 @@ def test_saving_it_again_with_another_model_is_refused(user_path, tmp_path, monk
     editor.write_text(
         "import sys\nopen(sys.argv[-1], 'w').write('kind: embedding\\nmembers: [3-large]\\n')\n"
     )
-    monkeypatch.setenv("EDITOR", f"{sys.executable} {editor}")
+    monkeypatch.setenv("EDITOR", f'"{sys.executable}" "{editor}"')  # (see test_commands)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (the refused edit is kept there)
     monkeypatch.delenv("VISUAL", raising=False)
     assert refused("lb", "edit", "docs").startswith(f"Error: lb:docs was not changed: {problem}")
     assert "3-small" in ok("lb", "show", "docs")

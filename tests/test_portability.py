@@ -3,10 +3,12 @@ that a code page can carry, names that can be files, Windows paths in member set
 wait for a member that still sees Ctrl-C. (This suite runs on Linux: where Windows behaves
 otherwise, the test puts the machine in Windows' place as far as Python lets it.)"""
 
+import errno
 import json
 import os
 import threading
 
+import click
 import pytest
 from conftest import invoke, llm_process, save_lb
 from test_commands import editor  # noqa: F401 (the fixture)
@@ -91,9 +93,10 @@ def test_a_name_windows_keeps_for_a_device_is_refused_there_and_kept_elsewhere(
         "AUX, NUL, COM1-COM9, LPT1-LPT9), so it cannot name a file: choose another\n"
     )
     assert not (user_path / "loadbalancers" / f"{name}.yaml").exists()
-    monkeypatch.setattr(config, "WINDOWS", False)  # a file like any other: a saved one stays
-    assert invoke("lb", "save", name, "echo", "echo").exit_code == 0
-    assert (user_path / "loadbalancers" / f"{name}.yaml").exists()
+    if os.name != "nt":  # elsewhere a file like any other: one saved before stays usable
+        monkeypatch.setattr(config, "WINDOWS", False)
+        assert invoke("lb", "save", name, "echo", "echo").exit_code == 0
+        assert (user_path / "loadbalancers" / f"{name}.yaml").exists()
 
 
 def test_a_backslash_in_a_member_setting_is_kept_and_quotes_still_group_words(fake_models):
@@ -150,3 +153,51 @@ def test_a_file_that_could_not_be_read_for_a_moment_is_read_again_at_the_next_lo
     assert "x.yaml: cannot be read: The process cannot access the file" in result.stderr
     result = invoke("-m", "lb:x", "hi")
     assert (result.exit_code, json.loads(result.stdout)["prompt"]) == (0, "hi")
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_on_windows_a_reader_that_stops_early_gets_no_error_message(
+    windows, user_path, monkeypatch
+):
+    """llm lb list | (a reader that stops at once): Windows says so with EINVAL, not with a
+    broken pipe, on the write; nothing is said there either. Elsewhere EINVAL is an error."""
+    save_lb("x", "echo", "echo")
+    monkeypatch.setattr(config, "WINDOWS", windows)
+
+    def reader_gone(*args, **kwargs):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(click, "echo", reader_gone)
+    result = invoke("lb", "list")
+    assert result.exit_code == 1
+    if windows:
+        assert result.stderr == ""
+    else:
+        assert result.stderr.startswith("Error: Invalid argument")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/self/fd (Linux)")
+def test_commands_keep_no_state_file_open_once_done(user_path):
+    """A program that runs llm lb commands (save, reset, remove) keeps no state file open once
+    each is done: on Windows an open file cannot be removed or moved away."""
+
+    def open_state_files():
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            found += [target] if "loadbalancers.db" in target else []
+        return found
+
+    for command in (
+        ("lb", "save", "x", "echo rpm=5", "echo"),  # (its limit declared in the file)
+        ("lb", "save", "x", "echo rpm=6", "echo", "--force"),  # (the old definition retired)
+        ("lb", "reset", "x"),
+        ("lb", "remove", "x"),
+    ):
+        result = invoke(*command)
+        assert result.exit_code == 0, result.output
+        assert (user_path / "loadbalancers.db").exists()
+        assert open_state_files() == [], command

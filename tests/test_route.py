@@ -112,7 +112,7 @@ def test_route_shows_a_member_being_probed(flags):
     ), lines[1]
 
 
-def test_route_with_a_prompt_counts_its_tokens_and_its_prefix(flags, tmp_path):
+def test_route_with_a_prompt_counts_its_tokens_and_its_prefix(flags, tmp_path, monkeypatch):
     save_lb("a", "echo key=k1", "echo key=k2", flags=("--affinity", "300", *flags))
     long = "You answer from the manual. " * 200
     manual = tmp_path / "manual.txt"
@@ -131,7 +131,8 @@ def test_route_with_a_prompt_counts_its_tokens_and_its_prefix(flags, tmp_path):
     assert re.fullmatch(expected, lines[1]), lines[1]
     plain = route("a").splitlines()[0]  # without the prompt: the rotation's turn
     assert plain == "lb:a: next: member 2 (echo, key: k2), tier 1, by rotation"
-    missing = invoke("lb", "route", "a", "-f", str(tmp_path / "nope.txt"), "q")
+    monkeypatch.chdir(tmp_path)  # (a relative name: llm reads "C:" of a Windows path as a loader)
+    missing = invoke("lb", "route", "a", "-f", "nope.txt", "q")
     assert missing.exit_code == 1 and "not found" in missing.stderr
 
 

@@ -19,6 +19,7 @@ Prompts and every ``llm lb`` command go through it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -288,7 +289,8 @@ COMMAND_WAIT = 1.0  # seconds a command waits for the file's lock before saying 
 def reset(balancer: Balancer) -> None:
     """``llm lb reset``: start again, in this machine's file and, for a balancer whose state is
     in Redis, for every machine (``StateUnavailable`` when either cannot be used)."""
-    _process.local(balancer.user_dir, COMMAND_WAIT).reset(balancer)
+    with _command_file(balancer.user_dir) as found:
+        found.reset(balancer)
     if location(balancer)[0] is not None:
         open_store(balancer, fallback=False).reset(balancer)
 
@@ -299,7 +301,8 @@ def remove(name: str, balancer: Balancer | None) -> None:
     in its Redis server (``StateUnavailable`` when either cannot be used, after trying both)."""
     problem = None
     try:
-        _process.local(None if balancer is None else balancer.user_dir, COMMAND_WAIT).forget(name)
+        with _command_file(None if balancer is None else balancer.user_dir) as found:
+            found.forget(name)
     except StateUnavailable as ex:
         problem = ex
     if balancer is not None and location(balancer)[0] is not None:
@@ -318,25 +321,44 @@ def saved(new: Balancer, old: Balancer | None = None) -> None:
     for place in ("file", "server"):
         try:
             if place == "file":
-                found = _process.local(new.user_dir, COMMAND_WAIT)
+                with _command_file(new.user_dir) as found:
+                    _told(found, new, old)
             elif location(new)[0] is not None:
-                found = open_store(new, fallback=False)
-            else:
-                continue
-            if old is not None and old.signature != new.signature:
-                found.retire(old)
-            if any(member.limits for member in new.members):
-                found.declare(new)
+                _told(open_store(new, fallback=False), new, old)
         except StateUnavailable as ex:  # the other is told all the same
             problem = problem or ex
     if problem is not None:
         raise problem
 
 
+def _told(found, new: Balancer, old: Balancer | None) -> None:
+    "One store told of a saved definition (``saved``)."
+    if old is not None and old.signature != new.signature:
+        found.retire(old)
+    if any(member.limits for member in new.members):
+        found.declare(new)
+
+
+@contextlib.contextmanager
+def _command_file(user_dir: str | None):
+    """This machine's state file for one command: a connection of its own, which waits for the
+    file's lock at most COMMAND_WAIT, and is closed when the command is done with it (a
+    program that runs commands keeps no file open: Windows could not remove it)."""
+    found = _process.local(user_dir, COMMAND_WAIT)
+    try:
+        yield found
+    finally:
+        found.close()
+
+
 def new_process() -> None:
     """Forget what this process learned (connections, servers found down, warnings given), as
-    a new ``llm`` command starts: tests give each of theirs a fresh start."""
+    a new ``llm`` command starts: tests give each of theirs a fresh start. The state files'
+    connections are closed, as a process's end closes them (Windows keeps an open file from
+    being removed)."""
     global _process
+    for kept in (*_process.files.values(), *_process.folders.values()):  # (SQLiteStores)
+        kept.close()
     _process = _Process()
 
 

@@ -107,6 +107,13 @@ class SQLiteStore:
                     raise
                 self.pause(0.005)
 
+    def close(self) -> None:
+        "The connection closed (between transactions): the next one opens the file again."
+        with self.lock:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
+
     def transaction(self, write: bool = True) -> _Transaction:
         "``with store.transaction() as db``: the file, inside one transaction."
         return _Transaction(self, write)
