@@ -74,8 +74,8 @@ class _Group(DefaultGroup):
         except BrokenPipeError:
             raise  # the reader stopped (llm lb stats | head): click ends quietly
         except OSError as ex:
-            if config.WINDOWS and ex.errno == errno.EINVAL and ex.filename is None:
-                # how Windows says the reader of our output stopped (a file's fault names it)
+            if config.WINDOWS and ex.errno == errno.EINVAL and _output_gone():
+                # how Windows says the reader of the output stopped (llm lb list | ...)
                 raise BrokenPipeError(errno.EPIPE, "the reader stopped") from None
             raise click.ClickException(_os_problem(ex)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -84,6 +84,17 @@ class _Group(DefaultGroup):
             raise click.ClickException(
                 config.cut(f"unexpected {type(ex).__name__}: {ex}", 300)
             ) from None
+
+
+def _output_gone() -> bool:
+    """Whether the output cannot be written any more (its reader stopped): what is left of it
+    cannot be flushed either. Then nothing more is written to it, at exit neither."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        sys.stdout = open(os.devnull, "w")
+        return True
+    return False
 
 
 def _os_problem(ex: OSError) -> str:

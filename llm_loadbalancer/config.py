@@ -300,9 +300,8 @@ def kind(value) -> str:
 
 
 # Names Windows keeps for devices, with or without an extension: aux.yaml is no file there
-_DEVICE = re.compile(
-    r"(con|prn|aux|nul|com[0-9\u00b9\u00b2\u00b3]|lpt[0-9\u00b9\u00b2\u00b3])(\..*)?", re.I
-)
+# (and COM¹, LPT² ..., which NAME_RE refuses already)
+_DEVICE = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?", re.I)
 WINDOWS = os.name == "nt"
 
 
@@ -317,7 +316,7 @@ def check_name(name: str) -> str:
     if WINDOWS and _DEVICE.fullmatch(name):
         raise ConfigError(
             f"invalid load balancer name {shown(name)}: Windows keeps it for a device (CON, "
-            "PRN, AUX, NUL, COM1-COM9, LPT1-LPT9), so it cannot name a file: choose another"
+            "PRN, AUX, NUL, COM0-COM9, LPT0-LPT9), so it cannot name a file: choose another"
         )
     return name
 
@@ -403,18 +402,58 @@ def parse_value(text: str):
     return value
 
 
+def split_words(text: str) -> list[str]:
+    """A member's words, split as a shell splits them, but for backslashes: quotes group words
+    (``system='be brief'``, ``"it's"``), and a backslash escapes only a quote or a space after
+    it (``don\\'t``, ``be\\ brief``, ``"say \\"hi\\""``); any other is kept as written, so that
+    a Windows path needs no doubling (shlex.split read ``C:\\x\\y`` as ``C:xy``). ValueError
+    for a quote left open."""
+    words, word, quote, started, i = [], [], None, False, 0
+    while i < len(text):
+        char, after = text[i], text[i + 1 : i + 2]
+        if quote == "'":  # (as in a shell, nothing is escaped between single quotes)
+            if char == "'":
+                quote = None
+            else:
+                word.append(char)
+        elif char == "\\" and _escapes(after, quote):
+            word.append(after)
+            started, i = True, i + 1
+        elif quote == '"':
+            if char == '"':
+                quote = None
+            else:
+                word.append(char)
+        elif char in "'\"":
+            quote, started = char, True
+        elif char.isspace():
+            if started:
+                words.append("".join(word))
+            word, started = [], False
+        else:
+            word.append(char)
+            started = True
+        i += 1
+    if quote is not None:
+        raise ValueError("No closing quotation")
+    if started:
+        words.append("".join(word))
+    return words
+
+
+def _escapes(after: str, quote: str | None) -> bool:
+    "Whether a backslash before ``after`` escapes it (``split_words``), within ``quote``."
+    if quote is None:
+        return after in ("'", '"') or (after != "" and after.isspace())
+    return after == '"'  # (within double quotes)
+
+
 def parse_member_spec(spec: str) -> Member:
     """``'gpt-4o-mini key=work temperature=0.2'``: a model, then name=value settings.
     Option values stay text here: ``members.typed_options`` gives them the member model's types."""
-    import shlex
-
     shown = _KEY_VALUE.sub("key=...", spec)  # errors never repeat a key: it may be a secret
     try:
-        # quotes group words (system='be brief'); a backslash is kept as written (a Windows
-        # path), not taken as an escape as shlex.split would
-        lexer = shlex.shlex(spec, posix=True)
-        lexer.whitespace_split, lexer.escape, lexer.commenters = True, "", ""
-        words = list(lexer)
+        words = split_words(spec)
     except ValueError as ex:
         raise ConfigError(f"member {shown!r}: {ex}")
     if not words:
@@ -777,9 +816,10 @@ def load(name: str, path: Path | None = None) -> Balancer:
     try:
         # O_NONBLOCK: a FIFO put where a file should be must not hang the reader; O_BINARY:
         # Windows' text mode would end the file at a Ctrl-Z byte
-        fd = os.open(
-            path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-        )
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        # (4 tries, 70 ms at most: every llm command reads the files, one that cannot be read
+        # included)
+        fd = retry_while_in_use(os.open, path, flags, tries=4)
         with open(fd, "rb") as handle:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ConfigError(f"{path}: not a regular file")
@@ -834,16 +874,16 @@ def write_text(name: str, text: str) -> Path:
     return path
 
 
-def retry_while_in_use(operation, *paths, tries: int = 8, pause=time.sleep):
-    """``operation(*paths)`` (os.replace, os.unlink). On Windows a file another process has
-    open (an llm reading its balancers, a virus scanner) cannot be replaced or removed
-    (PermissionError) for that moment: tried again, 10 ms later and doubling, about 1.3 s in
-    all. Elsewhere once."""
+def retry_while_in_use(operation, *args, tries: int = 8, pause=time.sleep):
+    """``operation(*args)`` (os.replace, os.unlink, os.open). On Windows a file another
+    process has open (an llm reading its balancers, a virus scanner) cannot be replaced or
+    removed (PermissionError) for that moment, nor opened while one replaces it: tried again,
+    10 ms later and doubling (8 tries: about 1.3 s in all). Elsewhere once."""
     delay = 0.01
     for _ in range(tries - 1 if WINDOWS else 0):
         try:
-            return operation(*paths)
+            return operation(*args)
         except PermissionError:
             pause(delay)
             delay *= 2
-    return operation(*paths)
+    return operation(*args)

@@ -27,6 +27,7 @@ an answer. Each protocol module runs a server by hand: ``python tests/local_open
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import threading
@@ -35,11 +36,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 
+def _ports():
+    """This process's ports to give: a range of its own per pytest-xdist worker (gw0, gw1, ...),
+    below those the system hands out for port 0 (Linux from 32768, macOS and Windows from
+    49152), in turn. So no other worker's server takes a port a test lets go of for a moment
+    (a Redis server stopped and started again on it) or keeps free (a member where nothing
+    listens), and no two calls of one process give the same one."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    base = 20000 + 1000 * (int(worker[2:]) % 12 if worker[2:].isdigit() else 0)
+    while True:
+        yield from range(base, base + 1000)
+
+
+_PORTS = _ports()
+
+
 def free_port() -> int:
-    "A port nothing listens on now, on 127.0.0.1."
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    "A port nothing listens on now, on 127.0.0.1, and that no other test worker will take."
+    for port in _PORTS:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # taken (or, on Windows, a range the system keeps)
+                continue
+            return port
 
 
 class Recorded(dict):

@@ -140,7 +140,7 @@ def test_long_prefixes_from_many_processes_stay_on_their_key(local_openai):
         )
         for number in range(4)
     ]
-    for proc in procs:  # (communicate: a worker's stderr is read as it writes, never blocking it)
+    for proc in procs:  # (communicate: however much a worker writes, it is read, not left full)
         _, errors = proc.communicate(timeout=120)
         assert proc.returncode == 0, errors
     served = {}  # system prompt: the members that answered it

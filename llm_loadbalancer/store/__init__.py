@@ -341,9 +341,11 @@ def _told(found, new: Balancer, old: Balancer | None) -> None:
 
 @contextlib.contextmanager
 def _command_file(user_dir: str | None):
-    """This machine's state file for one command: a connection of its own, which waits for the
-    file's lock at most COMMAND_WAIT, and is closed when the command is done with it (a
-    program that runs commands keeps no file open: Windows could not remove it)."""
+    """This machine's state file for one command that changes it (save, edit, reset, remove): a
+    connection of its own, which waits for the file's lock at most COMMAND_WAIT, closed when
+    the command is done with it, so that it leaves no file open behind it (Windows lets no one
+    remove or move an open file). Prompts, and the commands that read the state (stats,
+    state, route), keep the process's connection, as before."""
     found = _process.local(user_dir, COMMAND_WAIT)
     try:
         yield found
@@ -357,7 +359,7 @@ def new_process() -> None:
     connections are closed, as a process's end closes them (Windows keeps an open file from
     being removed)."""
     global _process
-    for kept in (*_process.files.values(), *_process.folders.values()):  # (SQLiteStores)
+    for kept in _process.files.values():  # (SQLiteStores; folders name the same ones)
         kept.close()
     _process = _Process()
 
