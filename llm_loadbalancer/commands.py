@@ -33,20 +33,27 @@ def _fail(ex: Exception):
     raise click.ClickException(str(ex))
 
 
-def _name(name: str) -> str:
+def _name(name: str, saved: bool = True) -> str:
+    """A name given to a command, checked. ``saved``: the name of a saved balancer, as its file
+    spells it when the name given differs from it only in case (on macOS and Windows the two
+    are one file: the state is kept under the file's spelling)."""
     if name.startswith(config.PREFIX):
         raise click.ClickException(
             f"invalid load balancer name {name!r}: give the name without 'lb:' "
             f"(llm lb save {name[len(config.PREFIX) :] or 'NAME'} ...)"
         )
     try:
-        return config.check_name(name)
+        config.check_name(name)
     except ConfigError as ex:
         _fail(ex)
+    if not saved:
+        return name
+    same = config.same_but_case(name)
+    return same if same is not None else name
 
 
 def _load(name: str) -> Balancer:
-    _name(name)
+    name = _name(name)
     try:
         return config.load(name)
     except ConfigError as ex:
@@ -224,7 +231,13 @@ def lb_save(
         llm lb save pick          # on a terminal: choose members from a numbered list
         llm lb save docs --embedding '3-small key=work' '3-small key=personal'
     """
-    _name(name)
+    _name(name, saved=False)
+    same = config.same_but_case(name)
+    if same is not None:
+        raise click.ClickException(
+            f"lb:{same} is saved, and on macOS and Windows lb:{name} would be the same file: "
+            f"use the name {same} (llm lb save {same} ... --force replaces it) or another"
+        )
     if file_ is not None and members:
         raise click.ClickException("give members on the command line or --file, not both")
     kind = EMBEDDING if embedding else None  # None: the file's kind, or chat
@@ -585,7 +598,8 @@ def lb_remove(name):
     Example:
         llm lb remove fast
     """
-    path = config.path_for(_name(name))
+    name = _name(name)
+    path = config.path_for(name)
     if not path.exists():
         raise click.ClickException(f"no load balancer named {name!r}: 'llm lb list' shows them")
     try:
@@ -629,7 +643,8 @@ def lb_edit(name):
     Example:
         EDITOR=nano llm lb edit fast
     """
-    path = config.path_for(_name(name))
+    name = _name(name)
+    path = config.path_for(name)
     if not path.exists():
         # Only existence is checked: edit is how a broken file gets fixed.
         raise click.ClickException(f"no load balancer named {name!r}: 'llm lb list' shows them")

@@ -337,6 +337,16 @@ def path_for(name: str) -> Path:
     return folder() / f"{check_name(name)}.yaml"
 
 
+def same_but_case(name: str) -> str | None:
+    """The saved balancer whose name differs from ``name`` only in case, when ``name`` itself
+    is not saved and there is one such (on macOS and Windows their files would be one)."""
+    saved = names()
+    if name in saved:
+        return None
+    same = [other for other in saved if other.casefold() == name.casefold()]
+    return same[0] if len(same) == 1 else None
+
+
 def names() -> list[str]:
     "Names of the saved balancers, from the file names (whether or not the files are valid)."
     return [name for name, _ in entries()]

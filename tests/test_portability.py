@@ -312,3 +312,29 @@ def test_save_reset_and_remove_keep_no_state_file_open_once_done(user_path):
         assert result.exit_code == 0, result.output
         assert (user_path / "loadbalancers.db").exists()
         assert open_state_files() == [], command
+
+
+def test_a_name_that_differs_only_in_case_is_the_saved_balancer(user_path):
+    """On macOS and Windows fast.yaml and FAST.yaml are one file: a command given FAST for the
+    saved lb:fast acts on lb:fast (and on the state kept under its name), and saving FAST
+    beside it is refused, on every system alike."""
+    save_lb("fast", "echo", "echo example_bool=true")
+    result = invoke("lb", "save", "FAST", "echo", "echo", "--force")
+    assert (result.exit_code, result.stderr) == (
+        1,
+        "Error: lb:fast is saved, and on macOS and Windows lb:FAST would be the same file: use "
+        "the name fast (llm lb save fast ... --force replaces it) or another\n",
+    )
+    assert sorted(p.name for p in (user_path / "loadbalancers").iterdir()) == ["fast.yaml"]
+    assert invoke("lb", "show", "Fast").stdout == invoke("lb", "show", "fast").stdout
+    assert [member_of(invoke("-m", "lb:fast", "hi")) for _ in range(3)] == [1, 2, 1]
+    assert invoke("lb", "remove", "FAST").exit_code == 0  # its rotation forgotten with it
+    assert not (user_path / "loadbalancers" / "fast.yaml").exists()
+    save_lb("fast", "echo", "echo example_bool=true")
+    assert member_of(invoke("-m", "lb:fast", "hi")) == 1
+
+
+def member_of(result) -> int:
+    "Which member answered (each balancer here: echo twice, the second with example_bool)."
+    assert result.exit_code == 0, result.output
+    return 2 if "example_bool" in result.stdout else 1
