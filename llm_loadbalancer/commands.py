@@ -944,12 +944,12 @@ def lb_stats(name, json_):
         llm lb stats
         llm lb stats fast --json
     """
-    names = [name] if name else config.names()
+    names = [_name(name)] if name else config.names()
     keys = load_stored_keys()
     result = []
     for each in names:
         try:
-            balancer = config.load(_name(each))
+            balancer = config.load(each)
         except ConfigError as ex:
             if name:
                 _fail(ex)

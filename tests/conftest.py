@@ -68,6 +68,18 @@ def run_llm():
     return invoke
 
 
+def use_editor(monkeypatch, tmp_path, script):
+    """EDITOR runs the Python file ``script`` on the file it is asked to edit (its last
+    argument); the edit's temporary files go to the test's folder (a refused edit is kept
+    there). Quoted: click splits EDITOR as a POSIX shell would, and a Windows path has
+    backslashes."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("EDITOR", f'"{sys.executable}" "{script}"')
+    monkeypatch.delenv("VISUAL", raising=False)
+
+
 ALL_PLUGINS = ("every installed plugin",)
 
 

@@ -88,9 +88,8 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
         route = urlsplit(self.path).path.strip("/").split("/")
         endpoint, key = route[0], self.key()
-        owner._record(
-            Recorded(path=self.path, endpoint=endpoint, key=key, body=body, time=time.perf_counter())
-        )
+        now = time.perf_counter()
+        owner._record(Recorded(path=self.path, endpoint=endpoint, key=key, body=body, time=now))
         behaviour = owner._behaviour(endpoint, key)
         self.released = False  # held by hang or stall, and then released
         if behaviour == "hang":

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import yaml
-from conftest import folder_snapshot, llm_process, set_keys
+from conftest import folder_snapshot, llm_process, set_keys, use_editor
 
 
 def lb_file(user_path, name):
@@ -193,11 +193,7 @@ def test_path(run_llm, user_path):
 
 @pytest.fixture
 def editor(tmp_path, monkeypatch):
-    """An EDITOR that replaces the file with the text the test gives it. The edit's temporary
-    files go to the test's own folder."""
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    "An EDITOR that replaces the file with the text the test gives it (``use_editor``)."
 
     def use(text):
         replacement = tmp_path / "replacement.yaml"
@@ -206,9 +202,7 @@ def editor(tmp_path, monkeypatch):
         script.write_text(
             f"import shutil, sys\nshutil.copyfile({str(replacement)!r}, sys.argv[-1])\n"
         )
-        # quoted: click splits EDITOR as a POSIX shell would (a Windows path has backslashes)
-        monkeypatch.setenv("EDITOR", f'"{sys.executable}" "{script}"')
-        monkeypatch.delenv("VISUAL", raising=False)
+        use_editor(monkeypatch, tmp_path, script)
 
     return use
 

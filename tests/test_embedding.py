@@ -11,7 +11,6 @@ processes are the point."""
 import json
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from typing import ClassVar
 
@@ -19,7 +18,7 @@ import llm
 import pytest
 import sqlite_utils
 import yaml
-from conftest import invoke, process_env, save_lb, set_keys
+from conftest import invoke, process_env, save_lb, set_keys, use_editor
 from llm.plugins import pm
 from local_openai import LocalOpenAI, vector
 
@@ -214,9 +213,7 @@ def test_saving_it_again_with_another_model_is_refused(user_path, tmp_path, monk
     editor.write_text(
         "import sys\nopen(sys.argv[-1], 'w').write('kind: embedding\\nmembers: [3-large]\\n')\n"
     )
-    monkeypatch.setenv("EDITOR", f'"{sys.executable}" "{editor}"')  # (see test_commands)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (the refused edit is kept there)
-    monkeypatch.delenv("VISUAL", raising=False)
+    use_editor(monkeypatch, tmp_path, editor)
     assert refused("lb", "edit", "docs").startswith(f"Error: lb:docs was not changed: {problem}")
     assert "3-small" in ok("lb", "show", "docs")
     # another key, or the same model by another name, is fine; so is removing it first

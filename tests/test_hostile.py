@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import folder_snapshot, invoke, process_env, save_lb
+from conftest import folder_snapshot, invoke, process_env, save_lb, use_editor
 
 from llm_loadbalancer import config, store
 
@@ -199,17 +199,13 @@ def test_a_folder_that_cannot_be_written_gives_one_line(user_path, monkeypatch):
 
 @pytest.fixture
 def editor(tmp_path, monkeypatch):
-    """An EDITOR that runs the given Python code on the file it is asked to edit (sys.argv[-1]).
-    The edit's temporary files go to the test's own folder."""
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    """An EDITOR that runs the given Python code on the file it is asked to edit (sys.argv[-1],
+    ``path``), with ``use_editor``."""
 
     def use(code):
         script = tmp_path / "editor.py"
         script.write_text(f"import sys\npath = sys.argv[-1]\n{code}\n")
-        monkeypatch.setenv("EDITOR", f'"{sys.executable}" "{script}"')  # (see test_commands)
-        monkeypatch.delenv("VISUAL", raising=False)
+        use_editor(monkeypatch, tmp_path, script)
 
     return use
 

@@ -12,7 +12,7 @@ import sys
 
 import click
 import pytest
-from conftest import invoke, llm_process, save_lb
+from conftest import invoke, llm_process, save_lb, use_editor
 from test_commands import editor  # noqa: F401 (the fixture)
 
 from llm_loadbalancer import config, drive
@@ -54,7 +54,7 @@ def test_an_edit_is_saved_byte_for_byte_as_utf8_and_an_unchanged_one_is_no_chang
     assert config.load("ed").members[0].options["wait"] == "line one\nline two\n"
     # an editor closed without a change: the text it was given is the file's, byte for byte
     (tmp_path / "unchanged.py").write_text("")
-    monkeypatch.setenv("EDITOR", f'"{sys.executable}" "{tmp_path / "unchanged.py"}"')
+    use_editor(monkeypatch, tmp_path, tmp_path / "unchanged.py")
     result = invoke("lb", "edit", "ed")
     assert (result.exit_code, result.stderr) == (0, "No changes to lb:ed\n")
     assert path.read_bytes() == edited.encode("utf-8")
@@ -327,14 +327,14 @@ def test_a_name_that_differs_only_in_case_is_the_saved_balancer(user_path):
     )
     assert sorted(p.name for p in (user_path / "loadbalancers").iterdir()) == ["fast.yaml"]
     assert invoke("lb", "show", "Fast").stdout == invoke("lb", "show", "fast").stdout
-    assert [member_of(invoke("-m", "lb:fast", "hi")) for _ in range(3)] == [1, 2, 1]
+    assert [answered_by(invoke("-m", "lb:fast", "hi")) for _ in range(3)] == [1, 2, 1]
     assert invoke("lb", "remove", "FAST").exit_code == 0  # its rotation forgotten with it
     assert not (user_path / "loadbalancers" / "fast.yaml").exists()
     save_lb("fast", "echo", "echo example_bool=true")
-    assert member_of(invoke("-m", "lb:fast", "hi")) == 1
+    assert answered_by(invoke("-m", "lb:fast", "hi")) == 1
 
 
-def member_of(result) -> int:
+def answered_by(result) -> int:
     "Which member answered (each balancer here: echo twice, the second with example_bool)."
     assert result.exit_code == 0, result.output
     return 2 if "example_bool" in result.stdout else 1
